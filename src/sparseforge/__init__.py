@@ -1,0 +1,29 @@
+"""sparseforge: make neural networks sparse and small, with savings you can measure.
+
+The public API, re-exported. See DESIGN.md for the architecture: a sparsity
+method is a composition of a Target, a Pattern, a Score, an Allocation, a
+Schedule and an Update.
+"""
+
+from sparseforge import allocation, methods, patterns, schedules, scores, targets, updates
+from sparseforge.allocation import ERK, LAMP, Allocation, Explicit, Global, Uniform
+from sparseforge.errors import DataError, SparseforgeError
+from sparseforge.methods import GMP, Method
+from sparseforge.oneshot import prune
+from sparseforge.patterns import NM, Block, Channel, Pattern, Unstructured
+from sparseforge.report import SparsityReport, report
+from sparseforge.schedules import Constant, Cubic, Linear, OneShot, Schedule
+from sparseforge.scores import SNIP, GradientMagnitude, Magnitude, Random, Score, Taylor
+from sparseforge.sparsifier import Sparsifier
+from sparseforge.targets import Target
+from sparseforge.updates import HardPrune, Update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocation", "Block", "Channel", "Constant", "Cubic", "DataError", "ERK", "Explicit", "GMP",
+    "Global", "GradientMagnitude", "HardPrune", "LAMP", "Linear", "Magnitude", "Method", "NM",
+    "OneShot", "Pattern", "Random", "SNIP", "Schedule", "Score", "SparseforgeError", "Sparsifier",
+    "SparsityReport", "Target", "Taylor", "Uniform", "Unstructured", "Update", "allocation",
+    "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",
+]

@@ -1,0 +1,59 @@
+"""Command-line runner for the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from sparseforge.bench import BENCHMARKS
+from sparseforge.errors import SparseforgeError
+
+
+def write_json_atomic(path: str | os.PathLike[str], payload: object) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sparseforge.bench",
+        description="Run a sparseforge benchmark; prints a table and writes JSON.",
+    )
+    sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
+    modules = {}
+    for name, module_name in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0], description=module.__doc__)
+        p.add_argument("--json", metavar="PATH", help="where to write the results (default: bench/results/NAME.json)")
+        p.add_argument("--quick", action="store_true", help="a short run, for CI: checks it works, not the claim")
+        module.add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        result = modules[args.name].run(args)
+    except SparseforgeError as e:
+        print(f"sparseforge.bench: error: {e}", file=sys.stderr)
+        return 2
+    out = args.json or os.path.join("bench", "results", f"{args.name}{'-quick' if args.quick else ''}.json")
+    write_json_atomic(out, result)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

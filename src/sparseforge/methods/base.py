@@ -1,0 +1,80 @@
+"""A sparsity method: one choice for each part (DESIGN.md), nothing else.
+
+Named methods (GMP, RigL, ...) are functions in this package that return a
+:class:`Method` preset; users may also build one directly from parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from sparseforge.allocation import Allocation, as_allocation
+from sparseforge.patterns import NM, Pattern, as_pattern
+from sparseforge.schedules import Schedule
+from sparseforge.scores import Score, as_score
+from sparseforge.targets import Target, as_target
+from sparseforge.updates import HardPrune, Update
+
+
+@dataclass
+class Method:
+    """A sparsity method as a composition of the six parts.
+
+    Args:
+        schedule: how much sparsity at step t, and when masks are updated.
+        score: how important each weight is. Default magnitude.
+        pattern: what shape the zeros take. Default unstructured.
+        allocation: how the budget is split over layers. Default uniform.
+        update: what happens at a mask update. Default hard pruning.
+        target: which tensors are sparsified. Default every Linear/Conv weight.
+        name: a label for reports.
+
+    Example:
+        >>> import sparseforge as sf
+        >>> m = Method(schedule=sf.schedules.OneShot(final=0.5), allocation="global")
+        >>> str(m.pattern), type(m.allocation).__name__
+        ('unstructured', 'Global')
+    """
+
+    schedule: Schedule
+    score: Score | str = "magnitude"
+    pattern: Pattern | str = "unstructured"
+    allocation: Allocation | str | Mapping[str, float] = "uniform"
+    update: Update = field(default_factory=HardPrune)
+    target: Target | Sequence[str] | str | None = None
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.score = as_score(self.score)
+        self.pattern = as_pattern(self.pattern)
+        self.allocation = as_allocation(self.allocation)
+        self.target = as_target(self.target)
+
+    @property
+    def sparsity(self) -> float:
+        """The final model-level sparsity."""
+        return self.schedule.final
+
+    def describe(self) -> dict[str, str]:
+        """The parts as strings, for reports and metrics files."""
+        return {
+            "name": self.name,
+            "schedule": repr(self.schedule),
+            "score": str(self.score),
+            "pattern": str(self.pattern),
+            "allocation": repr(self.allocation),
+            "update": str(self.update),
+            "target": repr(self.target),
+        }
+
+
+def default_sparsity(sparsity: float | None, pattern: Pattern) -> float:
+    """The sparsity to use when a caller gave none: N:M's own, else an error."""
+    if sparsity is None:
+        if isinstance(pattern, NM):
+            return pattern.sparsity
+        from sparseforge.errors import SparseforgeError
+
+        raise SparseforgeError("give a sparsity in [0, 1) (or an N:M pattern, which fixes it)")
+    return sparsity

@@ -1,0 +1,306 @@
+"""What shape the zeros take: the ``Pattern`` part.
+
+A pattern partitions a weight tensor into *groups* that are kept or pruned as
+a whole (single weights, b x b blocks, whole output channels) and turns a
+score tensor plus a sparsity into a boolean keep-mask. N:M is the exception:
+its constraint is local (N kept in every group of M consecutive inputs), so
+its sparsity is fixed at ``1 - N/M`` and it chooses inside each group.
+
+Scores are "higher is more important"; a pattern keeps the highest scores.
+Group scores are the mean of the element scores in the group, so that groups
+of different sizes (ragged blocks at a matrix edge, channels of layers with
+different fan-in) can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sparseforge.errors import SparseforgeError
+
+
+def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
+    """Return ``sparsity`` as a float after checking it lies in [0, 1)."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise SparseforgeError(f"{what} must be a number in [0, 1), got {sparsity!r}") from None
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise SparseforgeError(
+            f"{what} must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}"
+        )
+    return value
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """View a weight as (output units, everything else)."""
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+
+
+def keep_lowest_pruned(group_scores: torch.Tensor, group_sizes: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Boolean keep-vector that prunes the lowest-scoring groups.
+
+    Prunes groups in increasing score order until the number of pruned
+    *elements* is as close as possible to ``n_prune``, and always keeps at
+    least one group so that no layer collapses. With equal group sizes the
+    count is exact up to rounding of one group.
+    """
+    n_groups = group_scores.numel()
+    keep = torch.ones(n_groups, dtype=torch.bool, device=group_scores.device)
+    if n_prune <= 0 or n_groups == 0:
+        return keep
+    size0 = int(group_sizes[0])
+    if bool((group_sizes == size0).all()):
+        k = min(int(round(n_prune / size0)), n_groups - 1)
+        if k <= 0:
+            return keep
+        # topk over the smaller side: finding the k lowest of 25M values is
+        # much faster than sorting them.
+        if k <= n_groups // 2:
+            idx = torch.topk(group_scores, k, largest=False, sorted=False).indices
+            keep[idx] = False
+        else:
+            keep.zero_()
+            idx = torch.topk(group_scores, n_groups - k, largest=True, sorted=False).indices
+            keep[idx] = True
+        return keep
+    order = torch.argsort(group_scores, stable=True)
+    cums = torch.cumsum(group_sizes[order], 0)
+    # k groups pruned removes cums[k-1] elements; pick k closest to n_prune.
+    k = int(torch.searchsorted(cums, torch.tensor(n_prune, dtype=cums.dtype)))
+    if k < n_groups and (k == 0 or abs(int(cums[k]) - n_prune) < abs(int(cums[k - 1]) - n_prune)):
+        k += 1
+    k = min(k, n_groups - 1)
+    keep[order[:k]] = False
+    return keep
+
+
+class Pattern(ABC):
+    """Base class: a partition of a weight into groups that are kept or pruned whole."""
+
+    #: whether a layer's sparsity may be chosen freely (False for N:M).
+    free_sparsity: bool = True
+
+    def check(self, shape: torch.Size, name: str = "tensor") -> None:
+        """Raise a :class:`SparseforgeError` if the pattern cannot apply to ``shape``."""
+
+    @abstractmethod
+    def group_scores(self, score: torch.Tensor) -> torch.Tensor:
+        """One score per group, flattened (mean of the group's element scores)."""
+
+    @abstractmethod
+    def group_sizes(self, shape: torch.Size) -> torch.Tensor:
+        """Number of elements in each group, aligned with :meth:`group_scores`."""
+
+    @abstractmethod
+    def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Turn a per-group keep-vector into an element keep-mask of ``shape``."""
+
+    def mask(self, score: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """Boolean keep-mask of ``score.shape`` with ``sparsity`` of its elements pruned.
+
+        The lowest-scoring groups are pruned; the pruned element count equals
+        ``round(sparsity * numel)`` up to one group, and at least one group is kept.
+        """
+        sparsity = check_sparsity(sparsity)
+        n_prune = int(round(sparsity * score.numel()))
+        keep = keep_lowest_pruned(self.group_scores(score), self.group_sizes(score.shape).to(score.device), n_prune)
+        return self.expand(keep, score.shape)
+
+
+@dataclass(frozen=True)
+class Unstructured(Pattern):
+    """Any single weight may be pruned: the keep-mask is the top-k of the scores."""
+
+    def group_scores(self, score: torch.Tensor) -> torch.Tensor:
+        return score.reshape(-1)
+
+    def group_sizes(self, shape: torch.Size) -> torch.Tensor:
+        return torch.ones(math.prod(shape), dtype=torch.long)
+
+    def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return group_keep.reshape(shape)
+
+    def __str__(self) -> str:
+        return "unstructured"
+
+
+@dataclass(frozen=True)
+class Channel(Pattern):
+    """Whole output units are pruned: rows of a Linear weight, filters of a convolution.
+
+    This is the pattern that :func:`compact`-style export turns into a smaller
+    dense layer ("Pruning Filters for Efficient ConvNets", Li et al. 2017).
+    """
+
+    def group_scores(self, score: torch.Tensor) -> torch.Tensor:
+        return _as_matrix(score).mean(dim=1)
+
+    def group_sizes(self, shape: torch.Size) -> torch.Tensor:
+        rows = shape[0] if len(shape) > 1 else 1
+        return torch.full((rows,), math.prod(shape) // rows, dtype=torch.long)
+
+    def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        rows = shape[0] if len(shape) > 1 else 1
+        return group_keep.reshape(rows, 1).expand(rows, math.prod(shape) // rows).reshape(shape).clone()
+
+    def __str__(self) -> str:
+        return "channel"
+
+
+@dataclass(frozen=True)
+class Block(Pattern):
+    """b x b blocks of the weight seen as (outputs, inputs x kernel) are pruned whole.
+
+    Blocks at the right and bottom edges may be smaller when a dimension is not
+    a multiple of ``size``; their score is the mean over their real elements.
+
+    Args:
+        size: the block side b. Default 4.
+    """
+
+    size: int = 4
+
+    def __post_init__(self) -> None:
+        if int(self.size) < 1:
+            raise SparseforgeError(f"block size must be a positive integer, got {self.size!r}")
+
+    def _grid(self, shape: torch.Size) -> tuple[int, int, int, int]:
+        rows = shape[0] if len(shape) > 1 else 1
+        cols = math.prod(shape) // rows
+        return rows, cols, math.ceil(rows / self.size), math.ceil(cols / self.size)
+
+    def group_scores(self, score: torch.Tensor) -> torch.Tensor:
+        rows, cols, gr, gc = self._grid(score.shape)
+        m = _as_matrix(score).to(torch.float64)
+        padded = F.pad(m, (0, gc * self.size - cols, 0, gr * self.size - rows))
+        sums = padded.reshape(gr, self.size, gc, self.size).sum(dim=(1, 3)).reshape(-1)
+        return (sums / self.group_sizes(score.shape).to(sums.device)).to(score.dtype)
+
+    def group_sizes(self, shape: torch.Size) -> torch.Tensor:
+        rows, cols, gr, gc = self._grid(shape)
+        r = torch.full((gr,), self.size, dtype=torch.long)
+        r[-1] = rows - (gr - 1) * self.size
+        c = torch.full((gc,), self.size, dtype=torch.long)
+        c[-1] = cols - (gc - 1) * self.size
+        return (r[:, None] * c[None, :]).reshape(-1)
+
+    def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        rows, cols, gr, gc = self._grid(shape)
+        grid = group_keep.reshape(gr, gc)
+        full = grid.repeat_interleave(self.size, 0).repeat_interleave(self.size, 1)
+        return full[:rows, :cols].reshape(shape).clone()
+
+    def __str__(self) -> str:
+        return f"block:{self.size}"
+
+
+@dataclass(frozen=True)
+class NM(Pattern):
+    """N:M semi-structured sparsity: N weights kept in every M consecutive inputs.
+
+    Groups run along the input dimension: the columns of a Linear weight
+    (out, in), and the input channels of a convolution weight (out, in, k...)
+    at each kernel position, as NVIDIA's sparse tensor cores require
+    ("Accelerating Sparse Deep Neural Networks", Mishra et al. 2021). Inside
+    each group the N highest scores are kept. The sparsity is fixed at
+    ``1 - N/M``.
+
+    Args:
+        n: weights kept per group (2 for 2:4).
+        m: group length (4 for 2:4).
+    """
+
+    n: int = 2
+    m: int = 4
+    free_sparsity = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise SparseforgeError(f"N:M needs integers 0 < N < M, got {self.n}:{self.m}")
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def check(self, shape: torch.Size, name: str = "tensor") -> None:
+        if len(shape) < 2:
+            raise SparseforgeError(f"{self} needs a 2-D or larger weight; {name} has shape {tuple(shape)}")
+        if shape[1] % self.m != 0:
+            raise SparseforgeError(
+                f"{self} needs the input dimension divisible by {self.m}, but {name} has shape "
+                f"{tuple(shape)} (input dimension {shape[1]}); exclude this layer from the target "
+                f"or choose M dividing {shape[1]}"
+            )
+
+    def _grouped(self, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Move the input dim last and split it into groups of M: (..., in/M, M)."""
+        moved = t.movedim(1, -1)
+        return moved.reshape(*moved.shape[:-1], moved.shape[-1] // self.m, self.m), tuple(moved.shape)
+
+    def group_scores(self, score: torch.Tensor) -> torch.Tensor:
+        return score.reshape(-1)
+
+    def group_sizes(self, shape: torch.Size) -> torch.Tensor:
+        return torch.ones(math.prod(shape), dtype=torch.long)
+
+    def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return group_keep.reshape(shape)
+
+    def mask(self, score: torch.Tensor, sparsity: float | None = None) -> torch.Tensor:
+        """Keep the N highest scores of every group of M inputs.
+
+        ``sparsity`` may be 0 (everything kept, e.g. before a schedule starts)
+        or ``1 - N/M``; anything else is an error since N:M fixes it.
+        """
+        if sparsity is not None and sparsity == 0.0:
+            return torch.ones_like(score, dtype=torch.bool)
+        if sparsity is not None and abs(sparsity - self.sparsity) > 1e-6:
+            raise SparseforgeError(
+                f"pattern {self} fixes the sparsity at {self.sparsity:g}; got sparsity={sparsity:g}. "
+                f"Pass sparsity={self.sparsity:g} or another N:M"
+            )
+        self.check(score.shape)
+        grouped, moved_shape = self._grouped(score)
+        idx = torch.topk(grouped, self.n, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, idx, True)
+        return keep.reshape(moved_shape).movedim(-1, 1).contiguous()
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_BLOCK_RE = re.compile(r"^\s*block\s*[:=]?\s*(\d+)\s*$")
+
+
+def as_pattern(spec: Pattern | str | None) -> Pattern:
+    """Parse a pattern: ``"unstructured"``, ``"channel"``, ``"block:4"``, ``"2:4"``, or a Pattern.
+
+    >>> as_pattern("2:4")
+    NM(n=2, m=4)
+    >>> as_pattern("block:8")
+    Block(size=8)
+    """
+    if spec is None:
+        return Unstructured()
+    if isinstance(spec, Pattern):
+        return spec
+    text = str(spec).strip().lower()
+    if text in ("unstructured", "dense", "element"):
+        return Unstructured()
+    if text in ("channel", "channels", "filter", "row"):
+        return Channel()
+    if m := _NM_RE.match(text):
+        return NM(int(m.group(1)), int(m.group(2)))
+    if m := _BLOCK_RE.match(text):
+        return Block(int(m.group(1)))
+    raise SparseforgeError(
+        f"unknown pattern {spec!r}; use 'unstructured', 'channel', 'block:B' (e.g. block:4) or 'N:M' (e.g. 2:4)"
+    )

@@ -1,0 +1,301 @@
+"""The lifecycle object: masks a model during training according to a method.
+
+Masks live as (non-persistent) buffers ``<param>_mask`` on the targeted
+modules, in the weight's dtype so that applying one is a single fused
+multiply. They are applied in place after every optimizer step; gradients of
+pruned weights are zeroed before the optimizer sees them (through an
+optimizer step pre-hook when the optimizer is given, else a post-accumulate
+gradient hook per weight), and at a mask update the optimizer's per-weight
+state (momentum, Adam moments) is zeroed where weights were pruned, so
+nothing can revive a pruned weight. For optimizers in
+:data:`ZERO_PRESERVING_OPTIMIZERS` that already keeps pruned weights exactly
+zero; for any other optimizer, and without an optimizer, the weights are also
+multiplied by their masks after every step. Weights changed by hand (say, a
+dense ``load_state_dict``) are re-masked by :meth:`Sparsifier.apply_masks`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseforge.errors import SparseforgeError
+from sparseforge.methods.base import Method
+from sparseforge.targets import Layer
+from sparseforge.updates import UpdateContext, check_compatible
+
+STATE_VERSION = 1
+
+#: Optimizers whose update of a weight is exactly zero when its gradient and
+#: its state (momentum, moments) are zero and the weight itself is zero, weight
+#: decay included: SGD (momentum, dampening, Nesterov), Adam and AdamW
+#: (amsgrad too). With masked gradients and masked state, their pruned weights
+#: stay exactly zero without a second multiply after each step, which halves
+#: the masking cost (see ``python -m sparseforge.bench overhead``). Subclasses
+#: are not trusted: their step may differ.
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+)
+
+
+class Sparsifier:
+    """Apply a sparsity :class:`~sparseforge.methods.Method` to ``model`` during training.
+
+    Call :meth:`step` after every ``optimizer.step()``; it advances the
+    schedule, updates the masks when the schedule says so, and re-applies them.
+    :meth:`finalize` leaves a plain model with exact zeros and no hooks or
+    buffers. :meth:`state_dict` holds the masks, the step and the RNG state of
+    the method's random parts, so that a resumed run equals an uninterrupted one.
+
+    Args:
+        model: the model to sparsify (modified in place).
+        method: the composition of parts, e.g. ``sparseforge.methods.GMP(0.9)``.
+        total_steps: the run's number of optimizer steps; needed when the
+            schedule gives steps as fractions of the run (most presets do).
+        optimizer: the optimizer; when given, gradients are masked in one fused
+            call before each of its steps and its state is masked at updates.
+
+    Example:
+        >>> import torch, sparseforge as sf
+        >>> model = torch.nn.Linear(8, 4)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> sp = sf.Sparsifier(model, sf.methods.GMP(sparsity=0.5, frequency=1, end=2), total_steps=4, optimizer=opt)
+        >>> for _ in range(4):
+        ...     model(torch.randn(2, 8)).sum().backward()
+        ...     opt.step(); opt.zero_grad()
+        ...     sp.step()
+        >>> int((model.weight == 0).sum())
+        16
+        >>> plain = sp.finalize()
+        >>> hasattr(model, "weight_mask")
+        False
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        total_steps: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if not isinstance(method, Method):
+            raise SparseforgeError(
+                f"Sparsifier needs a sparseforge Method (e.g. sparseforge.methods.GMP(0.9)), got {type(method).__name__}"
+            )
+        if total_steps is not None and int(total_steps) < 1:
+            raise SparseforgeError(f"total_steps must be a positive number of steps, got {total_steps}")
+        self.model = model
+        self.method = method
+        self.total_steps = total_steps
+        self.optimizer = optimizer
+        self.schedule = method.schedule.resolve(total_steps)
+        self.layers: list[Layer] = method.target.select(model)
+        check_compatible(self.layers, method.pattern, method.allocation)
+        self._step = 0
+        self._finalized = False
+        self._dense_grads: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        for layer in self.layers:
+            if hasattr(layer.module, layer.mask_name):
+                raise SparseforgeError(
+                    f"{layer.name} already has a {layer.mask_name}: is another Sparsifier attached? "
+                    "finalize() it first"
+                )
+            layer.module.register_buffer(
+                layer.mask_name, torch.ones_like(layer.weight, memory_format=torch.contiguous_format), persistent=False
+            )
+        self._weights = [layer.weight for layer in self.layers]
+        if optimizer is not None:
+            managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [layer.name for layer in self.layers if id(layer.weight) not in managed]
+            if missing:
+                raise SparseforgeError(f"the optimizer does not hold the weights of {', '.join(missing[:5])}")
+            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            if type(optimizer) not in ZERO_PRESERVING_OPTIMIZERS:
+                # Masking the weights right after the optimizer wrote them, while
+                # they are still in cache, is cheaper than later.
+                self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        else:
+            for i, layer in enumerate(self.layers):
+                self._handles.append(layer.weight.register_post_accumulate_grad_hook(self._grad_hook(i)))
+        if self.schedule.should_update(0):
+            self._update(0)
+        self.apply_masks()
+
+    # -- masks ---------------------------------------------------------------
+
+    def _mask(self, i: int) -> torch.Tensor:
+        layer = self.layers[i]
+        return getattr(layer.module, layer.mask_name)
+
+    @property
+    def _masks(self) -> list[torch.Tensor]:
+        return [self._mask(i) for i in range(len(self.layers))]
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Boolean keep-mask of each targeted layer, by qualified module name."""
+        return {layer.name: self._mask(i).bool() for i, layer in enumerate(self.layers)}
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned weights in place (one fused multiply over all layers)."""
+        self._check_live()
+        torch._foreach_mul_(self._weights, self._masks)
+
+    def sparsity(self) -> float:
+        """Achieved fraction of zeros in the targeted weights' masks."""
+        kept = sum(int(m.count_nonzero()) for m in self._masks)
+        total = sum(layer.numel for layer in self.layers)
+        return 1.0 - kept / total
+
+    # -- gradient masking ----------------------------------------------------
+
+    def _wants_dense_grads(self, step: int) -> bool:
+        return self.schedule.should_update(step) and (self.method.score.needs_grad or self.method.update.needs_grad)
+
+    def _grad_hook(self, i: int):
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is None:
+                return
+            if self._wants_dense_grads(self._step + 1):
+                self._dense_grads[i] = param.grad.detach().clone()
+            param.grad.mul_(self._mask(i))
+
+        return hook
+
+    @torch.no_grad()
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._finalized:
+            return
+        pairs = [(i, w.grad) for i, w in enumerate(self._weights) if w.grad is not None]
+        if not pairs:
+            return
+        if self._wants_dense_grads(self._step + 1):
+            for i, g in pairs:
+                self._dense_grads[i] = g.detach().clone()
+        torch._foreach_mul_([g for _, g in pairs], [self._mask(i) for i, _ in pairs])
+
+    @torch.no_grad()
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._finalized:
+            torch._foreach_mul_(self._weights, self._masks)
+
+    # -- the lifecycle ---------------------------------------------------------
+
+    @property
+    def current_step(self) -> int:
+        """Number of optimizer steps taken so far."""
+        return self._step
+
+    def step(self) -> None:
+        """Advance one optimizer step: update the masks if the schedule says so, then apply them.
+
+        With an optimizer attached, pruned weights were already kept at zero
+        during its step; the masks are applied here only when they changed.
+        """
+        self._check_live()
+        self._step += 1
+        if self.schedule.should_update(self._step):
+            self._update(self._step)
+            self.apply_masks()
+        elif self.optimizer is None:
+            self.apply_masks()
+        if self._dense_grads:
+            self._dense_grads.clear()
+
+    @torch.no_grad()
+    def _update(self, step: int) -> None:
+        grads: list[torch.Tensor | None] = []
+        for i, w in enumerate(self._weights):
+            g = self._dense_grads.get(i)
+            if g is None and w.grad is not None:
+                g = w.grad.detach()
+            grads.append(g)
+        old = [m.bool() for m in self._masks]
+        ctx = UpdateContext(
+            layers=self.layers,
+            masks=old,
+            grads=grads,
+            score=self.method.score,
+            pattern=self.method.pattern,
+            allocation=self.method.allocation,
+            sparsity=self.schedule.sparsity(step),
+            step=step,
+        )
+        new = self.method.update(ctx)
+        for i, keep in enumerate(new):
+            self._mask(i).copy_(keep)
+        self._mask_optimizer_state()
+
+    @torch.no_grad()
+    def _mask_optimizer_state(self) -> None:
+        if self.optimizer is None:
+            return
+        for i, w in enumerate(self._weights):
+            for value in self.optimizer.state.get(w, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == w.shape:
+                    value.mul_(self._mask(i))
+
+    def finalize(self) -> nn.Module:
+        """Apply the masks a last time and remove every hook and mask buffer.
+
+        Returns the model: a plain module whose pruned weights are exact zeros
+        and whose ``state_dict`` loads into a fresh copy of the architecture.
+        """
+        self.apply_masks()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self.layers:
+            delattr(layer.module, layer.mask_name)
+        self._finalized = True
+        return self.model
+
+    def _check_live(self) -> None:
+        if self._finalized:
+            raise SparseforgeError("this Sparsifier was finalized; create a new one to keep sparsifying")
+
+    # -- checkpointing -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (boolean, by layer name), step, and the method's RNG/state."""
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "masks": {layer.name: self._mask(i).bool().clone() for i, layer in enumerate(self.layers)},
+            "score": self.method.score.state_dict(),
+            "update": self.method.update.state_dict(),
+            "method": self.method.describe(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the layer names and shapes must match."""
+        self._check_live()
+        if state.get("version") != STATE_VERSION:
+            raise SparseforgeError(
+                f"Sparsifier state version {state.get('version')!r} is not {STATE_VERSION}; "
+                "it was written by another sparseforge version"
+            )
+        masks = state["masks"]
+        names = [layer.name for layer in self.layers]
+        if sorted(masks) != sorted(names):
+            missing = sorted(set(names) - set(masks))
+            extra = sorted(set(masks) - set(names))
+            raise SparseforgeError(f"Sparsifier state does not match the model: missing {missing}, unexpected {extra}")
+        for i, layer in enumerate(self.layers):
+            mask = masks[layer.name]
+            if mask.shape != layer.shape:
+                raise SparseforgeError(
+                    f"mask of {layer.name} has shape {tuple(mask.shape)}, the weight {tuple(layer.shape)}"
+                )
+            self._mask(i).copy_(mask)
+        self._step = int(state["step"])
+        self.method.score.load_state_dict(state.get("score", {}))
+        self.method.update.load_state_dict(state.get("update", {}))
+        self.apply_masks()

@@ -1,0 +1,50 @@
+"""Datasets, reference models and a training loop for demos, tests and benchmarks.
+
+- :mod:`~sparseforge.zoo.data`: Fashion-MNIST from the standard IDX gzip files,
+  verified, plus :class:`TensorLoader`, a fast in-memory batch iterator.
+- :mod:`~sparseforge.zoo.models`: LeNet-300-100, Conv-4 and ResNet-20 for
+  28x28 inputs, and :func:`build_model` by name.
+- :mod:`~sparseforge.zoo.training`: :func:`train_epoch` and :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+from sparseforge.zoo.data import (
+    DATA_ENV_VAR,
+    DEFAULT_DATA_DIR,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_FILES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_SHA256,
+    FASHION_MNIST_STD,
+    TensorLoader,
+    fashion_mnist,
+    load_fashion_mnist,
+    resolve_data_dir,
+    write_idx_gz,
+)
+from sparseforge.zoo.models import MODELS, BasicBlock, Conv4, LeNet300100, ResNet20, build_model
+from sparseforge.zoo.training import evaluate, train_epoch
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "DEFAULT_DATA_DIR",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_SHA256",
+    "FASHION_MNIST_STD",
+    "MODELS",
+    "BasicBlock",
+    "Conv4",
+    "LeNet300100",
+    "ResNet20",
+    "TensorLoader",
+    "build_model",
+    "evaluate",
+    "fashion_mnist",
+    "load_fashion_mnist",
+    "resolve_data_dir",
+    "train_epoch",
+    "write_idx_gz",
+]
