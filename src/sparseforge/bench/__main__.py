@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 from sparseforge.bench import BENCHMARKS
 from sparseforge.errors import SparseforgeError
-
-
-def write_json_atomic(path: str | os.PathLike[str], payload: object) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from sparseforge.files import write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,191 @@
+"""The ``sparseforge`` command line: ``demo``, ``prune``, ``inspect``.
+
+Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from sparseforge.errors import SparseforgeError
+
+EPILOG = """examples:
+  sparseforge demo                                   # train, prune to 90% with GMP, compare (about a minute)
+  sparseforge inspect runs/demo-lenet300-*/model.safetensors
+  sparseforge prune model.safetensors --sparsity 0.5 --pattern 2:4 --out pruned.safetensors
+  sparseforge prune model.safetensors --score snip --sparsity 0.8 --allocation global --out pruned.safetensors
+"""
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from sparseforge.demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser(
+        "demo",
+        help="train a dense model on Fashion-MNIST, prune it with GMP, compare",
+        description=(
+            "Train a dense model on Fashion-MNIST, then continue training it twice from the same "
+            "point: dense (the baseline) and under gradual magnitude pruning to --sparsity. Prints "
+            "a table (accuracy, sparsity, nonzeros, FLOPs) and writes RUNS_DIR/NAME/ with "
+            "metrics.json, training.png and model.safetensors."
+        ),
+    )
+    p.add_argument("--model", default=d.model, help=f"zoo model: lenet300, conv4, resnet20 (default {d.model})")
+    p.add_argument("--sparsity", type=float, default=d.sparsity, help=f"final sparsity in [0, 1) (default {d.sparsity})")
+    p.add_argument("--dense-epochs", type=int, default=d.dense_epochs, help=f"dense training epochs (default {d.dense_epochs})")
+    p.add_argument("--sparse-epochs", type=int, default=d.sparse_epochs,
+                   help=f"epochs of pruning + fine-tuning, and of the dense baseline (default {d.sparse_epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak SGD learning rate (default {d.lr})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the Fashion-MNIST .gz files (default: $SPARSEFORGE_DATA or /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--runs-dir", default=d.runs_dir, help=f"where run folders go (default {d.runs_dir})")
+    p.add_argument("--name", default=None, help="run folder name (default demo-MODEL-TIMESTAMP)")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test examples")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a saved checkpoint once (score, sparsity, pattern, allocation)",
+        description=(
+            "One-shot pruning of a checkpoint written by sparseforge (e.g. the demo's model.safetensors). "
+            "Gradient scores (gradient, snip, taylor) use Fashion-MNIST training batches for calibration."
+        ),
+    )
+    p.add_argument("checkpoint", help="a sparseforge .safetensors checkpoint")
+    p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+    p.add_argument("--score", default="magnitude", help="magnitude (default), random, gradient, snip, taylor")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of the targeted weights to prune, in [0, 1); optional for N:M")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4), block:B, channel")
+    p.add_argument("--allocation", default="uniform", help="uniform (default), global, erk, er, lamp")
+    p.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="module name globs to prune (default: all Linear/Conv)")
+    p.add_argument("--exclude", nargs="+", default=(), metavar="GLOB", help="module name globs to leave dense")
+    p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores (default 8)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for calibration")
+    p.add_argument("--seed", type=int, default=0, help="seed of random scores and calibration batches (default 0)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print the sparsity report of a checkpoint",
+        description="Per-layer and total sparsity, parameters, nonzeros and FLOPs of a sparseforge checkpoint.",
+    )
+    p.add_argument("checkpoint", help="a sparseforge .safetensors checkpoint")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparseforge",
+        description="Make neural networks sparse and small: prune, train sparse, inspect.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from sparseforge import __version__
+
+    parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_prune(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _print_report(rep, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        print(rep, end="")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sparseforge.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        model=args.model, sparsity=args.sparsity, dense_epochs=args.dense_epochs, sparse_epochs=args.sparse_epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_dir=args.data_dir, runs_dir=args.runs_dir,
+        name=args.name, limit_train=args.limit_train, limit_test=args.limit_test,
+    )
+    run_demo(cfg, quiet=args.quiet)
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparseforge.export.checkpoint import load_checkpoint, save_checkpoint
+    from sparseforge.oneshot.prune import prune
+    from sparseforge.scores import Random, as_score
+    from sparseforge.targets import Target
+
+    model, meta = load_checkpoint(args.checkpoint)
+    score = Random(seed=args.seed) if str(args.score).lower() == "random" else as_score(args.score)
+    calibration = None
+    if score.needs_grad:
+        from sparseforge.zoo.data import fashion_mnist
+
+        if int(args.calibration_batches) < 1:
+            raise SparseforgeError("--calibration-batches must be >= 1 for gradient scores")
+        train, _ = fashion_mnist(batch_size=128, data_dir=args.data_dir, seed=args.seed,
+                                 limit_train=128 * int(args.calibration_batches), limit_test=1)
+        calibration = list(train)
+    target = Target(include=tuple(args.include) if args.include else ("*",), exclude=tuple(args.exclude))
+    torch.manual_seed(args.seed)
+    rep = prune(model, score, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
+                target=target, calibration=calibration)
+    extra = dict(meta["extra"]) | {
+        "pruned": {"score": str(score), "sparsity": rep.sparsity, "pattern": args.pattern,
+                   "allocation": args.allocation, "source": str(args.checkpoint)}
+    }
+    save_checkpoint(model, args.out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    _print_report(rep, args.json)
+    if not args.json:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from sparseforge.export.checkpoint import load_checkpoint
+    from sparseforge.report import report
+
+    model, meta = load_checkpoint(args.checkpoint)
+    rep = report(model)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "arch": meta["arch"], "extra": meta["extra"]}
+                         | rep.to_dict(), indent=2))
+    else:
+        print(f"{args.checkpoint}: {meta['arch'] or 'custom model'}")
+        _print_report(rep, False)
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "prune": _cmd_prune, "inspect": _cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparseforge`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SparseforgeError as e:
+        print(f"sparseforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparseforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Plain model checkpoints: a safetensors file of the state dict, exact zeros included.
+
+The file holds every tensor of ``model.state_dict()`` plus metadata: the zoo
+architecture name and its arguments (so that ``sparseforge prune`` and
+``inspect`` can rebuild the model from the file alone), a format version, and
+a SHA-256 per tensor so that a corrupted file is detected and the tensor
+named. Writes are atomic. (The compressed format, with bitmasks and packed
+values, builds on this one; see DESIGN.md, "save/load".)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sparseforge.errors import SparseforgeError
+from sparseforge.files import atomic_path
+
+FORMAT = "sparseforge-checkpoint"
+FORMAT_VERSION = 1
+
+
+def _digest(t: torch.Tensor) -> str:
+    data = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+
+
+def arch_of(model: nn.Module) -> str | None:
+    """The zoo name of ``model``'s class, or None for a model from elsewhere."""
+    from sparseforge.zoo.models import MODELS
+
+    return next((name for name, cls in MODELS.items() if type(model) is cls), None)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.state_dict()`` to a safetensors file, atomically.
+
+    Args:
+        model: the model (finalize a Sparsifier first: masks are not saved).
+        path: destination file (``.safetensors``).
+        arch: zoo architecture name; default: inferred for zoo models.
+        arch_kwargs: constructor arguments of the architecture. Default: the
+            model's ``num_classes`` for zoo models.
+        extra: JSON-serialisable metadata to store (e.g. the training report).
+
+    Returns the path written.
+    """
+    arch = arch or arch_of(model)
+    if arch_kwargs is None:
+        arch_kwargs = {"num_classes": model.num_classes} if arch and hasattr(model, "num_classes") else {}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "arch": arch or "",
+        "arch_kwargs": json.dumps(arch_kwargs),
+        "sha256": json.dumps({k: _digest(v) for k, v in state.items()}),
+        "extra": json.dumps(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a checkpoint: returns (state dict, metadata).
+
+    Raises :class:`SparseforgeError` when the file is missing, is not a
+    sparseforge checkpoint, was written by a newer format version, is
+    truncated, or a tensor's checksum does not match (naming the tensor).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SparseforgeError(f"checkpoint {p} does not exist (or is not a file)")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            keys = list(f.keys())
+            if raw_meta.get("format") != FORMAT:
+                raise SparseforgeError(
+                    f"{p} is a safetensors file but not a sparseforge checkpoint (no '{FORMAT}' metadata)"
+                )
+            version = int(raw_meta.get("format_version", "0"))
+            if version > FORMAT_VERSION:
+                raise SparseforgeError(
+                    f"{p} was written by a newer sparseforge (format version {version}, this one reads "
+                    f"up to {FORMAT_VERSION}); upgrade sparseforge to read it"
+                )
+            digests = json.loads(raw_meta.get("sha256", "{}"))
+            state = {}
+            for k in keys:
+                t = f.get_tensor(k)
+                if k in digests and _digest(t) != digests[k]:
+                    raise SparseforgeError(f"{p} is corrupted: tensor {k!r} does not match its checksum")
+                state[k] = t
+    except SafetensorError as e:
+        raise SparseforgeError(f"{p} is not a readable checkpoint (truncated or corrupted?): {e}") from None
+    except OSError as e:
+        raise SparseforgeError(f"cannot read checkpoint {p}: {e}") from None
+    missing = sorted(set(digests) - set(state))
+    if missing:
+        raise SparseforgeError(f"{p} is missing tensors listed in its metadata: {', '.join(missing[:5])}")
+    meta = {
+        "format_version": version,
+        "arch": raw_meta.get("arch") or None,
+        "arch_kwargs": json.loads(raw_meta.get("arch_kwargs", "{}")),
+        "extra": json.loads(raw_meta.get("extra", "{}")),
+    }
+    return state, meta
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], model: nn.Module | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint into ``model``, or into a new zoo model built from its metadata.
+
+    Returns (model, metadata). Example:
+
+        >>> import tempfile, os, sparseforge as sf
+        >>> from sparseforge.zoo import build_model
+        >>> model = build_model("lenet300")
+        >>> _ = sf.prune(model, sparsity=0.5)
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> _ = save_checkpoint(model, path)
+        >>> loaded, meta = load_checkpoint(path)
+        >>> meta["arch"], round(sf.report(loaded).sparsity, 3)
+        ('lenet300', 0.5)
+    """
+    state, meta = read_checkpoint(path)
+    if model is None:
+        if not meta["arch"]:
+            raise SparseforgeError(
+                f"{path} does not name a zoo architecture; pass the model to load it into"
+            )
+        from sparseforge.zoo.models import build_model
+
+        model = build_model(meta["arch"], **meta["arch_kwargs"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise SparseforgeError(f"{path} does not fit the model: {' '.join(first)}") from None
+    return model, meta
