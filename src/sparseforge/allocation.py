@@ -28,9 +28,11 @@ def _max_sparsity(numel: int, min_keep: int) -> float:
 
 @dataclass(frozen=True)
 class Allocation(ABC):
-    """Base class. ``min_keep``: weights kept in every layer at least (default 1)."""
+    """Base class. ``min_keep``: weights kept in every layer at least (default 1), keyword only."""
 
-    min_keep: int = 1
+    # Keyword only, so that a subclass's own fields come first positionally:
+    # ``Explicit({"fc*": 0.5})`` and ``ERK(False)`` must not land in min_keep.
+    min_keep: int = field(default=1, kw_only=True)
 
     def __post_init__(self) -> None:
         if int(self.min_keep) < 0:
@@ -159,7 +161,10 @@ def _lowest_k_counts(scores: list[torch.Tensor], k: int) -> list[int]:
     need = k - sum(below)
     candidates = torch.cat(inside)
     if not (0 < need <= candidates.numel()):
-        thr = torch.kthvalue(torch.cat([f.float() for f in flats]), k).values
+        # Select in the scores' own dtype: rounding float64 scores (LAMP's) to
+        # float32 here would make the ``< thr`` / ``== thr`` counts below miss
+        # the k-th value, and the total would no longer be exact.
+        thr = torch.kthvalue(torch.cat(flats), k).values
         below = [int((f < thr).sum()) for f in flats]
         inside = [f[f == thr] for f in flats]
         need = k - sum(below)
@@ -259,12 +264,16 @@ class LAMP(Global):
 
     def transform(self, group_scores: torch.Tensor) -> torch.Tensor:
         flat = group_scores.reshape(-1).double()
-        sq, order = torch.sort(flat.pow(2))
+        # An already-pruned weight (-inf) is a zero weight: it must add nothing to
+        # the suffix sums (its square, inf, would make every other score 0/inf = 0
+        # and let the global threshold empty the layer).
+        pruned = torch.isneginf(flat)
+        sq, order = torch.sort(flat.pow(2).masked_fill(pruned, 0.0))
         suffix = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
         lamp = torch.empty_like(flat)
         lamp[order] = torch.where(suffix > 0, sq / suffix, torch.zeros_like(sq))
         # -inf scores mark weights already pruned: keep them lowest.
-        lamp[torch.isneginf(flat)] = -math.inf
+        lamp[pruned] = -math.inf
         return lamp.reshape(group_scores.shape)
 
 

@@ -72,9 +72,12 @@ def keep_lowest_pruned(group_scores: torch.Tensor, group_sizes: torch.Tensor, n_
         return keep
     order = torch.argsort(group_scores, stable=True)
     cums = torch.cumsum(group_sizes[order], 0)
-    # k groups pruned removes cums[k-1] elements; pick k closest to n_prune.
     k = int(torch.searchsorted(cums, torch.tensor(n_prune, dtype=cums.dtype)))
-    if k < n_groups and (k == 0 or abs(int(cums[k]) - n_prune) < abs(int(cums[k - 1]) - n_prune)):
+    # Pruning k groups removes cums[k-1] elements (none for k == 0), one more
+    # removes cums[k]: take whichever is nearer. Pruning nothing is a candidate
+    # too, or a 1-element target would prune a whole (large) lowest group.
+    pruned_k = int(cums[k - 1]) if k > 0 else 0
+    if k < n_groups and abs(int(cums[k]) - n_prune) < abs(pruned_k - n_prune):
         k += 1
     k = min(k, n_groups - 1)
     keep[order[:k]] = False
@@ -105,12 +108,22 @@ class Pattern(ABC):
     def mask(self, score: torch.Tensor, sparsity: float) -> torch.Tensor:
         """Boolean keep-mask of ``score.shape`` with ``sparsity`` of its elements pruned.
 
-        The lowest-scoring groups are pruned; the pruned element count equals
-        ``round(sparsity * numel)`` up to one group, and at least one group is kept.
+        The lowest-scoring groups are pruned, and at least one group is kept.
+        With equal-sized groups exactly ``round(sparsity * n_groups)`` groups
+        are pruned (for unstructured, ``round(sparsity * numel)`` weights);
+        with ragged groups the pruned element count is the one nearest to
+        ``round(sparsity * numel)`` that whole groups allow.
         """
         sparsity = check_sparsity(sparsity)
-        n_prune = int(round(sparsity * score.numel()))
-        keep = keep_lowest_pruned(self.group_scores(score), self.group_sizes(score.shape).to(score.device), n_prune)
+        sizes = self.group_sizes(score.shape).to(score.device)
+        if sizes.numel() > 0 and bool((sizes == sizes[0]).all()):
+            # Round once, in whole groups: rounding to elements first and then to
+            # groups can land a group off (6 rows of 2 at 0.42 is 2.52 rows, but
+            # 5.04 -> 5 elements -> 2.5 rows -> 2).
+            n_prune = int(round(sparsity * sizes.numel())) * int(sizes[0])
+        else:
+            n_prune = int(round(sparsity * score.numel()))
+        keep = keep_lowest_pruned(self.group_scores(score), sizes, n_prune)
         return self.expand(keep, score.shape)
 
 

@@ -81,6 +81,13 @@ class Schedule:
             return self.final
         return self.ramp((step - start) / (end - start))
 
+    def progress(self, step: int) -> float:
+        """Position of ``step`` between ``start`` (0) and ``end`` (1), clamped."""
+        start, end = int(self.start), int(self.end if self.end is not None else self.start)
+        if end <= start:
+            return 0.0 if step < start else 1.0
+        return min(1.0, max(0.0, (step - start) / (end - start)))
+
     def should_update(self, step: int) -> bool:
         """Whether masks are recomputed at ``step``."""
         start, end = int(self.start), int(self.end if self.end is not None else self.start)

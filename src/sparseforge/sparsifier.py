@@ -109,13 +109,22 @@ class Sparsifier:
                 layer.mask_name, torch.ones_like(layer.weight, memory_format=torch.contiguous_format), persistent=False
             )
         self._weights = [layer.weight for layer in self.layers]
+        self.straight_through = bool(method.update.straight_through)
+        self._dense: list[torch.Tensor] | None = None
+        if self.straight_through:
+            if optimizer is None:
+                raise SparseforgeError(
+                    f"{method.update} trains dense weights through masked ones and needs the optimizer: "
+                    "Sparsifier(model, method, total_steps, optimizer=optimizer)"
+                )
+            self._dense = [w.detach().clone() for w in self._weights]
         if optimizer is not None:
             managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = [layer.name for layer in self.layers if id(layer.weight) not in managed]
             if missing:
                 raise SparseforgeError(f"the optimizer does not hold the weights of {', '.join(missing[:5])}")
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
-            if type(optimizer) not in ZERO_PRESERVING_OPTIMIZERS:
+            if self.straight_through or type(optimizer) not in ZERO_PRESERVING_OPTIMIZERS:
                 # Masking the weights right after the optimizer wrote them, while
                 # they are still in cache, is cheaper than later.
                 self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -143,9 +152,18 @@ class Sparsifier:
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero the pruned weights in place (one fused multiply over all layers)."""
+        """Zero the pruned weights in place (one fused multiply over all layers).
+
+        Under a straight-through update the module weight becomes
+        ``dense * forward_mask`` instead, the dense shadow staying as it is.
+        """
         self._check_live()
-        torch._foreach_mul_(self._weights, self._masks)
+        if self._dense is not None:
+            progress = self.schedule.progress(self._step)
+            for w, d, m in zip(self._weights, self._dense, self._masks):
+                torch.mul(d, self.method.update.forward_mask(m, progress), out=w)
+        else:
+            torch._foreach_mul_(self._weights, self._masks)
 
     def sparsity(self) -> float:
         """Achieved fraction of zeros in the targeted weights' masks."""
@@ -172,6 +190,14 @@ class Sparsifier:
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._finalized:
             return
+        if self._dense is not None:
+            # Straight-through: the gradient of the masked weight updates the dense one.
+            progress = self.schedule.progress(self._step)
+            for i, (w, d) in enumerate(zip(self._weights, self._dense)):
+                if w.grad is not None:
+                    self.method.update.adjust_grad(d, self._mask(i), w.grad, progress)
+                w.copy_(d)
+            return
         pairs = [(i, w.grad) for i, w in enumerate(self._weights) if w.grad is not None]
         if not pairs:
             return
@@ -182,7 +208,12 @@ class Sparsifier:
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._finalized:
+        if self._finalized:
+            return
+        if self._dense is not None:
+            torch._foreach_copy_(self._dense, [w.detach() for w in self._weights])
+            self.apply_masks()
+        else:
             torch._foreach_mul_(self._weights, self._masks)
 
     # -- the lifecycle ---------------------------------------------------------
@@ -226,6 +257,8 @@ class Sparsifier:
             allocation=self.method.allocation,
             sparsity=self.schedule.sparsity(step),
             step=step,
+            schedule=self.schedule,
+            weights=self._dense,
         )
         new = self.method.update(ctx)
         for i, keep in enumerate(new):
@@ -234,7 +267,7 @@ class Sparsifier:
 
     @torch.no_grad()
     def _mask_optimizer_state(self) -> None:
-        if self.optimizer is None:
+        if self.optimizer is None or self._dense is not None:
             return
         for i, w in enumerate(self._weights):
             for value in self.optimizer.state.get(w, {}).values():
@@ -247,13 +280,21 @@ class Sparsifier:
         Returns the model: a plain module whose pruned weights are exact zeros
         and whose ``state_dict`` loads into a fresh copy of the architecture.
         """
-        self.apply_masks()
+        self._check_live()
+        if self._dense is not None:
+            # The hard mask, whatever a straight-through update let through during training.
+            with torch.no_grad():
+                for w, d, m in zip(self._weights, self._dense, self._masks):
+                    torch.mul(d, m, out=w)
+        else:
+            self.apply_masks()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         for layer in self.layers:
             delattr(layer.module, layer.mask_name)
         self._finalized = True
+        self._dense = None
         return self.model
 
     def _check_live(self) -> None:
@@ -271,6 +312,9 @@ class Sparsifier:
             "score": self.method.score.state_dict(),
             "update": self.method.update.state_dict(),
             "method": self.method.describe(),
+            "dense": None if self._dense is None else {
+                layer.name: d.clone() for layer, d in zip(self.layers, self._dense)
+            },
         }
 
     @torch.no_grad()
@@ -295,6 +339,12 @@ class Sparsifier:
                     f"mask of {layer.name} has shape {tuple(mask.shape)}, the weight {tuple(layer.shape)}"
                 )
             self._mask(i).copy_(mask)
+        if self._dense is not None:
+            dense = state.get("dense")
+            if dense is None:
+                raise SparseforgeError("this Sparsifier trains dense shadow weights but the state has none")
+            for layer, d in zip(self.layers, self._dense):
+                d.copy_(dense[layer.name])
         self._step = int(state["step"])
         self.method.score.load_state_dict(state.get("score", {}))
         self.method.update.load_state_dict(state.get("update", {}))

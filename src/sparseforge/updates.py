@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,8 @@ import torch
 from sparseforge.allocation import Allocation, Uniform
 from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import Pattern
-from sparseforge.scores import Score
+from sparseforge.schedules import Schedule
+from sparseforge.scores import Score, as_score
 from sparseforge.targets import Layer
 
 
@@ -74,16 +75,49 @@ class UpdateContext:
     allocation: Allocation
     sparsity: float
     step: int
+    schedule: Schedule | None = None
+    weights: Sequence[torch.Tensor] | None = None
+
+    @property
+    def is_first(self) -> bool:
+        """Whether this is the schedule's first update (the initial mask)."""
+        return self.schedule is None or self.step <= int(self.schedule.start)
+
+    @property
+    def progress(self) -> float:
+        """Position of this update between the schedule's start (0) and end (1)."""
+        return 1.0 if self.schedule is None else self.schedule.progress(self.step)
+
+    def weight(self, i: int) -> torch.Tensor:
+        """The weight of layer ``i`` that scores read: the dense shadow under straight-through updates."""
+        return (self.weights[i] if self.weights is not None else self.layers[i].weight).detach()
 
     def scores(self) -> list[torch.Tensor]:
-        return [self.score(layer.weight.detach(), g) for layer, g in zip(self.layers, self.grads)]
+        return [self.score(self.weight(i), g) for i, g in enumerate(self.grads)]
 
 
 class Update(ABC):
-    """Base class: turns an :class:`UpdateContext` into new boolean keep-masks."""
+    """Base class: turns an :class:`UpdateContext` into new boolean keep-masks.
+
+    A *straight-through* update (``straight_through = True``) trains dense
+    weights that the forward pass sees masked: the Sparsifier keeps a dense
+    shadow of each weight, writes ``dense * forward_mask(mask)`` into the
+    module for the forward and backward passes, lets the optimizer update the
+    dense shadow with the gradient of the masked weight (after
+    :meth:`adjust_grad`), and scores read the dense shadow.
+    """
 
     #: whether the update itself needs the dense gradients (e.g. gradient regrowth).
     needs_grad: bool = False
+    #: whether the optimizer updates dense weights that the forward sees masked (SR-STE).
+    straight_through: bool = False
+
+    def forward_mask(self, mask: torch.Tensor, progress: float) -> torch.Tensor:
+        """The multiplier the forward pass applies to the dense weight (straight-through only)."""
+        return mask
+
+    def adjust_grad(self, dense: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, progress: float) -> None:
+        """Modify, in place, the gradient the optimizer applies to the dense weight (straight-through only)."""
 
     @abstractmethod
     def __call__(self, ctx: UpdateContext) -> list[torch.Tensor]: ...
@@ -102,16 +136,169 @@ class HardPrune(Update):
     Rule: new mask = the top scores under the allocation and pattern. With
     ``monotone=True`` (default) a weight once pruned stays pruned: its score is
     set to -inf before selection, as in gradual magnitude pruning, where
-    sparsity only grows.
+    sparsity only grows. ``init``, when given, replaces the method's score at
+    the schedule's first update (e.g. a random initial mask for sparse
+    training from scratch).
     """
 
     monotone: bool = True
+    init: Score | str | None = None
+
+    def __post_init__(self) -> None:
+        self.init = None if self.init is None else as_score(self.init)
 
     def __call__(self, ctx: UpdateContext) -> list[torch.Tensor]:
-        scores = ctx.scores()
+        if ctx.is_first and self.init is not None:
+            scores = [self.init(ctx.weight(i), g) for i, g in enumerate(ctx.grads)]
+        else:
+            scores = ctx.scores()
         if self.monotone:
             scores = [s.masked_fill(~m, -math.inf) for s, m in zip(scores, ctx.masks)]
         return select_masks(ctx.layers, scores, ctx.pattern, ctx.allocation, ctx.sparsity)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"init": self.init.state_dict()} if self.init is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.init is not None and "init" in state:
+            self.init.load_state_dict(state["init"])
+
     def __str__(self) -> str:
-        return "hard-prune"
+        return "hard-prune" if self.init is None else f"hard-prune(init={self.init})"
+
+
+def cosine_drop_fraction(initial: float, progress: float) -> float:
+    """RigL's annealing: ``initial / 2 * (1 + cos(pi * progress))``, from ``initial`` to 0."""
+    return initial / 2.0 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+@dataclass
+class PruneRegrow(Update):
+    """Drop the weakest active weights and grow as many inactive ones, keeping each layer's sparsity.
+
+    Rule, at every update after the first: in each layer with ``n`` active
+    weights (groups, for block and channel patterns), drop the
+    ``k = floor(f * n)`` active ones with the lowest method score (magnitude),
+    then activate the ``k`` highest-``grow``-scored among those inactive after
+    the drop. Newly grown weights start at exactly zero (they were pruned, so
+    they are zero); a weight dropped and regrown in the same update keeps its
+    value (RigL's default). ``f`` is ``drop_fraction``, annealed with a cosine
+    to 0 at the schedule's end when ``anneal="cosine"``. At the first update
+    the initial mask is drawn from ``init`` (random, the usual sparse
+    initialisation) under the method's allocation; ``init=None`` leaves the
+    masks as they are (when a preceding update already set them).
+
+    Presets: SET ("Scalable training of artificial neural networks with
+    adaptive sparse connectivity", Mocanu et al. 2018): ``grow="random"``,
+    ``anneal="constant"``, ``drop_fraction=0.3``. RigL ("Rigging the Lottery",
+    Evci et al. 2020): ``grow="gradient"`` (dense gradient magnitude),
+    ``anneal="cosine"``, ``drop_fraction=0.3``.
+
+    Args:
+        grow: score of inactive weights to grow: ``random`` or ``gradient``. Default random.
+        drop_fraction: f at the start of the schedule. Default 0.3.
+        anneal: ``cosine`` or ``constant``. Default cosine.
+        init: score of the initial mask; None keeps the incoming masks. Default random.
+        seed: seed of the random grow and init scores. Default 0.
+    """
+
+    grow: Score | str = "random"
+    drop_fraction: float = 0.3
+    anneal: str = "cosine"
+    init: Score | str | None = "random"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from sparseforge.scores import Random
+
+        if not 0.0 <= float(self.drop_fraction) <= 1.0:
+            raise SparseforgeError(f"drop_fraction must be in [0, 1], got {self.drop_fraction}")
+        if self.anneal not in ("cosine", "constant"):
+            raise SparseforgeError(f"anneal must be 'cosine' or 'constant', got {self.anneal!r}")
+        self.grow = Random(seed=self.seed) if self.grow == "random" else as_score(self.grow)
+        if self.init == "random":
+            self.init = Random(seed=self.seed + 1)
+        elif self.init is not None:
+            self.init = as_score(self.init)
+        self.needs_grad = self.grow.needs_grad
+
+    def fraction(self, ctx: UpdateContext) -> float:
+        """The drop fraction at this update."""
+        if self.anneal == "constant":
+            return float(self.drop_fraction)
+        return cosine_drop_fraction(float(self.drop_fraction), ctx.progress)
+
+    def __call__(self, ctx: UpdateContext) -> list[torch.Tensor]:
+        if not ctx.pattern.free_sparsity:
+            raise SparseforgeError(f"prune-and-regrow works on unstructured, block and channel patterns, not {ctx.pattern}")
+        if ctx.is_first:
+            if self.init is None:
+                return [m.clone() for m in ctx.masks]
+            scores = [self.init(ctx.weight(i), g) for i, g in enumerate(ctx.grads)]
+            return select_masks(ctx.layers, scores, ctx.pattern, ctx.allocation, ctx.sparsity)
+        f = self.fraction(ctx)
+        drop_scores = ctx.scores()
+        new_masks = []
+        for i, (layer, mask, drop_score, g) in enumerate(zip(ctx.layers, ctx.masks, drop_scores, ctx.grads)):
+            grow_score = self.grow(ctx.weight(i), g)
+            pattern = ctx.pattern
+            active = pattern.group_scores(mask.to(drop_score.dtype)) > 0.5
+            n_active = int(active.sum())
+            k = int(f * n_active)
+            if k == 0:
+                new_masks.append(mask.clone())
+                continue
+            g_drop = pattern.group_scores(drop_score).masked_fill(~active, math.inf)
+            dropped = torch.topk(g_drop, k, largest=False).indices
+            after_drop = active.clone()
+            after_drop[dropped] = False
+            g_grow = pattern.group_scores(grow_score).masked_fill(after_drop, -math.inf)
+            grown = torch.topk(g_grow, k, largest=True).indices
+            keep = after_drop.clone()
+            keep[grown] = True
+            new_masks.append(pattern.expand(keep, layer.shape))
+        return new_masks
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"grow": self.grow.state_dict()}
+        if self.init is not None:
+            state["init"] = self.init.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.grow.load_state_dict(state.get("grow", {}))
+        if self.init is not None:
+            self.init.load_state_dict(state.get("init", {}))
+
+    def __str__(self) -> str:
+        return f"prune-regrow(grow={self.grow}, drop_fraction={self.drop_fraction}, anneal={self.anneal})"
+
+
+@dataclass
+class Chain(Update):
+    """Apply several updates in order, each seeing the masks the previous one chose.
+
+    GraNet, for instance, is ``Chain([HardPrune(), PruneRegrow(grow="gradient", init=None)])``:
+    prune to the scheduled sparsity, then drop and regrow at that sparsity.
+    """
+
+    updates: Sequence[Update] = ()
+
+    def __post_init__(self) -> None:
+        self.needs_grad = any(u.needs_grad for u in self.updates)
+
+    def __call__(self, ctx: UpdateContext) -> list[torch.Tensor]:
+        masks = list(ctx.masks)
+        for update in self.updates:
+            masks = update(replace(ctx, masks=masks))
+        return masks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): u.state_dict() for i, u in enumerate(self.updates)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, u in enumerate(self.updates):
+            u.load_state_dict(state.get(str(i), {}))
+
+    def __str__(self) -> str:
+        return " then ".join(str(u) for u in self.updates)

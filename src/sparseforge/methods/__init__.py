@@ -2,5 +2,6 @@
 
 from sparseforge.methods.base import Method
 from sparseforge.methods.gmp import GMP
+from sparseforge.methods.sparse_training import SET, GraNet, RigL, StaticRandom
 
-__all__ = ["Method", "GMP"]
+__all__ = ["Method", "GMP", "GraNet", "RigL", "SET", "StaticRandom"]
