@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-from sparseforge.bench import BENCHMARKS
+from sparseforge.bench import benchmarks
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import write_json_atomic
 
@@ -18,10 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a sparseforge benchmark; prints a table and writes JSON.",
     )
     sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
-    modules = {}
-    for name, module_name in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
-        modules[name] = module
+    modules = benchmarks()
+    for name, module in modules.items():
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0], description=module.__doc__)
         p.add_argument("--json", metavar="PATH", help="where to write the results (default: bench/results/NAME.json)")
         p.add_argument("--quick", action="store_true", help="a short run, for CI: checks it works, not the claim")

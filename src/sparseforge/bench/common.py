@@ -1,0 +1,176 @@
+"""What the reproduction benchmarks share: one training run on Fashion-MNIST, seeds, summaries.
+
+A reproduction calls :func:`train_run` once per (configuration, seed), then
+:func:`summarize` to get mean, standard deviation, min and max over seeds,
+and writes its JSON through the runner (``python -m sparseforge.bench``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseforge.methods.base import Method
+from sparseforge.report import report
+from sparseforge.sparsifier import Sparsifier
+from sparseforge.zoo.data import fashion_mnist
+from sparseforge.zoo.models import build_model
+from sparseforge.zoo.training import evaluate, train_epoch
+
+
+@dataclass
+class RunConfig:
+    """One supervised training run on Fashion-MNIST.
+
+    Defaults: LeNet-300-100, 20 epochs, batch 128, SGD with Nesterov momentum
+    0.9, learning rate 0.05 with cosine decay, weight decay 5e-4, the full
+    training and test sets, seed 0.
+    """
+
+    model: str = "lenet300"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    data_dir: str | None = None
+
+
+@dataclass
+class RunResult:
+    """What one run measured: final test accuracy, sparsity, history per epoch."""
+
+    test_accuracy: float
+    test_loss: float
+    sparsity: float
+    nonzeros: int
+    params: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig, steps: int):
+    """SGD (Nesterov) + cosine decay over ``steps``: the optimizer every reproduction uses."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+
+
+def train_run(
+    cfg: RunConfig,
+    method: Method | Callable[[int], Method] | None = None,
+    model: nn.Module | None = None,
+    log: Callable[[str], None] | None = None,
+    label: str = "",
+) -> tuple[RunResult, nn.Module]:
+    """Train ``model`` (default: a fresh ``cfg.model`` seeded with ``cfg.seed``) under ``method``.
+
+    Args:
+        cfg: the run's settings.
+        method: a Method, a function ``total_steps -> Method``, or None (dense).
+        model: start from this model instead of a fresh one (e.g. a rewound ticket).
+        log: called with one line per epoch.
+        label: prefix of the log lines.
+
+    Returns (result, model); the model is finalized (plain, exact zeros).
+    """
+    torch.manual_seed(cfg.seed)
+    train, test = fashion_mnist(cfg.batch_size, cfg.data_dir, cfg.seed, cfg.limit_train, cfg.limit_test)
+    if model is None:
+        model = build_model(cfg.model)
+    steps = cfg.epochs * len(train)
+    opt, sched = make_optimizer(model, cfg, steps)
+    sparsifier = None
+    if method is not None:
+        m = method(steps) if callable(method) and not isinstance(method, Method) else method
+        sparsifier = Sparsifier(model, m, total_steps=steps, optimizer=opt)
+
+    def on_step() -> None:
+        sched.step()
+        if sparsifier is not None:
+            sparsifier.step()
+
+    start = time.perf_counter()
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        stats = train_epoch(model, train, opt, on_step)
+        row = {"epoch": epoch, "train_loss": stats["loss"],
+               "sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0}
+        if epoch == cfg.epochs or epoch % 5 == 0:
+            ev = evaluate(model, test)
+            row |= {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
+        history.append(row)
+        if log is not None:
+            acc = f"  test {row['test_accuracy']:.2f}%" if "test_accuracy" in row else ""
+            log(f"{label} epoch {epoch}/{cfg.epochs} loss {stats['loss']:.4f} sparsity {row['sparsity']:.3f}{acc}")
+    if sparsifier is not None:
+        sparsifier.finalize()
+    ev = evaluate(model, test)
+    rep = report(model)
+    result = RunResult(
+        test_accuracy=ev["accuracy"], test_loss=ev["loss"], sparsity=rep.sparsity,
+        nonzeros=rep.layer_nonzeros, params=rep.layer_params, seconds=time.perf_counter() - start, history=history,
+    )
+    return result, model
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min, max and count."""
+    vals = [float(v) for v in values]
+    return {
+        "mean": statistics.fmean(vals) if vals else math.nan,
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals) if vals else math.nan,
+        "max": max(vals) if vals else math.nan,
+        "n": len(vals),
+    }
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a results table (rich) to stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(str(c))
+    for r in rows:
+        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r])
+    Console(highlight=False).print(t)
+
+
+def add_common_arguments(parser, *, seeds: int = 3, epochs: int = 20) -> None:
+    """Flags every reproduction takes: --seeds, --epochs, --limit-train, --threads, --data-dir."""
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per configuration (default {seeds}; quick 1)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {epochs}; quick 1)")
+    parser.add_argument("--limit-train", type=int, default=None, help="first N training examples (quick: 2048)")
+    parser.add_argument("--limit-test", type=int, default=None, help="first N test examples (quick: 1000)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder")
+
+
+def resolve_common(args, *, seeds: int = 3, epochs: int = 20) -> dict[str, Any]:
+    """Apply --threads and return seeds/epochs/limits with the quick-mode defaults filled in."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    quick = bool(getattr(args, "quick", False))
+    return {
+        "seeds": args.seeds or (1 if quick else seeds),
+        "epochs": args.epochs or (1 if quick else epochs),
+        "limit_train": args.limit_train or (2048 if quick else None),
+        "limit_test": args.limit_test or (1000 if quick else None),
+        "data_dir": args.data_dir,
+    }
