@@ -5,6 +5,8 @@
 - :mod:`~sparseforge.zoo.models`: LeNet-300-100, Conv-4 and ResNet-20 for
   28x28 inputs, and :func:`build_model` by name.
 - :mod:`~sparseforge.zoo.training`: :func:`train_epoch` and :func:`evaluate`.
+- :mod:`~sparseforge.zoo.superres`: x2 super-resolution on the natural images
+  of ``skimage.data`` (split by image), :class:`ESPCN`, PSNR.
 """
 
 from __future__ import annotations
@@ -24,27 +26,43 @@ from sparseforge.zoo.data import (
     write_idx_gz,
 )
 from sparseforge.zoo.models import MODELS, BasicBlock, Conv4, LeNet300100, ResNet20, build_model
+from sparseforge.zoo.superres import (
+    ESPCN,
+    PatchSampler,
+    SRData,
+    bicubic_psnr,
+    evaluate_sr,
+    superres_data,
+    train_sr,
+)
 from sparseforge.zoo.training import evaluate, train_epoch
 
 __all__ = [
     "DATA_ENV_VAR",
     "DEFAULT_DATA_DIR",
+    "ESPCN",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_SHA256",
     "FASHION_MNIST_STD",
     "MODELS",
+    "PatchSampler",
+    "SRData",
     "BasicBlock",
     "Conv4",
     "LeNet300100",
     "ResNet20",
     "TensorLoader",
+    "bicubic_psnr",
     "build_model",
     "evaluate",
+    "evaluate_sr",
     "fashion_mnist",
     "load_fashion_mnist",
     "resolve_data_dir",
+    "superres_data",
     "train_epoch",
+    "train_sr",
     "write_idx_gz",
 ]
