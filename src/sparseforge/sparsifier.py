@@ -99,6 +99,13 @@ class Sparsifier:
         self._finalized = False
         self._dense_grads: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
+        # Checked before the masks are attached, so that the model stays clean and a
+        # corrected Sparsifier (with the optimizer) can attach.
+        if method.update.straight_through and optimizer is None:
+            raise SparseforgeError(
+                f"{method.update} trains dense weights through masked ones and needs the optimizer: "
+                "Sparsifier(model, method, total_steps, optimizer=optimizer)"
+            )
         for layer in self.layers:
             if hasattr(layer.module, layer.mask_name):
                 raise SparseforgeError(
@@ -112,11 +119,6 @@ class Sparsifier:
         self.straight_through = bool(method.update.straight_through)
         self._dense: list[torch.Tensor] | None = None
         if self.straight_through:
-            if optimizer is None:
-                raise SparseforgeError(
-                    f"{method.update} trains dense weights through masked ones and needs the optimizer: "
-                    "Sparsifier(model, method, total_steps, optimizer=optimizer)"
-                )
             self._dense = [w.detach().clone() for w in self._weights]
         if optimizer is not None:
             managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -159,11 +161,16 @@ class Sparsifier:
         """
         self._check_live()
         if self._dense is not None:
-            progress = self.schedule.progress(self._step)
-            for w, d, m in zip(self._weights, self._dense, self._masks):
-                torch.mul(d, self.method.update.forward_mask(m, progress), out=w)
+            self._write_forward_weights(self._step)
         else:
             torch._foreach_mul_(self._weights, self._masks)
+
+    @torch.no_grad()
+    def _write_forward_weights(self, step: int) -> None:
+        """Straight-through: module weight = dense shadow * the update's forward mask at ``step``."""
+        progress = self.schedule.progress(step)
+        for w, d, m in zip(self._weights, self._dense, self._masks):
+            torch.mul(d, self.method.update.forward_mask(m, progress), out=w)
 
     def sparsity(self) -> float:
         """Achieved fraction of zeros in the targeted weights' masks."""
@@ -212,7 +219,9 @@ class Sparsifier:
             return
         if self._dense is not None:
             torch._foreach_copy_(self._dense, [w.detach() for w in self._weights])
-            self.apply_masks()
+            # The next forward belongs to the step that step() is about to count: a
+            # forward mask that changes with progress (MDGF) must use that step's.
+            self._write_forward_weights(self._step + 1)
         else:
             torch._foreach_mul_(self._weights, self._masks)
 

@@ -302,3 +302,235 @@ class Chain(Update):
 
     def __str__(self) -> str:
         return " then ".join(str(u) for u in self.updates)
+
+
+# -- straight-through updates for N:M sparse training: SR-STE, progressive gradient flow --
+
+
+def _check_nonnegative(value: float, what: str, hint: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise SparseforgeError(f"{what} must be a number >= 0 ({hint}), got {value!r}") from None
+    if not math.isfinite(out) or out < 0.0:
+        raise SparseforgeError(f"{what} must be a finite number >= 0 ({hint}), got {value!r}")
+    return out
+
+
+class StraightThrough(Update):
+    """Base of the straight-through updates: masks recomputed from the dense weights.
+
+    Rule: at every update the keep-mask is chosen from the *dense* shadow
+    weights by the method's score, allocation and pattern (nothing is
+    monotone: a pruned weight that outgrows a kept one comes back); the
+    gradient of the masked weight trains the dense one, plus
+    ``decay * (1 - E) * W`` when a subclass sets ``decay`` (SR-STE's
+    sparse-refined term). Subclasses choose the forward mask.
+    """
+
+    straight_through = True
+    decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.decay = _check_nonnegative(self.decay, "decay", "lambda_W, 2e-4 in SR-STE, 0 for plain STE")
+
+    def __call__(self, ctx: UpdateContext) -> list[torch.Tensor]:
+        return select_masks(ctx.layers, ctx.scores(), ctx.pattern, ctx.allocation, ctx.sparsity)
+
+    def adjust_grad(self, dense: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, progress: float) -> None:
+        if self.decay:
+            grad.addcmul_(dense, 1.0 - mask, value=self.decay)
+
+
+@dataclass
+class SparseRefinedSTE(StraightThrough):
+    """SR-STE: dense weights trained through a mask recomputed from their magnitudes.
+
+    From "Learning N:M Fine-grained Structured Sparse Neural Networks From
+    Scratch" (Zhou et al., ICLR 2021). Rule: at every update (every
+    ``frequency`` steps of the method's schedule; every step in the paper) the
+    mask E is recomputed from the *dense* weights W with the method's score
+    (|W|) and pattern (N:M: the N largest of every M consecutive inputs). The
+    forward and backward passes see ``W~ = W * E``; the optimizer updates the
+    dense weights with the straight-through gradient plus the sparse-refined
+    term, which decays only the pruned weights::
+
+        W <- W - lr * (g(W~) + decay * (1 - E) * W)
+
+    where ``g(W~)`` is the loss gradient of the masked weight, applied to the
+    dense one as if the mask were the identity. The term is added to the
+    gradient the optimizer receives (as the reference code returns it from the
+    backward pass), so momentum, weight decay and adaptive optimizers treat it
+    like the rest of the gradient. ``decay=0`` is plain STE, the paper's
+    baseline. At :meth:`Sparsifier.finalize` the dense weights are multiplied
+    by the last mask: exact N:M zeros.
+
+    Args:
+        decay: lambda_W, the strength of the sparse-refined term. Default 2e-4 (the paper's).
+    """
+
+    decay: float = 2e-4
+
+    def __str__(self) -> str:
+        return f"sr-ste(decay={self.decay:g})" if self.decay else "ste"
+
+
+#: Default decay rates of :class:`MaskDecay`, per unit of schedule progress (see its docstring).
+MASK_DECAY_RATES: dict[str, float] = {"linear": 4.0, "exponential": 20.0}
+
+
+@dataclass
+class MaskDecay(StraightThrough):
+    """MDGF, mask-decay gradient flow: pruned weights fade out of the forward pass.
+
+    From "Progressive Gradient Flow for Robust N:M Sparsity Training in
+    Transformers" (Bambhaniya et al., 2024). Rule: as in
+    :class:`SparseRefinedSTE`, the mask E is recomputed from the dense weights
+    at every update, but the forward pass sees ``W~ = W * (E + beta (1 - E))``:
+    pruned weights still contribute, scaled by ``beta``, which decays from 1 to
+    0 with the schedule's progress p (0 at its ``start``, 1 at its ``end``)::
+
+        linear:       beta(p) = max(0, 1 - rate * p)
+        exponential:  beta(p) = exp(-rate * p)
+
+    and ``beta = 0`` (a binary mask, the paper's fine-tuning phase) once
+    ``p >= 1 - fine_tune``. Before the schedule's start the masks are all ones
+    (the paper's dense phase). The reference code
+    (``timm/sparse_pruning/sparse_functions.py`` in the authors' repository)
+    applies the same formulas to the step count t since the end of the dense
+    phase with a per-step coefficient ``alpha`` (2e-4 by default); here the
+    rate is per unit of progress, so a run of T sparse steps matches
+    ``alpha`` with ``rate = alpha * T``. The reference backward pass hands
+    the gradient of ``W~`` to the dense weights unchanged (straight-through,
+    ``scale_grad=False``, the default); with ``scale_grad=True`` it is
+    multiplied by the forward mask, ``g(W~) * (E + beta (1 - E))``, the exact
+    gradient of the product, so the pruned weights' gradient fades with their
+    forward contribution. ``decay`` adds SR-STE's term (0 in the paper's MDGF).
+
+    Args:
+        curve: ``"exponential"`` (MDGF-Exponential, the paper's best) or ``"linear"``.
+        rate: decay per unit of progress; default 20 for exponential (beta is 1%
+            at 23% of the sparse phase) and 4 for linear (beta reaches 0 at 25%).
+        scale_grad: multiply the dense weights' gradient by the forward mask. Default False.
+        fine_tune: last fraction of the schedule trained with beta = 0. Default 0.
+        decay: SR-STE's lambda_W added to the pruned weights' gradient. Default 0.
+
+    Example:
+        >>> u = MaskDecay("linear", rate=2.0)
+        >>> [u.beta(p) for p in (0.0, 0.25, 0.5, 1.0)]
+        [1.0, 0.5, 0.0, 0.0]
+        >>> u.forward_mask(torch.tensor([1.0, 0.0]), 0.25).tolist()
+        [1.0, 0.5]
+    """
+
+    curve: str = "exponential"
+    rate: float | None = None
+    scale_grad: bool = False
+    fine_tune: float = 0.0
+    decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.curve = str(self.curve).strip().lower()
+        if self.curve not in MASK_DECAY_RATES:
+            raise SparseforgeError(f"mask decay curve must be one of {sorted(MASK_DECAY_RATES)}, got {self.curve!r}")
+        if self.rate is None:
+            self.rate = MASK_DECAY_RATES[self.curve]
+        self.rate = _check_nonnegative(self.rate, "rate", "the decay of beta per unit of schedule progress")
+        self.fine_tune = _check_fraction(self.fine_tune, "fine_tune")
+
+    def beta(self, progress: float) -> float:
+        """The factor applied to the pruned weights in the forward pass at ``progress``."""
+        p = min(max(float(progress), 0.0), 1.0)
+        if self.fine_tune > 0.0 and p >= 1.0 - self.fine_tune:
+            return 0.0
+        if self.curve == "linear":
+            return max(0.0, 1.0 - self.rate * p)
+        return math.exp(-self.rate * p)
+
+    def forward_mask(self, mask: torch.Tensor, progress: float) -> torch.Tensor:
+        b = self.beta(progress)
+        if b == 0.0:
+            return mask
+        # mask + b (1 - mask): exactly 1 where kept (no rounding of 1 - b + b).
+        return torch.add(mask, 1.0 - mask, alpha=b)
+
+    def adjust_grad(self, dense: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, progress: float) -> None:
+        if self.scale_grad:
+            grad.mul_(self.forward_mask(mask, progress))
+        super().adjust_grad(dense, mask, grad, progress)
+
+    def __str__(self) -> str:
+        extra = (", scaled-grad" if self.scale_grad else "") + (f", decay={self.decay:g}" if self.decay else "")
+        return f"mask-decay({self.curve}, rate={self.rate:g}{extra})"
+
+
+def _check_fraction(value: float, what: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise SparseforgeError(f"{what} must be a fraction in [0, 1), got {value!r}") from None
+    if not 0.0 <= out < 1.0:
+        raise SparseforgeError(f"{what} must be a fraction in [0, 1) of the schedule, got {value!r}")
+    return out
+
+
+@dataclass
+class StructureDecay(StraightThrough):
+    """SDGF, structure-decay gradient flow: the N:M pattern tightens in steps.
+
+    From "Progressive Gradient Flow for Robust N:M Sparsity Training in
+    Transformers" (Bambhaniya et al., 2024). Rule: the schedule's sparse phase
+    (progress 0 to ``1 - fine_tune``) is cut into ``len(frames)`` equal parts;
+    during part k the mask, recomputed from the dense weights at every update
+    as in :class:`SparseRefinedSTE` (binary, straight-through gradient), keeps
+    ``frames[k] = (N_k, M_k)``: the N_k largest |W| of every M_k consecutive
+    inputs. The last frame holds from its start to the end of the run (it
+    should be the method's pattern). The paper's schedules, for a target N:M
+    (see :func:`~sparseforge.methods.ProgressiveNM`): SDGF-Stepwise
+    ``(M-1):M, M/2:M, M/4:M, ..., N:M`` (1:8: 7:8, 4:8, 2:8, 1:8) and
+    SDGF-Geometric ``8N:8M, 4N:4M, 2N:2M, N:M`` (1:8: 8:64, 4:32, 2:16, 1:8).
+    Every frame's M must divide every targeted layer's input dimension; this is
+    checked at each update, naming the layer.
+
+    Args:
+        frames: the (N, M) of each part, loosest first.
+        fine_tune: last fraction of the schedule at the final frame only. Default 0.
+        decay: SR-STE's lambda_W added to the pruned weights' gradient. Default 0 (as in the paper).
+    """
+
+    frames: Sequence[tuple[int, int]] = ()
+    fine_tune: float = 0.0
+    decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        from sparseforge.patterns import NM
+
+        super().__post_init__()
+        self.fine_tune = _check_fraction(self.fine_tune, "fine_tune")
+        try:
+            frames = tuple((int(n), int(m)) for n, m in self.frames)
+        except (TypeError, ValueError):
+            raise SparseforgeError(f"frames must be a list of (N, M) pairs, got {self.frames!r}") from None
+        if not frames:
+            raise SparseforgeError("structure decay needs at least one (N, M) frame, e.g. [(4, 8), (2, 8), (1, 8)]")
+        self.frames = frames
+        self.patterns = [NM(n, m) for n, m in frames]
+
+    def frame(self, progress: float) -> int:
+        """Index of the frame in force at ``progress``."""
+        k = len(self.frames)
+        span = 1.0 - self.fine_tune
+        p = min(max(float(progress), 0.0), 1.0)
+        return min(int(p / span * k), k - 1)
+
+    def __call__(self, ctx: UpdateContext) -> list[torch.Tensor]:
+        for layer in ctx.layers:
+            for pattern in self.patterns:
+                pattern.check(layer.shape, layer.name)
+        pattern = self.patterns[self.frame(ctx.progress)]
+        return [pattern.mask(score) for score in ctx.scores()]
+
+    def __str__(self) -> str:
+        frames = "->".join(f"{n}:{m}" for n, m in self.frames)
+        return f"structure-decay({frames}" + (f", decay={self.decay:g})" if self.decay else ")")
