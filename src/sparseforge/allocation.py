@@ -229,8 +229,13 @@ class Global(Allocation):
     than ``min_keep`` weights keeps ``min_keep`` and its share of the budget
     goes to the others ("Is Complexity Required for Neural Network Pruning?",
     Gupta et al. 2022: global magnitude pruning with a minimum threshold).
-    Exact to the element for unstructured scores; uses a k-th value
-    selection, not a sort, so 25M weights take well under a second.
+    A layer of at most ``min_keep`` weights is not pruned at all, as in the
+    paper. The freed budget is pruned from the other layers by the same global
+    threshold, re-solved without the clamped layers; the authors' code instead
+    scales the other layers' sparsities proportionally, which is no longer a
+    single magnitude threshold. Exact to the element for unstructured scores;
+    uses a k-th value selection, not a sort, so 25M weights take well under a
+    second.
     """
 
     needs_scores: bool = field(default=True, init=False, repr=False)

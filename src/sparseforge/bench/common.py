@@ -7,9 +7,11 @@ and writes its JSON through the runner (``python -m sparseforge.bench``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseforge.errors import SparseforgeError
 from sparseforge.methods.base import Method
 from sparseforge.report import report
 from sparseforge.sparsifier import Sparsifier
@@ -75,6 +78,8 @@ def train_run(
     model: nn.Module | None = None,
     log: Callable[[str], None] | None = None,
     label: str = "",
+    start_step: int = 0,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> tuple[RunResult, nn.Module]:
     """Train ``model`` (default: a fresh ``cfg.model`` seeded with ``cfg.seed``) under ``method``.
 
@@ -84,6 +89,13 @@ def train_run(
         model: start from this model instead of a fresh one (e.g. a rewound ticket).
         log: called with one line per epoch.
         label: prefix of the log lines.
+        start_step: begin at this step of the run instead of 0: the learning
+            rate schedule and the data order continue from there and only the
+            remaining steps are trained (a lottery ticket rewound to step k is
+            retrained this way). The method sees the remaining steps as its run.
+        on_step: called as ``on_step(step, model)`` after every optimizer step,
+            ``step`` counting from the start of the run (e.g. to save the
+            weights at step k).
 
     Returns (result, model); the model is finalized (plain, exact zeros).
     """
@@ -92,21 +104,39 @@ def train_run(
     if model is None:
         model = build_model(cfg.model)
     steps = cfg.epochs * len(train)
+    if not 0 <= int(start_step) < steps:
+        raise SparseforgeError(f"start_step must be in [0, {steps}) for a run of {steps} steps, got {start_step}")
     opt, sched = make_optimizer(model, cfg, steps)
+    with warnings.catch_warnings():
+        # Advancing the schedule to start_step before any optimizer step is the point here.
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_step):
+            sched.step()
+    first_epoch, skip = divmod(int(start_step), len(train))
+    train.load_state_dict({"epoch": first_epoch, "seed": cfg.seed})
     sparsifier = None
     if method is not None:
-        m = method(steps) if callable(method) and not isinstance(method, Method) else method
-        sparsifier = Sparsifier(model, m, total_steps=steps, optimizer=opt)
+        remaining = steps - start_step
+        m = method(remaining) if callable(method) and not isinstance(method, Method) else method
+        sparsifier = Sparsifier(model, m, total_steps=remaining, optimizer=opt)
+    step = int(start_step)
 
-    def on_step() -> None:
+    def after_step() -> None:
+        nonlocal step
         sched.step()
         if sparsifier is not None:
             sparsifier.step()
+        step += 1
+        if on_step is not None:
+            on_step(step, model)
 
     start = time.perf_counter()
     history = []
-    for epoch in range(1, cfg.epochs + 1):
-        stats = train_epoch(model, train, opt, on_step)
+    for epoch in range(first_epoch + 1, cfg.epochs + 1):
+        # A run resumed mid-epoch trains that epoch's remaining batches, in its order.
+        batches = itertools.islice(iter(train), skip, None) if skip else train
+        skip = 0
+        stats = train_epoch(model, batches, opt, after_step)
         row = {"epoch": epoch, "train_loss": stats["loss"],
                "sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0}
         if epoch == cfg.epochs or epoch % 5 == 0:
