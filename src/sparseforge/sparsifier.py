@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseforge.distributed import masks as dist_masks
 from sparseforge.errors import SparseforgeError
 from sparseforge.methods.base import Method
 from sparseforge.targets import Layer
@@ -58,6 +59,26 @@ class Sparsifier:
             schedule gives steps as fractions of the run (most presets do).
         optimizer: the optimizer; when given, gradients are masked in one fused
             call before each of its steps and its state is masked at updates.
+        sync_masks: broadcast rank 0's masks to every rank after every mask
+            update. Default ``None``: on whenever ``torch.distributed`` is
+            initialised with more than one rank (checked at each update);
+            ``True`` also requires it (checked here); ``False`` never syncs
+            (e.g. when ranks hold different layers, which is not data
+            parallelism).
+
+    Under ``torch.distributed`` DDP every rank must build its Sparsifier on the
+    module *before* wrapping it (a DistributedDataParallel wrapper is refused:
+    its layer names gain a ``module.`` prefix) and call :meth:`step` at every
+    step: with ``sync_masks`` on, updates are collectives. Each rank computes
+    every update from the same inputs (DDP has averaged the gradients the
+    optimizer pre-hook captures; without an optimizer, the per-weight hooks see
+    each rank's own gradient, so the Sparsifier averages those first), then
+    rank 0's masks are broadcast, so that the masks are identical on every
+    rank by construction rather than by luck. Built after
+    ``init_process_group`` (as it should be), the Sparsifier also excludes its
+    mask buffers from DDP's per-forward buffer broadcast, which would resend
+    them at every step. See :mod:`sparseforge.distributed` and
+    ``docs/distributed.md``.
 
     Example:
         >>> import torch, sparseforge as sf
@@ -81,7 +102,12 @@ class Sparsifier:
         method: Method,
         total_steps: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        sync_masks: bool | None = None,
     ) -> None:
+        dist_masks.reject_wrapper(model)
+        if sync_masks is not None and not isinstance(sync_masks, bool):
+            raise SparseforgeError(f"sync_masks must be None (auto), True or False, got {sync_masks!r}")
+        syncing = dist_masks.sync_enabled(sync_masks)
         if not isinstance(method, Method):
             raise SparseforgeError(
                 f"Sparsifier needs a sparseforge Method (e.g. sparseforge.methods.GMP(0.9)), got {type(method).__name__}"
@@ -92,6 +118,7 @@ class Sparsifier:
         self.method = method
         self.total_steps = total_steps
         self.optimizer = optimizer
+        self.sync_masks = sync_masks
         self.schedule = method.schedule.resolve(total_steps)
         self.layers: list[Layer] = method.target.select(model)
         check_compatible(self.layers, method.pattern, method.allocation)
@@ -99,32 +126,41 @@ class Sparsifier:
         self._finalized = False
         self._dense_grads: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
-        # Checked before the masks are attached, so that the model stays clean and a
-        # corrected Sparsifier (with the optimizer) can attach.
-        if method.update.straight_through and optimizer is None:
-            raise SparseforgeError(
-                f"{method.update} trains dense weights through masked ones and needs the optimizer: "
-                "Sparsifier(model, method, total_steps, optimizer=optimizer)"
-            )
+        # Checked before anything is attached to the model, so that a failed
+        # construction leaves it as it was and a corrected Sparsifier can attach
+        # (instead of failing on leftover masks).
         for layer in self.layers:
             if hasattr(layer.module, layer.mask_name):
                 raise SparseforgeError(
                     f"{layer.name} already has a {layer.mask_name}: is another Sparsifier attached? "
                     "finalize() it first"
                 )
+        if method.update.straight_through and optimizer is None:
+            raise SparseforgeError(
+                f"{method.update} trains dense weights through masked ones and needs the optimizer: "
+                "Sparsifier(model, method, total_steps, optimizer=optimizer)"
+            )
+        if optimizer is not None:
+            managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [layer.name for layer in self.layers if id(layer.weight) not in managed]
+            if missing:
+                raise SparseforgeError(f"the optimizer does not hold the weights of {', '.join(missing[:5])}")
+        for layer in self.layers:
             layer.module.register_buffer(
                 layer.mask_name, torch.ones_like(layer.weight, memory_format=torch.contiguous_format), persistent=False
             )
+        if syncing:
+            # A DDP wrapper would otherwise broadcast every mask before every forward;
+            # masks change only at updates, which sync them. (Built before
+            # init_process_group, the masks keep DDP's broadcast, which at least
+            # syncs them with the weights when DDP is constructed.)
+            dist_masks.exclude_from_ddp_sync(model, self._mask_fqns())
         self._weights = [layer.weight for layer in self.layers]
         self.straight_through = bool(method.update.straight_through)
         self._dense: list[torch.Tensor] | None = None
         if self.straight_through:
             self._dense = [w.detach().clone() for w in self._weights]
         if optimizer is not None:
-            managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [layer.name for layer in self.layers if id(layer.weight) not in managed]
-            if missing:
-                raise SparseforgeError(f"the optimizer does not hold the weights of {', '.join(missing[:5])}")
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             if self.straight_through or type(optimizer) not in ZERO_PRESERVING_OPTIMIZERS:
                 # Masking the weights right after the optimizer wrote them, while
@@ -133,9 +169,14 @@ class Sparsifier:
         else:
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.weight.register_post_accumulate_grad_hook(self._grad_hook(i)))
-        if self.schedule.should_update(0):
-            self._update(0)
-        self.apply_masks()
+        try:
+            if self.schedule.should_update(0):
+                self._update(0)
+            self.apply_masks()
+        except Exception:
+            # E.g. a gradient score with no gradient yet at step 0: leave the model clean.
+            self._detach()
+            raise
 
     # -- masks ---------------------------------------------------------------
 
@@ -250,6 +291,11 @@ class Sparsifier:
 
     @torch.no_grad()
     def _update(self, step: int) -> None:
+        sync = dist_masks.sync_enabled(self.sync_masks)
+        if sync and self.optimizer is None and self._dense_grads:
+            # The per-weight hooks ran inside backward, before DDP wrote the averaged
+            # gradients: average them, so that regrowth reads the whole batch's gradient.
+            dist_masks.average_([self._dense_grads[i] for i in sorted(self._dense_grads)])
         grads: list[torch.Tensor | None] = []
         for i, w in enumerate(self._weights):
             g = self._dense_grads.get(i)
@@ -272,6 +318,11 @@ class Sparsifier:
         new = self.method.update(ctx)
         for i, keep in enumerate(new):
             self._mask(i).copy_(keep)
+        if sync:
+            # Every rank computed these masks from the same inputs; rank 0's win, so
+            # that seeds, tie-breaking or reductions differing across ranks cannot
+            # make the ranks train different networks.
+            dist_masks.broadcast_mask_buffers(self)
         self._mask_optimizer_state()
 
     @torch.no_grad()
@@ -297,14 +348,24 @@ class Sparsifier:
                     torch.mul(d, m, out=w)
         else:
             self.apply_masks()
+        self._detach()
+        self._finalized = True
+        self._dense = None
+        return self.model
+
+    def _detach(self) -> None:
+        """Remove every hook and mask buffer this Sparsifier attached."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         for layer in self.layers:
-            delattr(layer.module, layer.mask_name)
-        self._finalized = True
-        self._dense = None
-        return self.model
+            if hasattr(layer.module, layer.mask_name):
+                delattr(layer.module, layer.mask_name)
+        dist_masks.restore_ddp_sync(self.model, self._mask_fqns())
+
+    def _mask_fqns(self) -> list[str]:
+        """Qualified names of the mask buffers, relative to the model."""
+        return [f"{layer.name}.{layer.mask_name}" if layer.name else layer.mask_name for layer in self.layers]
 
     def _check_live(self) -> None:
         if self._finalized:

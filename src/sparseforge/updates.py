@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,6 +82,14 @@ class UpdateContext:
     def is_first(self) -> bool:
         """Whether this is the schedule's first update (the initial mask)."""
         return self.schedule is None or self.step <= int(self.schedule.start)
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this is the schedule's last update (at its ``end``): the masks the run keeps."""
+        if self.schedule is None:
+            return True
+        end = self.schedule.end if self.schedule.end is not None else self.schedule.start
+        return self.step >= int(end)
 
     @property
     def progress(self) -> float:
@@ -302,6 +310,92 @@ class Chain(Update):
 
     def __str__(self) -> str:
         return " then ".join(str(u) for u in self.updates)
+
+
+@dataclass
+class SoftShrink(Update):
+    """Shrink the lowest-scored weights by a factor instead of zeroing them; hard mask only at the end.
+
+    This is ISS-P, Iterative Soft Shrinkage-Percentage ("Iterative Soft
+    Shrinkage Learning for Efficient Image Super-Resolution", Wang, Wang,
+    Zhang, Fu and Tao, ICCV 2023), for training a sparse network from a random
+    initialisation.
+
+    Rule, at every update before the schedule's last one (every optimizer
+    step in the paper): select the weights hard pruning would remove now, the
+    fraction ``s`` = the scheduled sparsity (ISS-P: the target sparsity,
+    constant from the start) with the lowest method score (magnitude, |w|)
+    under the method's allocation (``uniform`` = the same fraction in every
+    layer, the paper's "local" mode) and pattern, and multiply them in place
+    by ``shrink`` (alpha): ``w <- alpha * w``. Nothing is masked: the returned
+    masks are all ones, so every weight keeps its gradient, and a shrunk
+    weight that the gradient grows back above the layer's threshold leaves the
+    shrunk set at the next update (the sparse structure keeps changing). At
+    the schedule's last update (at ``end``, the paper's K_p) the same
+    selection becomes the hard mask: those weights become exact zeros and stay
+    pruned for the rest of the run (the paper's fine-tuning stage, K_FT steps
+    with the frozen mask). Every update shrinks, including one at step 0
+    (before the first optimizer step), which only rescales part of the
+    random initialisation.
+
+    The reference code (``basicsr/pruner/ist_pruner.py`` of the authors'
+    repository) does this after each optimizer step, per layer, with
+    ``--ist_ratio 0.95``, for 100k iterations out of 300k (then 200k of
+    fine-tuning with the mask frozen). It shrinks ``ceil(s * n)`` weights of
+    a layer of ``n`` (at most 99.5%); here the count is the pattern's usual
+    ``round(s * n)``.
+
+    Args:
+        shrink: alpha, the factor applied to the selected weights at each
+            update, in [0, 1). Default 0.95 (the released training commands).
+            ``shrink=0`` is iterative hard thresholding (IHT), the paper's
+            hard counterpart: the selected weights are set to zero at each
+            update but not masked, so they may grow back.
+
+    Example:
+        >>> import torch
+        >>> from sparseforge.methods import ISSP
+        >>> from sparseforge.sparsifier import Sparsifier
+        >>> layer = torch.nn.Linear(4, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[0.1, -2.0, 0.3, 4.0]]))
+        >>> sp = Sparsifier(layer, ISSP(sparsity=0.5, shrink=0.5, end=2), total_steps=2)
+        >>> layer.weight.tolist()  # step 0: the two smallest halved, none zeroed
+        [[0.05000000074505806, -2.0, 0.15000000596046448, 4.0]]
+        >>> sp.step(); sp.step()  # step 2 is the schedule's end: hard mask
+        >>> layer.weight.tolist()
+        [[0.0, -2.0, 0.0, 4.0]]
+    """
+
+    shrink: float = 0.95
+
+    def __post_init__(self) -> None:
+        try:
+            value = float(self.shrink)
+        except (TypeError, ValueError):
+            raise SparseforgeError(f"shrink must be a number in [0, 1), got {self.shrink!r}") from None
+        if not 0.0 <= value < 1.0:
+            raise SparseforgeError(
+                f"shrink must be in [0, 1) (the factor applied to the lowest-magnitude weights; "
+                f"0.95 in ISS-P, 0 for iterative hard thresholding), got {self.shrink!r}"
+            )
+        self.shrink = value
+
+    def __call__(self, ctx: UpdateContext) -> list[torch.Tensor]:
+        keep = select_masks(ctx.layers, ctx.scores(), ctx.pattern, ctx.allocation, ctx.sparsity)
+        if ctx.is_last:
+            return keep
+        with torch.no_grad():
+            for layer, k in zip(ctx.layers, keep):
+                w = layer.weight
+                # A factor tensor (1 where kept, alpha where shrunk) multiplies in one
+                # pass; multiplying by exactly 1.0 leaves the kept weights bit-identical.
+                one = torch.ones((), dtype=w.dtype, device=w.device)
+                w.mul_(torch.where(k, one, one * self.shrink))
+        return [torch.ones_like(k) for k in keep]
+
+    def __str__(self) -> str:
+        return f"soft-shrink(shrink={self.shrink:g})"
 
 
 # -- straight-through updates for N:M sparse training: SR-STE, progressive gradient flow --
