@@ -8,6 +8,8 @@ finalize leaves exact N:M zeros and a plain model; resume is bit-identical.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import json
 import math
@@ -258,7 +260,10 @@ def test_finalize_leaves_exact_nm_zeros_and_a_plain_model(method):
     if isinstance(method.update, StructureDecay):  # mid-run: the frame in force (4:8 at step 4 of 10)
         n, m = method.update.frames[method.update.frame(sp.current_step / 10)]
         assert (n, m) == (4, 8)
-    out = sp.finalize()
+    # SDGF stopped mid-run holds 4:8, not its 1:8 target: finalize says so.
+    with (pytest.warns(UserWarning, match="before the schedule's end") if isinstance(method.update, StructureDecay)
+          else contextlib.nullcontext()):
+        out = sp.finalize()
     assert out is model
     for name, w in layers.items():
         assert bool((nm_counts(w, m) == n).all()), name

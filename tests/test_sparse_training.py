@@ -64,6 +64,21 @@ def test_static_random_is_seeded():
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_set_and_rigl_start_from_the_static_random_mask_of_the_same_seed():
+    # Paired runs: the same seed gives SET, RigL and the static control the same initial mask.
+    static = sf.Sparsifier(mlp(), sf.methods.StaticRandom(0.9, allocation="erk", seed=2)).masks
+    for method in (sf.methods.SET(0.9, seed=2), sf.methods.RigL(0.9, seed=2)):
+        masks = sf.Sparsifier(mlp(), method, total_steps=10).masks
+        assert all(torch.equal(static[k], masks[k]) for k in static)
+
+
+def test_random_growth_of_one_seed_does_not_replay_the_next_seeds_initial_mask():
+    set0 = sf.methods.SET(0.9, seed=0).update
+    init1 = sf.methods.SET(0.9, seed=1).update.init
+    w = torch.zeros(64, 64)
+    assert not torch.equal(set0.grow(w), init1(w))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", None])
 def test_set_balances_drop_and_grow_and_grown_weights_start_at_zero(optimizer):
     steps, freq = 20, 5

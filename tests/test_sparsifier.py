@@ -126,7 +126,8 @@ def test_zero_preserving_list_is_exact_types() -> None:
         sp = Sparsifier(model, GMP(0.5, end=2, frequency=1), total_steps=4, optimizer=opt)
         assert bool(opt._optimizer_step_post_hooks) == expect_post, type(opt).__name__
         assert (type(opt) in ZERO_PRESERVING_OPTIMIZERS) != expect_post
-        sp.finalize()
+        with pytest.warns(UserWarning, match="before the schedule's end"):  # finalized at step 0: still dense
+            sp.finalize()
 
 
 # --------------------------------------------------------------------------- GMP
@@ -374,7 +375,8 @@ def test_finalize_leaves_a_plain_model(model_name: str, pass_optimizer: bool) ->
     opt.step()
     assert any(bool((layer.weight[~masks[layer.name]] != 0).any()) for layer in sp.layers)
     # And a new Sparsifier can be attached.
-    Sparsifier(model, GMP(0.5, end=2, frequency=1), total_steps=4).finalize()
+    with pytest.warns(UserWarning, match="before the schedule's end"):
+        Sparsifier(model, GMP(0.5, end=2, frequency=1), total_steps=4).finalize()
 
 
 # --------------------------------------------------------------------------- bad input
@@ -404,6 +406,14 @@ def test_nm_on_non_divisible_layer_names_it() -> None:
 def test_nm_needs_uniform_allocation() -> None:
     with pytest.raises(SparseforgeError, match="uniform"):
         Sparsifier(build_mlp(), Method(schedule=OneShot(final=0.5), pattern="2:4", allocation="global"))
+
+
+@pytest.mark.parametrize("schedule", [Cubic(final=0.5), OneShot(final=0.75)])
+def test_nm_with_a_schedule_it_cannot_follow_fails_before_training(schedule) -> None:
+    # N:M allows one sparsity; a ramp or another final value must fail at construction,
+    # not at the first intermediate mask update in the middle of a run.
+    with pytest.raises(SparseforgeError, match="fixes the sparsity at 0.5"):
+        Method(schedule=schedule, pattern="2:4")
 
 
 def test_target_glob_matching_nothing_names_it() -> None:
@@ -454,7 +464,8 @@ def test_other_construction_errors_leave_model_clean() -> None:
     sp = Sparsifier(model, GMP(0.5), total_steps=10, optimizer=opt)
     with pytest.raises(SparseforgeError, match="another Sparsifier"):
         Sparsifier(model, GMP(0.5), total_steps=10)
-    sp.finalize()
+    with pytest.warns(UserWarning, match="before the schedule's end"):
+        sp.finalize()
 
 
 def test_gradient_score_at_step_zero_fails_cleanly() -> None:

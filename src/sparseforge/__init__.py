@@ -5,7 +5,7 @@ method is a composition of a Target, a Pattern, a Score, an Allocation, a
 Schedule and an Update.
 """
 
-from sparseforge import allocation, methods, patterns, schedules, scores, targets, updates
+from sparseforge import allocation, distributed, methods, patterns, schedules, scores, targets, updates
 from sparseforge.allocation import ERK, LAMP, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.methods import GMP, Method
@@ -25,5 +25,5 @@ __all__ = [
     "Global", "GradientMagnitude", "HardPrune", "LAMP", "Linear", "Magnitude", "Method", "NM",
     "OneShot", "Pattern", "Random", "SNIP", "Schedule", "Score", "SparseforgeError", "Sparsifier",
     "SparsityReport", "Target", "Taylor", "Uniform", "Unstructured", "Update", "allocation",
-    "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",
+    "distributed", "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",
 ]

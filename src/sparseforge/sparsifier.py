@@ -16,6 +16,7 @@ dense ``load_state_dict``) are re-masked by :meth:`Sparsifier.apply_masks`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -339,8 +340,21 @@ class Sparsifier:
 
         Returns the model: a plain module whose pruned weights are exact zeros
         and whose ``state_dict`` loads into a fresh copy of the architecture.
+        Finalizing before the schedule's end, while the model's sparsity is
+        still short of the target, warns (the masks are not the method's final
+        ones: ISS-P, for one, is dense until its end).
         """
         self._check_live()
+        end = int(self.schedule.end if self.schedule.end is not None else self.schedule.start)
+        if self._step < end and abs(self.sparsity() - float(self.schedule.final)) > 0.005:
+            # Not an error (stopping early is legitimate), but the masks are not the
+            # method's final ones; ISS-P, for one, is still dense before its end.
+            warnings.warn(
+                f"finalize() at step {self._step}, before the schedule's end at step {end}: the model's "
+                f"sparsity is {self.sparsity():.4g}, not the target {self.schedule.final:g}. Train to step "
+                f"{end} first, or build the method with an earlier end",
+                stacklevel=2,
+            )
         if self._dense is not None:
             # The hard mask, whatever a straight-through update let through during training.
             with torch.no_grad():

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from sparseforge.allocation import Allocation, Uniform
@@ -207,7 +208,9 @@ class PruneRegrow(Update):
         drop_fraction: f at the start of the schedule. Default 0.3.
         anneal: ``cosine`` or ``constant``. Default cosine.
         init: score of the initial mask; None keeps the incoming masks. Default random.
-        seed: seed of the random grow and init scores. Default 0.
+        seed: seed of the random initial mask (the same mask as ``StaticRandom``
+            with this seed and allocation, so runs pair up), and, through an
+            independent derived stream, of random growth. Default 0.
     """
 
     grow: Score | str = "random"
@@ -223,9 +226,12 @@ class PruneRegrow(Update):
             raise SparseforgeError(f"drop_fraction must be in [0, 1], got {self.drop_fraction}")
         if self.anneal not in ("cosine", "constant"):
             raise SparseforgeError(f"anneal must be 'cosine' or 'constant', got {self.anneal!r}")
-        self.grow = Random(seed=self.seed) if self.grow == "random" else as_score(self.grow)
+        # The grow stream is derived from the seed rather than seed + 1, so that
+        # run seed s's growth never replays run seed s + 1's initial mask.
+        grow_seed = int(np.random.SeedSequence([int(self.seed), 1]).generate_state(1)[0])
+        self.grow = Random(seed=grow_seed) if self.grow == "random" else as_score(self.grow)
         if self.init == "random":
-            self.init = Random(seed=self.seed + 1)
+            self.init = Random(seed=self.seed)
         elif self.init is not None:
             self.init = as_score(self.init)
         self.needs_grad = self.grow.needs_grad

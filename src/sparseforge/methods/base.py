@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sparseforge.allocation import Allocation, as_allocation
 from sparseforge.patterns import NM, Pattern, as_pattern
-from sparseforge.schedules import Schedule
+from sparseforge.schedules import Cubic, Linear, Schedule
 from sparseforge.scores import Score, as_score
 from sparseforge.targets import Target, as_target
 from sparseforge.updates import HardPrune, Update
@@ -50,6 +50,25 @@ class Method:
         self.pattern = as_pattern(self.pattern)
         self.allocation = as_allocation(self.allocation)
         self.target = as_target(self.target)
+        if not self.pattern.free_sparsity:
+            self._check_fixed_sparsity_schedule()
+
+    def _check_fixed_sparsity_schedule(self) -> None:
+        # A pattern like N:M allows exactly one sparsity (and 0 before the schedule
+        # starts): reject a schedule that would ask for another one now, rather
+        # than failing at the first intermediate update, hours into a run.
+        fixed = self.pattern.sparsity
+        s = self.schedule
+        gradual = isinstance(s, (Linear, Cubic)) and s.initial != s.final
+        if gradual or abs(float(s.final) - fixed) > 1e-6:
+            from sparseforge.errors import SparseforgeError
+
+            raise SparseforgeError(
+                f"pattern {self.pattern} fixes the sparsity at {fixed:g}, but the schedule {s!r} asks for "
+                f"{'a gradual ramp' if gradual else f'sparsity {s.final:g}'}. Use a constant or one-shot "
+                f"schedule with final={fixed:g}; to make N:M sparsity gradual, change N:M over time "
+                "(ProgressiveNM) rather than the sparsity"
+            )
 
     @property
     def sparsity(self) -> float:
