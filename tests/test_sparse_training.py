@@ -72,6 +72,16 @@ def test_set_and_rigl_start_from_the_static_random_mask_of_the_same_seed():
         assert all(torch.equal(static[k], masks[k]) for k in static)
 
 
+def test_set_does_not_grow_untrained_zeros_at_the_runs_last_step():
+    # frequency divides the run, so an update falls on the last step: weights grown there
+    # would get no training and stay zero. That update must leave the masks alone.
+    changed = {}
+    train(mlp(), sf.methods.SET(0.9, frequency=4, seed=1), 12, lambda sp, t, before, g, w: changed.__setitem__(
+        t, any(not torch.equal(before[k], v) for k, v in sp.masks.items())))
+    assert changed[4] and changed[8]
+    assert not changed[12]
+
+
 def test_random_growth_of_one_seed_does_not_replay_the_next_seeds_initial_mask():
     set0 = sf.methods.SET(0.9, seed=0).update
     init1 = sf.methods.SET(0.9, seed=1).update.init

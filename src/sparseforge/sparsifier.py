@@ -315,6 +315,7 @@ class Sparsifier:
             step=step,
             schedule=self.schedule,
             weights=self._dense,
+            total_steps=self.total_steps,
         )
         new = self.method.update(ctx)
         for i, keep in enumerate(new):

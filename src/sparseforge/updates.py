@@ -78,6 +78,7 @@ class UpdateContext:
     step: int
     schedule: Schedule | None = None
     weights: Sequence[torch.Tensor] | None = None
+    total_steps: int | None = None
 
     @property
     def is_first(self) -> bool:
@@ -91,6 +92,11 @@ class UpdateContext:
             return True
         end = self.schedule.end if self.schedule.end is not None else self.schedule.start
         return self.step >= int(end)
+
+    @property
+    def trains_after(self) -> bool:
+        """Whether any optimizer step follows this update (False at the run's last step)."""
+        return self.total_steps is None or self.step < int(self.total_steps)
 
     @property
     def progress(self) -> float:
@@ -191,7 +197,8 @@ class PruneRegrow(Update):
     then activate the ``k`` highest-``grow``-scored among those inactive after
     the drop. Newly grown weights start at exactly zero (they were pruned, so
     they are zero); a weight dropped and regrown in the same update keeps its
-    value (RigL's default). ``f`` is ``drop_fraction``, annealed with a cosine
+    value (RigL's default). No weight is dropped or grown at an update on the
+    run's last step (``total_steps``): what grew there would end untrained, at zero. ``f`` is ``drop_fraction``, annealed with a cosine
     to 0 at the schedule's end when ``anneal="cosine"``. At the first update
     the initial mask is drawn from ``init`` (random, the usual sparse
     initialisation) under the method's allocation; ``init=None`` leaves the
@@ -250,6 +257,11 @@ class PruneRegrow(Update):
                 return [m.clone() for m in ctx.masks]
             scores = [self.init(ctx.weight(i), g) for i, g in enumerate(ctx.grads)]
             return select_masks(ctx.layers, scores, ctx.pattern, ctx.allocation, ctx.sparsity)
+        if not ctx.trains_after:
+            # Weights grown now would never train: they would stay zero, and the
+            # model would end below its density (SET's reference code skips the
+            # last epoch's evolution for the same reason).
+            return [m.clone() for m in ctx.masks]
         f = self.fraction(ctx)
         drop_scores = ctx.scores()
         new_masks = []
