@@ -44,3 +44,23 @@ def test_oneshot_example():
     # every layer kept at least one weight
     assert all(layer.nonzeros >= 1 for layer in rep.layers)
     assert type(model).__name__ == "ResNet20"
+
+
+@needs_data
+def test_sparse_training_example_holds_its_sparsity(capsys):
+    namespace: dict = {}
+    exec(compile(BLOCKS[2], "README.md[rigl]", "exec"), namespace)
+    assert "sparsity 0.950" in capsys.readouterr().out
+    model = namespace["model"]
+    import sparseforge as sf
+
+    # RigL's masks keep 95% of the targeted weights pruned; finalize leaves exact zeros.
+    rep = sf.report(model)
+    assert rep.sparsity >= 0.95 - 3 / rep.layer_params
+    assert not any(name.endswith("_mask") for name, _ in model.named_buffers())
+
+
+def test_readme_links_exist():
+    root = README.parent
+    for link in re.findall(r"\]\(([^)#:]+)\)", README.read_text()):
+        assert (root / link).exists(), link
