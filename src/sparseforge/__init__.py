@@ -8,12 +8,14 @@ Schedule and an Update.
 from sparseforge import allocation, distributed, methods, patterns, schedules, scores, targets, updates
 from sparseforge.allocation import ERK, LAMP, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
+from sparseforge.export.compact import CompactReport, compact, load_compacted
 from sparseforge.methods import GMP, Method
 from sparseforge.oneshot import prune
+from sparseforge.oneshot.channels import ChannelPruning, prune_channels
 from sparseforge.patterns import NM, Block, Channel, Pattern, Unstructured
 from sparseforge.report import SparsityReport, report
 from sparseforge.schedules import Constant, Cubic, Linear, OneShot, Schedule
-from sparseforge.scores import SNIP, GradientMagnitude, Magnitude, Random, Score, Taylor
+from sparseforge.scores import SNIP, GradientMagnitude, L1Norm, L2Norm, Magnitude, Random, Score, Taylor
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.targets import Target
 from sparseforge.updates import HardPrune, Update
@@ -26,4 +28,5 @@ __all__ = [
     "OneShot", "Pattern", "Random", "SNIP", "Schedule", "Score", "SparseforgeError", "Sparsifier",
     "SparsityReport", "Target", "Taylor", "Uniform", "Unstructured", "Update", "allocation",
     "distributed", "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",
+    "ChannelPruning", "CompactReport", "L1Norm", "L2Norm", "compact", "load_compacted", "prune_channels",
 ]

@@ -17,6 +17,7 @@ EPILOG = """examples:
   sparseforge inspect runs/demo-lenet300-*/model.safetensors
   sparseforge prune model.safetensors --sparsity 0.5 --pattern 2:4 --out pruned.safetensors
   sparseforge prune model.safetensors --score snip --sparsity 0.8 --allocation global --out pruned.safetensors
+  sparseforge compact pruned.safetensors --out small.safetensors   # remove channels pruned with --pattern channel
 """
 
 
@@ -85,6 +86,21 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _add_compact(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compact",
+        help="physically remove pruned channels: a smaller dense checkpoint",
+        description=(
+            "Remove every channel (and attention head) that is pruned in all the slices tied to it "
+            "(see sparseforge.compact), check the outputs are unchanged, and write a checkpoint that "
+            "stores the new layer sizes (inspect and load rebuild them)."
+        ),
+    )
+    p.add_argument("checkpoint", help="a sparseforge .safetensors checkpoint")
+    p.add_argument("--out", required=True, help="where to write the compacted checkpoint")
+    p.add_argument("--json", action="store_true", help="print the compaction report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparseforge",
@@ -99,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_prune(sub)
     _add_inspect(sub)
+    _add_compact(sub)
     return parser
 
 
@@ -170,7 +187,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "prune": _cmd_prune, "inspect": _cmd_inspect}
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from sparseforge.export.checkpoint import load_checkpoint, save_checkpoint
+    from sparseforge.export.compact import compact
+
+    model, meta = load_checkpoint(args.checkpoint)
+    rep = compact(model)
+    extra = dict(meta["extra"]) | {"compacted": {"source": str(args.checkpoint), "params_before": rep.params_before,
+                                                 "params_after": rep.params_after}}
+    save_checkpoint(model, args.out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        print(rep)
+        print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "prune": _cmd_prune, "inspect": _cmd_inspect, "compact": _cmd_compact}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,16 @@ class Score(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def channel_scores(self, weight: torch.Tensor, grad: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
+        """One importance per index of ``dim`` (a channel's slice of this tensor).
+
+        Default: the sum of the element scores over the slice, so that scores of
+        all the slices tied to one channel (a dependency group: filters, BatchNorm
+        scales, the next layer's input columns) add up to the channel's score.
+        """
+        s = self(weight, grad)
+        return s.movedim(dim, 0).reshape(s.shape[dim], -1).sum(dim=1)
+
 
 @dataclass
 class Magnitude(Score):
@@ -122,8 +132,36 @@ class Taylor(Score):
     def __call__(self, weight: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
         return (weight.detach() * self._grad(grad).detach()).pow(2)
 
+    def channel_scores(self, weight: torch.Tensor, grad: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
+        """Per channel slice: ``(sum of w * g over the slice)^2``, Molchanov et al.'s filter criterion."""
+        wg = weight.detach() * self._grad(grad).detach()
+        return wg.movedim(dim, 0).reshape(wg.shape[dim], -1).sum(dim=1).pow(2)
+
     def __str__(self) -> str:
         return "taylor"
+
+
+@dataclass
+class L1Norm(Score):
+    """|w|, named for channel pruning: a channel's summed score is the L1 norm of its
+    slices ("Pruning Filters for Efficient ConvNets", Li et al. 2017)."""
+
+    def __call__(self, weight: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+        return weight.detach().abs()
+
+    def __str__(self) -> str:
+        return "l1"
+
+
+@dataclass
+class L2Norm(Score):
+    """w^2: a channel's summed score is the squared L2 norm of its slices (same order as the L2 norm)."""
+
+    def __call__(self, weight: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+        return weight.detach().pow(2)
+
+    def __str__(self) -> str:
+        return "l2"
 
 
 SCORES: dict[str, Callable[[], Score]] = {
@@ -132,11 +170,13 @@ SCORES: dict[str, Callable[[], Score]] = {
     "gradient": GradientMagnitude,
     "snip": SNIP,
     "taylor": Taylor,
+    "l1": L1Norm,
+    "l2": L2Norm,
 }
 
 
 def as_score(spec: Score | str | None) -> Score:
-    """Parse a score name (``magnitude``, ``random``, ``gradient``, ``snip``, ``taylor``) or pass a Score."""
+    """Parse a score name (``magnitude``, ``random``, ``gradient``, ``snip``, ``taylor``, ``l1``, ``l2``) or pass a Score."""
     if spec is None:
         return Magnitude()
     if isinstance(spec, Score):

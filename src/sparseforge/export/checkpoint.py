@@ -71,6 +71,9 @@ def save_checkpoint(
         "sha256": json.dumps({k: _digest(v) for k, v in state.items()}),
         "extra": json.dumps(extra or {}),
     }
+    compacted = getattr(model, "sparseforge_compact", None)
+    if compacted:  # sizes of the modules compact() shrank, so that loading rebuilds them
+        meta["compact"] = json.dumps(compacted)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return Path(path)
@@ -119,6 +122,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         "arch": raw_meta.get("arch") or None,
         "arch_kwargs": json.loads(raw_meta.get("arch_kwargs", "{}")),
         "extra": json.loads(raw_meta.get("extra", "{}")),
+        "compact": json.loads(raw_meta.get("compact", "{}")),
     }
     return state, meta
 
@@ -127,6 +131,10 @@ def load_checkpoint(
     path: str | os.PathLike[str], model: nn.Module | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint into ``model``, or into a new zoo model built from its metadata.
+
+    A checkpoint of a compacted model (:func:`sparseforge.compact`) stores the
+    new module sizes; they are rebuilt in ``model`` (of the original sizes)
+    before the weights are loaded.
 
     Returns (model, metadata). Example:
 
@@ -149,6 +157,10 @@ def load_checkpoint(
         from sparseforge.zoo.models import build_model
 
         model = build_model(meta["arch"], **meta["arch_kwargs"])
+    if meta["compact"]:
+        from sparseforge.export.compact import resize_modules
+
+        resize_modules(model, meta["compact"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
