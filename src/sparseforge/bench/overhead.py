@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from sparseforge.methods.base import Method
 from sparseforge.schedules import OneShot
 from sparseforge.sparsifier import Sparsifier
+from sparseforge.timing import time_interleaved
 from sparseforge.zoo.models import build_model
 
 TARGET_PCT = {"conv4": 3.0, "lenet300": 6.0}
@@ -51,13 +51,6 @@ def _stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sparsity: float
     return step
 
 
-def _time_block(step, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - start) / n
-
-
 def measure(name: str, batch_size: int, rounds: int, sparsity: float) -> dict[str, Any]:
     """Median per-step milliseconds of the dense and the masked model, interleaved."""
     torch.manual_seed(0)
@@ -67,15 +60,7 @@ def measure(name: str, batch_size: int, rounds: int, sparsity: float) -> dict[st
     y = torch.randint(0, dense.num_classes, (batch_size,))
     steps = {"dense": _stepper(dense, x, y, None), "masked": _stepper(masked, x, y, sparsity)}
     # Steps per block: enough that one block lasts ~50 ms, so timer noise is small.
-    probe = _time_block(steps["dense"], 3)
-    per_block = max(1, int(0.05 / max(probe, 1e-6)))
-    for s in steps.values():
-        _time_block(s, per_block * 2)
-    times: dict[str, list[float]] = {"dense": [], "masked": []}
-    for r in range(rounds):
-        order = ("dense", "masked") if r % 2 == 0 else ("masked", "dense")
-        for key in order:
-            times[key].append(_time_block(steps[key], per_block))
+    times, per_block = time_interleaved(steps, rounds, block_seconds=0.05)
     dense_ms = statistics.median(times["dense"]) * 1e3
     masked_ms = statistics.median(times["masked"]) * 1e3
     ratios = [m / d for m, d in zip(times["masked"], times["dense"])]

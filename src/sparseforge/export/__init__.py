@@ -2,5 +2,9 @@
 
 from sparseforge.export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from sparseforge.export.compact import CompactReport, compact, load_compacted
+from sparseforge.export.sparse_linear import SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
 
-__all__ = ["CompactReport", "compact", "load_checkpoint", "load_compacted", "read_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CompactReport", "SparseLinear", "ToSparseReport", "compact", "load_checkpoint", "load_compacted",
+    "load_sparse_state_dict", "read_checkpoint", "save_checkpoint", "to_sparse",
+]
