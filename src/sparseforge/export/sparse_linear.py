@@ -279,7 +279,7 @@ class SemiStructuredLinear(nn.Module):
         self.out_features = linear.out_features
         try:
             w = to_ss(linear.weight.detach().contiguous())
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
             raise SparseforgeError(f"2:4 semi-structured conversion failed: {e}") from e
         self.weight = nn.Parameter(w, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -373,8 +373,13 @@ def _candidates(name: str, layer: nn.Linear, formats: Sequence[str], blocksize: 
             if not w.is_cuda:
                 continue  # CPU: no 2:4 kernel; not worth a note on every layer
             try:
-                found["2:4"] = SemiStructuredLinear(layer)
-            except SparseforgeError as e:
+                module = SemiStructuredLinear(layer)
+                # Untested GPU/dtype combinations may fail only at the first matmul: check one here.
+                x = torch.randn(8, layer.in_features, dtype=w.dtype, device=w.device)
+                if not torch.allclose(module(x), layer(x), rtol=1e-2, atol=1e-2):
+                    raise SparseforgeError("2:4 output differs from dense")
+                found["2:4"] = module
+            except (SparseforgeError, RuntimeError, NotImplementedError, ValueError, TypeError) as e:
                 notes.append(f"2:4: {e}")
     return found
 
