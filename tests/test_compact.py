@@ -385,3 +385,17 @@ def test_bench_compact_quick_writes_json(tmp_path: Path) -> None:
     assert row["accuracy_compacted"] == pytest.approx(row["accuracy_masked"], abs=1e-9)
     assert row["max_abs_diff"] < 1e-3
     assert all(0.0 <= row[k] <= 100.0 for k in ("accuracy_dense", "accuracy_masked", "accuracy_compacted"))
+
+
+def test_readme_compact_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "sf.compact(" in b]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md[compact]", "exec"), namespace)
+    rep = namespace["compacted"]
+    assert (rep.params_before, rep.params_after) == (272186, 68642)  # the numbers the comment quotes
+    loaded, _ = load_checkpoint(tmp_path / "resnet20-small.safetensors")
+    assert _params(loaded) == 68642
