@@ -10,6 +10,7 @@ from sparseforge.allocation import ERK, LAMP, Allocation, Explicit, Global, Unif
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.compact import CompactReport, compact, load_compacted
 from sparseforge.export.sparse_linear import SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
+from sparseforge.export.sfz import load, save
 from sparseforge.methods import GMP, Method
 from sparseforge.oneshot import prune
 from sparseforge.oneshot.channels import ChannelPruning, prune_channels
@@ -31,4 +32,5 @@ __all__ = [
     "distributed", "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",
     "ChannelPruning", "CompactReport", "L1Norm", "L2Norm", "compact", "load_compacted", "prune_channels",
     "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
+    "load", "save",
 ]

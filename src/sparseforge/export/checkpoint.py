@@ -40,6 +40,43 @@ def arch_of(model: nn.Module) -> str | None:
     return next((name for name, cls in MODELS.items() if type(model) is cls), None)
 
 
+def arch_metadata(
+    model: nn.Module, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None
+) -> tuple[str | None, dict[str, Any]]:
+    """(architecture name, constructor kwargs) to store with ``model``.
+
+    Default name: the zoo name of the model's class (None for other models);
+    default kwargs: ``{"num_classes": ...}`` for zoo models, else ``{}``.
+    """
+    arch = arch or arch_of(model)
+    if arch_kwargs is None:
+        arch_kwargs = {"num_classes": model.num_classes} if arch and hasattr(model, "num_classes") else {}
+    return arch, arch_kwargs
+
+
+def model_for(path: str | os.PathLike[str], meta: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """The model a file's weights go into: ``model``, or a zoo model built from ``meta``.
+
+    ``meta`` has ``arch``, ``arch_kwargs`` and ``compact`` (the sizes of the
+    modules :func:`sparseforge.compact` shrank, rebuilt here). Raises
+    :class:`SparseforgeError` when no model is given and the file names no
+    zoo architecture.
+    """
+    if model is None:
+        if not meta.get("arch"):
+            raise SparseforgeError(
+                f"{path} does not name a zoo architecture; pass the model to load it into"
+            )
+        from sparseforge.zoo.models import build_model
+
+        model = build_model(meta["arch"], **meta.get("arch_kwargs", {}))
+    if meta.get("compact"):
+        from sparseforge.export.compact import resize_modules
+
+        resize_modules(model, meta["compact"])
+    return model
+
+
 def save_checkpoint(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -59,9 +96,7 @@ def save_checkpoint(
 
     Returns the path written.
     """
-    arch = arch or arch_of(model)
-    if arch_kwargs is None:
-        arch_kwargs = {"num_classes": model.num_classes} if arch and hasattr(model, "num_classes") else {}
+    arch, arch_kwargs = arch_metadata(model, arch, arch_kwargs)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -149,18 +184,7 @@ def load_checkpoint(
         ('lenet300', 0.5)
     """
     state, meta = read_checkpoint(path)
-    if model is None:
-        if not meta["arch"]:
-            raise SparseforgeError(
-                f"{path} does not name a zoo architecture; pass the model to load it into"
-            )
-        from sparseforge.zoo.models import build_model
-
-        model = build_model(meta["arch"], **meta["arch_kwargs"])
-    if meta["compact"]:
-        from sparseforge.export.compact import resize_modules
-
-        resize_modules(model, meta["compact"])
+    model = model_for(path, meta, model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
