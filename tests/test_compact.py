@@ -399,3 +399,29 @@ def test_readme_compact_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert (rep.params_before, rep.params_after) == (272186, 68642)  # the numbers the comment quotes
     loaded, _ = load_checkpoint(tmp_path / "resnet20-small.safetensors")
     assert _params(loaded) == 68642
+
+
+def test_hard_coded_view_blocks_but_flatten_style_view_compacts() -> None:
+    class Net(nn.Module):
+        def __init__(self, hard: bool) -> None:
+            super().__init__()
+            self.hard = hard
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.leaky_relu(self.conv(x), 0.5)
+            return self.fc(h.view(-1, 64) if self.hard else h.view(h.size(0), -1))
+
+    for hard in (True, False):
+        torch.manual_seed(10)
+        model = Net(hard)
+        with torch.no_grad():
+            model.conv.weight[1] = 0
+            model.conv.bias[1] = -2.0  # leaky_relu(-2, 0.5) = -1: a constant folded into fc's bias
+        masked = copy.deepcopy(model)
+        x = torch.randn(2, 1, 6, 6)
+        rep = sf.compact(model, example_input=x)
+        assert rep.changed is (not hard)
+        assert model.conv.out_channels == (4 if hard else 3) and model.fc.in_features == (64 if hard else 48)
+        _same_outputs(masked, model, torch.randn(5, 1, 6, 6))

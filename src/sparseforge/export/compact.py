@@ -258,7 +258,12 @@ def channel_values(dep: DependencyGraph, model: nn.Module) -> dict[str, torch.Te
             if node.target in (torch.nn.functional.dropout, torch.nn.functional.dropout2d):
                 out = v if v is not None else unknown
             elif node.target in ELEMENTWISE_FUNCTIONS and v is not None:
-                out = node.target(v)
+                rest = list(node.args[1:]) + list(node.kwargs.values())
+                if any(isinstance(r, fx.Node) for r in rest):
+                    out = unknown
+                else:  # the same call (slope, approximate=...) on the constants
+                    kwargs = {k: val for k, val in node.kwargs.items() if k != "inplace"}
+                    out = node.target(v.clone(), *node.args[1:], **kwargs)
             elif node.target in POOL_FUNCTIONS and v is not None:
                 pad = node.kwargs.get("padding", node.args[3] if len(node.args) > 3 else 0)
                 padded = "avg" in getattr(node.target, "__name__", "") and pad not in (0, (0, 0))

@@ -390,9 +390,13 @@ class _Analysis:
         shape_in, shape_out = _shape(x), _shape(node)
         # Merging the channel dim with the dims after it (a "C x H x W" -> "C*H*W" flatten),
         # written without hard-coded channel counts (flatten, or view/reshape with -1).
-        fixed = node.target in ("view", "reshape", torch.reshape) and -1 not in [
-            a for a in node.args[1:] if isinstance(a, int)
-        ] + [a for arg in node.args[1:] if isinstance(arg, tuple | list) for a in arg if isinstance(a, int)]
+        fixed = False
+        if node.target in ("view", "reshape", torch.reshape):
+            sizes = list(node.args[1:])
+            if len(sizes) == 1 and isinstance(sizes[0], tuple | list):
+                sizes = list(sizes[0])
+            # the merged dimension must be -1, not a number that bakes in the channel count
+            fixed = len(sizes) <= s.dim or sizes[s.dim] != -1
         if (
             shape_in is not None and shape_out is not None and not fixed
             and len(shape_out) == s.dim + 1 and shape_out[: s.dim] == shape_in[: s.dim]
