@@ -18,6 +18,16 @@ such space:
   (a ResNet stage's stream: the stem or projection shortcut and every
   block's last conv and BN).
 
+ResNet shortcuts. The zoo's ResNet-20 uses option B (a 1x1 conv + BN
+projection where the width changes): the projection is a producer of the new
+stage's group and a consumer of the previous stage's, so each stage's stream
+is its own group (and the identity shortcuts inside a stage tie all its
+blocks into it). Option A (identity with zero-padded extra channels, via
+``F.pad`` or a strided slice) ties channel ``c`` of one stage to channel
+``c + pad`` of the next through an op that is not channel-wise: the analysis
+blocks both stages' stream groups (they are kept whole) rather than guess;
+the inner convs of every block still compact.
+
 A group is *blocked* (never compacted) when a tensor of it reaches anything
 the analysis does not know to be channel-wise: the model's output, a
 LayerNorm (it mixes channels), a concatenation, an addition with a tensor of
