@@ -1,4 +1,4 @@
-"""The ``sparseforge`` command line: ``demo``, ``prune``, ``inspect``.
+"""The ``sparseforge`` command line: ``demo``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``.
 
 Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
 """
@@ -18,6 +18,8 @@ EPILOG = """examples:
   sparseforge prune model.safetensors --sparsity 0.5 --pattern 2:4 --out pruned.safetensors
   sparseforge prune model.safetensors --score snip --sparsity 0.8 --allocation global --out pruned.safetensors
   sparseforge compact pruned.safetensors --out small.safetensors   # remove channels pruned with --pattern channel
+  sparseforge export pruned.safetensors --out model.sfz --values fp16   # bitmask + packed values
+  sparseforge quantize pruned.safetensors --out model-int8.sfz --scheme int8
 """
 
 
@@ -101,6 +103,40 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the compaction report as JSON")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a compressed .sfz file (bitmask + packed values) or plain safetensors",
+        description=(
+            "Convert a sparseforge checkpoint (.safetensors or .sfz) to --format sfz (Linear/Conv weights as "
+            "a bitmask plus the packed nonzero values, see sparseforge.save) or safetensors (plain, dense)."
+        ),
+    )
+    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz)")
+    p.add_argument("--out", required=True, help="where to write the result")
+    p.add_argument("--format", default="sfz", choices=("sfz", "safetensors"), help="(default sfz)")
+    p.add_argument("--values", default="fp16", choices=("fp16", "fp32", "int8", "int4"),
+                   help="sfz weight values: fp16 (default), fp32 (exact), int8/int4 (codes + per-channel scales)")
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="round-to-nearest weight quantization (int8/int4) that keeps zeros zero",
+        description=(
+            "Quantize every Linear/Conv weight of a checkpoint (symmetric round-to-nearest, scales over the "
+            "kept weights, zeros stay zero; see sparseforge.quant). An --out ending in .sfz stores the codes "
+            "(int4 packed two per byte); any other name a plain checkpoint of the dequantized weights."
+        ),
+    )
+    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz)")
+    p.add_argument("--out", required=True, help="where to write the quantized checkpoint (.sfz: compressed)")
+    p.add_argument("--scheme", default="int8", help="int8 (default), int4; gptq-int4 is not implemented yet")
+    p.add_argument("--group-size", type=int, nargs="?", const=128, default=None, metavar="G",
+                   help="inputs per scale along the input dimension (bare flag: 128; default: one scale per output channel)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparseforge",
@@ -116,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_inspect(sub)
     _add_compact(sub)
+    _add_export(sub)
+    _add_quantize(sub)
     return parser
 
 
@@ -172,18 +210,89 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def _load_any(path: str):
+    """(model, metadata) of a sparseforge checkpoint in either format, told apart by its metadata
+    (a file named ``.sfz`` that is not one gets the sfz reader's error)."""
     from sparseforge.export.checkpoint import load_checkpoint
+    from sparseforge.export.sfz import is_sfz, load_sfz
+
+    return load_sfz(path) if is_sfz(path) or str(path).endswith(".sfz") else load_checkpoint(path)
+
+
+def _sfz_table(meta: dict) -> str:
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"sfz format version {meta['format_version']}: {meta['file_bytes']:,} bytes on disk")
+    for col in ("tensor", "shape", "encoding", "values", "pattern", "nonzeros", "bytes"):
+        t.add_column(col, justify="right" if col in ("nonzeros", "bytes") else "left")
+    for name, info in meta["tensors"].items():
+        q = info.get("quant")
+        values = info.get("values", info["dtype"]) + (f" g{q['group_size']}" if q and q.get("group_size") else "")
+        t.add_row(name, "x".join(map(str, info["shape"])), info["encoding"], values, info.get("pattern", "-"),
+                  f"{info['nnz']:,}" if "nnz" in info else "-", f"{info['bytes']:,}")
+    buf = io.StringIO()
+    Console(file=buf, width=120, force_terminal=False, color_system=None).print(t)
+    return buf.getvalue()
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
     from sparseforge.report import report
 
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = _load_any(args.checkpoint)
     rep = report(model)
+    tensors = meta.get("tensors")
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "arch": meta["arch"], "extra": meta["extra"]}
-                         | rep.to_dict(), indent=2))
+        out = {"checkpoint": str(args.checkpoint), "arch": meta["arch"], "extra": meta["extra"]} | rep.to_dict()
+        if tensors is not None:
+            out |= {"format": "sfz", "format_version": meta["format_version"], "file_bytes": meta["file_bytes"],
+                    "tensors": {k: {f: v for f, v in info.items() if f != "sha256"} for k, info in tensors.items()}}
+        print(json.dumps(out, indent=2))
     else:
         print(f"{args.checkpoint}: {meta['arch'] or 'custom model'}")
         _print_report(rep, False)
+        if tensors is not None:
+            print(_sfz_table(meta), end="")
+    return 0
+
+
+def _write(model, out: str, meta: dict, fmt: str, values: str, extra: dict) -> None:
+    from sparseforge.export.checkpoint import save_checkpoint
+    from sparseforge.export.sfz import save
+
+    if fmt == "sfz":
+        save(model, out, values=values, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    else:
+        save_checkpoint(model, out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    model, meta = _load_any(args.checkpoint)
+    _write(model, args.out, meta, args.format, args.values, dict(meta["extra"]))
+    size = os.path.getsize(args.out)
+    print(f"wrote {args.out} ({args.format}{', ' + args.values + ' values' if args.format == 'sfz' else ''}, "
+          f"{size:,} bytes; {args.checkpoint}: {os.path.getsize(args.checkpoint):,} bytes)")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from sparseforge.quant.rtn import SCHEMES, quantize_
+    from sparseforge.report import report
+
+    scheme = str(args.scheme).lower()
+    model, meta = _load_any(args.checkpoint)
+    quantize_(model, scheme, group_size=args.group_size)
+    extra = dict(meta["extra"]) | {"quantized": {"scheme": scheme, "group_size": args.group_size,
+                                                 "source": str(args.checkpoint)}}
+    fmt = "sfz" if str(args.out).endswith(".sfz") else "safetensors"
+    _write(model, args.out, meta, fmt, scheme if scheme in SCHEMES else "int8", extra)
+    _print_report(report(model), args.json)
+    if not args.json:
+        print(f"wrote {args.out} ({scheme}, {'per channel' if args.group_size is None else f'groups of {args.group_size}'}, {fmt})")
     return 0
 
 
@@ -204,7 +313,8 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "prune": _cmd_prune, "inspect": _cmd_inspect, "compact": _cmd_compact}
+COMMANDS = {"demo": _cmd_demo, "prune": _cmd_prune, "inspect": _cmd_inspect, "compact": _cmd_compact,
+            "export": _cmd_export, "quantize": _cmd_quantize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

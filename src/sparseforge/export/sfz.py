@@ -64,7 +64,7 @@ from sparseforge.quant.rtn import (
     QUANT_ATTR, QuantizedTensor, dequantize, pack_int4, quantization_of, quantize_weight, unpack_int4,
 )
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "VALUES", "is_sfz", "load", "read_sfz", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "VALUES", "is_sfz", "load", "load_sfz", "pattern_of", "read_sfz", "save"]
 
 FORMAT = "sparseforge-sfz"
 FORMAT_VERSION = 1
@@ -88,9 +88,13 @@ def _nbytes(t: torch.Tensor) -> int:
 def pattern_of(w: torch.Tensor) -> str:
     """The zero pattern of a weight, when recognisable: ``dense``, ``channel``, ``N:M`` or ``unstructured``.
 
-    ``channel``: the zeros are whole output channels. ``N:M`` (for M in 4,
-    8, 16): every M consecutive inputs of a row hold at most N nonzeros, with
-    N < M the smallest such bound. Otherwise ``unstructured``.
+    ``channel``: the zeros are whole output channels. ``N:M`` (M in 4, 8,
+    16, the first that fits): every M consecutive inputs of a row hold
+    exactly N nonzeros, N <= M/2 (what N:M pruning leaves; "at most N" would
+    also match random sparsity by chance). Otherwise ``unstructured``.
+
+        >>> pattern_of(torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 4.0]]))
+        '2:4'
     """
     nz = w != 0
     if bool(nz.all()):
@@ -100,8 +104,9 @@ def pattern_of(w: torch.Tensor) -> str:
         return "channel"
     for m in (4, 8, 16):
         if rows.shape[1] % m == 0:
-            n = int(rows.reshape(rows.shape[0], -1, m).sum(dim=2).max())
-            if n <= m // 2:
+            counts = rows.reshape(rows.shape[0], -1, m).sum(dim=2)
+            n = int(counts.max())
+            if n <= m // 2 and bool((counts == n).all()):
                 return f"{n}:{m}"
     return "unstructured"
 
@@ -350,6 +355,11 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         >>> all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
         True
     """
+    return load_sfz(path, model)[0]
+
+
+def load_sfz(path: str | os.PathLike[str], model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load`, also returning the file's metadata (as :func:`read_sfz`): (model, metadata)."""
     state, meta, quant = read_sfz(path)
     model = model_for(path, meta, model)
     try:
@@ -362,4 +372,4 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             setattr(module, QUANT_ATTR, quant[name])
         elif hasattr(module, QUANT_ATTR):
             delattr(module, QUANT_ATTR)
-    return model
+    return model, meta
