@@ -425,3 +425,40 @@ def test_hard_coded_view_blocks_but_flatten_style_view_compacts() -> None:
         assert rep.changed is (not hard)
         assert model.conv.out_channels == (4 if hard else 3) and model.fc.in_features == (64 if hard else 48)
         _same_outputs(masked, model, torch.randn(5, 1, 6, 6))
+
+
+def test_option_a_shortcut_keeps_the_streams_whole_but_compacts_inner_convs() -> None:
+    class BlockA(nn.Module):
+        """Option-A residual block: stride-2 identity shortcut zero-padded from 4 to 8 channels."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv1, self.bn1 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.relu(self.stem(x))
+            out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+            return self.fc(F.adaptive_avg_pool2d(F.relu(out + short), 1).flatten(1))
+
+    torch.manual_seed(11)
+    model = BlockA()
+    _randomize_bn(model)
+    with torch.no_grad():
+        for conv, bn in ((model.conv1, model.bn1), (model.conv2, model.bn2)):
+            conv.weight[:3] = 0
+            bn.weight[:3] = 0
+            bn.bias[:3] = 0
+        model.stem.weight[0] = 0
+        model.stem.bias[0] = 0
+    masked = copy.deepcopy(model)
+    x = torch.randn(2, 1, 8, 8)
+    dep = analyze(model, x)
+    assert dep.group_of("stem").blocked and dep.group_of("conv2").blocked
+    sf.compact(model, example_input=x)
+    assert model.conv1.out_channels == 5 and model.conv2.in_channels == 5  # the inner conv compacts
+    assert model.stem.out_channels == 4 and model.conv2.out_channels == 8  # the streams stay whole
+    _same_outputs(masked, model, torch.randn(3, 1, 8, 8))
