@@ -274,3 +274,15 @@ def test_size_bench_quick_writes_json(tmp_path: Path) -> None:
         assert r["ratio_to_bound"]["sfz_fp32"] < 1.3
         assert abs(r["weight_density"] - 0.1) < 0.01
     assert set(data["results"][0]["targets"]) == {"sfz_fp16", "sfz_int8"}
+
+
+def test_readme_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "quantize_(" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md[sfz]", "exec"), namespace)
+    assert _equal_states(namespace["model"], namespace["loaded"])
+    assert (tmp_path / "lenet300-int4.sfz").stat().st_size < 60_000   # "about 53 KB"
