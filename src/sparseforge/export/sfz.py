@@ -131,8 +131,9 @@ def _encode_weight(
         info["values"] = values
     else:
         qt = quantization_of(module)
-        if qt is None or qt.q.device.type != "cpu":
+        if qt is None:
             qt = quantize_weight(w, bits=8 if values == "int8" else 4, group_size=None, name=name)
+        qt = QuantizedTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits, qt.group_size, qt.shape)
         codes = qt.q.reshape(-1)
         if qt.bits == 4:
             kept, dense_vals = pack_int4(codes[nz.reshape(-1)]), pack_int4(codes)
