@@ -286,3 +286,14 @@ def test_readme_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     exec(compile(block, "README.md[sfz]", "exec"), namespace)
     assert _equal_states(namespace["model"], namespace["loaded"])
     assert (tmp_path / "lenet300-int4.sfz").stat().st_size < 60_000   # "about 53 KB"
+
+
+def test_compacted_model_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("conv4")
+    sf.prune_channels(model, "l1", sparsity=0.5)
+    sf.compact(model)
+    sf.prune(model, sparsity=0.5)
+    loaded = sf.load(sf.save(model, tmp_path / "c.sfz", values="fp32"))   # rebuilt at the compacted sizes
+    assert _equal_states(model, loaded)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in build_model("conv4").parameters()) / 2
