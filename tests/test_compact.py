@@ -462,3 +462,50 @@ def test_option_a_shortcut_keeps_the_streams_whole_but_compacts_inner_convs() ->
     assert model.conv1.out_channels == 5 and model.conv2.in_channels == 5  # the inner conv compacts
     assert model.stem.out_channels == 4 and model.conv2.out_channels == 8  # the streams stay whole
     _same_outputs(masked, model, torch.randn(3, 1, 8, 8))
+
+
+def test_per_layer_channel_prune_on_trained_resnet_is_exact_but_keeps_bn_constant_channels() -> None:
+    """sf.prune(pattern="channel") zeroes filters only; behind a BatchNorm a pruned filter's channel
+    outputs relu(BN(0)): where that is positive it meets a padded conv and is kept, where it is 0 it
+    goes (prune_channels zeroes the BatchNorm too, so all of them go)."""
+    torch.manual_seed(12)
+    model = build_model("resnet20")
+    _randomize_bn(model)
+    sf.prune(model, "l1", sparsity=0.5, pattern="channel")
+    masked = copy.deepcopy(model)
+    sf.compact(model)
+    for old, new in zip(masked.modules(), model.modules()):
+        if isinstance(old, type(masked.layer1[0])):
+            zero = (old.conv1.weight.reshape(old.conv1.out_channels, -1) == 0).all(dim=1)
+            bn = old.bn1
+            const = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+            gone = int((zero & (const <= 0)).sum())
+            assert 0 < gone < int(zero.sum())
+            assert new.conv1.out_channels == old.conv1.out_channels - gone
+    _same_outputs(masked, model, torch.randn(4, 1, 28, 28))
+
+
+def test_multihead_attention_module_is_opaque() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc2(F.relu(self.fc1(x)))
+            return self.mha(h, h, h)[0]
+
+    torch.manual_seed(13)
+    model = Net()
+    with torch.no_grad():
+        model.fc1.weight[:4] = 0
+        model.fc1.bias[:4] = 0
+        model.fc2.weight[:2] = 0
+        model.fc2.bias[:2] = 0
+    masked = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8)
+    sf.compact(model, example_input=x)
+    assert model.fc1.out_features == 12  # the FFN hidden units go
+    assert model.fc2.out_features == 8 and model.mha.embed_dim == 8  # what reaches the MHA stays
+    _same_outputs(masked, model, torch.randn(2, 5, 8))
