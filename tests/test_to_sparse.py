@@ -242,3 +242,21 @@ def test_speed_bench_quick_writes_json(tmp_path):
             assert b["speedup"] == pytest.approx(b["dense_ms"] / b["sparse_ms"], rel=1e-2)
         assert len(r["to_sparse"]["layers"]) == 3
     assert "holds" in data["results"][1]
+
+
+def test_cached_weight_follows_edits_copies_and_conversions():
+    import copy
+
+    layer = pruned_linear(8, 12)
+    sparse = SparseLinear.from_dense(layer)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x[0]), layer(x[0]))        # 1-D input
+        twin = copy.deepcopy(sparse)
+        sparse.values.mul_(2)                                        # in place: shows through the cache
+        layer.weight.mul_(2)
+        torch.testing.assert_close(sparse(x), layer(x))
+        assert not torch.allclose(twin(x), layer(x))                 # the copy has its own values
+        sparse.double()
+        assert sparse(x.double()).dtype == torch.float64
+        torch.testing.assert_close(sparse(x.double()), layer.double()(x.double()))

@@ -138,8 +138,10 @@ class SparseLinear(nn.Module):
         self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int32, device=device))
         vshape = (0, self.blocksize, self.blocksize) if self.blocksize else (0,)
         self.values = nn.Parameter(torch.zeros(vshape, dtype=dtype, device=device), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self.register_parameter(
+            "bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
+        self._cache: torch.Tensor | None = None
 
     @classmethod
     @torch.no_grad()
@@ -179,29 +181,47 @@ class SparseLinear(nn.Module):
         return self.values.numel()
 
     def weight(self) -> torch.Tensor:
-        """The sparse weight tensor (cached; rebuilt when a component changes, moves or is reloaded)."""
-        parts = (self.crow_indices, self.col_indices, self.values)
-        key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in parts)
-        if self._cache is None or self._cache[0] != key:
+        """The sparse weight tensor.
+
+        Cached: it shares memory with the ``crow_indices``/``col_indices``/
+        ``values`` tensors, so in-place edits and same-shape loads show
+        through; the cache is dropped when one is replaced, on ``.to()``/
+        ``.half()``/... and on ``load_state_dict``. (The check per call would
+        cost several microseconds, as much as a small layer's matmul.)
+        """
+        w = self._cache
+        if w is None:
             size = (self.out_features, self.in_features)
             build = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
             w = _quiet_sparse(build, self.crow_indices, self.col_indices, self.values.detach(), size=size)
-            self._cache = (key, w)
-        return self._cache[1]
+            self._cache = w
+        return w
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("crow_indices", "col_indices", "values"):
+            self.__dict__["_cache"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(), ...: tensors may be replaced
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) rebuilds the sparse tensor from its own copied components.
+        return {**self.__dict__, "_cache": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x W^T + b`` for ``x`` of shape ``[..., in_features]``."""
-        w = self.weight()
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        w = self._cache if self._cache is not None else self.weight()
+        bias = self._parameters.get("bias")
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.shape[0] == 1:
-            y = torch.mv(w, x2[0]) if self.bias is None else torch.addmv(self.bias, w, x2[0])
-            y = y.unsqueeze(0)
+            y = (torch.mv(w, x2[0]) if bias is None else torch.addmv(bias, w, x2[0])).unsqueeze(0)
         else:
             y = torch.sparse.mm(w, x2.T).T
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            if bias is not None:
+                y = y + bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
@@ -249,6 +269,7 @@ class SparseLinear(nn.Module):
                     setattr(self, name, fresh)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self._cache = None
 
     def extra_repr(self) -> str:
         density = self.nnz / (self.in_features * self.out_features)
