@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DATA_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test setup data bench clean
+.PHONY: demo test setup data fortunes bench clean
 
 demo: setup data
 	$(PY) -m sparseforge demo
@@ -23,12 +23,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,hf]'
 	touch $(STAMP)
 
-# Fashion-MNIST: Debian's dataset-fashion-mnist, installed with apt-get when we
-# are root; otherwise say how to get it (the tests that need it then skip).
-data:
+# Fashion-MNIST (Debian's dataset-fashion-mnist) and English text (Debian's
+# fortunes), installed with apt-get when we are root; otherwise say how to get
+# them (the tests that need them then skip).
+data: fortunes
 	@if [ -n "$$SPARSEFORGE_DATA" ] || [ -f $(DATA_DIR)/train-images-idx3-ubyte.gz ]; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -39,6 +40,19 @@ data:
 		echo "  sudo apt-get install dataset-fashion-mnist"; \
 		echo "or download the four .gz files of github.com/zalandoresearch/fashion-mnist into a folder"; \
 		echo "and set SPARSEFORGE_DATA=that/folder."; \
+	fi
+
+FORTUNES_DIR := /usr/share/games/fortunes
+
+fortunes:
+	@if [ -n "$$SPARSEFORGE_FORTUNES" ] || [ -f $(FORTUNES_DIR)/science ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing English text (Debian package fortunes)"; \
+		(apt-get install -y -qq fortunes >/dev/null 2>&1 || \
+		 (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null)); \
+	else \
+		echo "warning: fortune files not found in $(FORTUNES_DIR): sudo apt-get install fortunes"; \
 	fi
 
 bench: setup data
