@@ -7,6 +7,10 @@
 - :mod:`~sparseforge.zoo.training`: :func:`train_epoch` and :func:`evaluate`.
 - :mod:`~sparseforge.zoo.superres`: x2 super-resolution on the natural images
   of ``skimage.data`` (split by image), :class:`ESPCN`, PSNR.
+- :mod:`~sparseforge.zoo.text`: English texts from Debian's ``fortunes``,
+  split by hash into calibration and evaluation sets.
+- :mod:`~sparseforge.zoo.minilm`: the pretrained all-MiniLM-L6-v2 sentence
+  encoder, offline (the ``hf`` extra), and sentence embeddings.
 """
 
 from __future__ import annotations
