@@ -174,6 +174,8 @@ def test_model_state_dict_saves_and_loads():
 def test_bad_input_errors():
     with pytest.raises(sf.SparseforgeError, match="nn.Module"):
         sf.to_sparse("model")
+    with pytest.raises(sf.SparseforgeError, match="for a lone nn.Linear use SparseLinear.from_dense"):
+        sf.to_sparse(nn.Linear(4, 4))
     with pytest.raises(sf.SparseforgeError, match="unknown sparse format"):
         sf.to_sparse(mlp(), formats=("coo",))
     conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))

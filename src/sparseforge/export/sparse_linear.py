@@ -474,6 +474,11 @@ def to_sparse(
         _check_batch("blocksize", blocksize)
     _check_batch("rounds", rounds)
 
+    if isinstance(model, nn.Linear):
+        raise SparseforgeError(
+            "to_sparse replaces the Linear layers inside a model; for a lone nn.Linear use "
+            "SparseLinear.from_dense(layer) or wrap it in nn.Sequential"
+        )
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if layers is not None:
         globs = [layers] if isinstance(layers, str) else list(layers)
