@@ -274,19 +274,19 @@ def test_prune_channels_taylor_needs_calibration_and_uses_it() -> None:
 
 def test_checkpoint_roundtrip_rebuilds_compacted_shapes(tmp_path: Path) -> None:
     torch.manual_seed(8)
-    model = build_model("resnet20")
+    model = build_model("resnet20", width=8)
     _randomize_bn(model)
     sf.prune_channels(model, "l1", sparsity=0.5)
     rep = sf.compact(model)
-    path = save_checkpoint(model, tmp_path / "small.safetensors")
+    path = save_checkpoint(model, tmp_path / "small.safetensors", arch_kwargs={"num_classes": 10, "width": 8})
     loaded, meta = load_checkpoint(path)
     assert meta["compact"] == rep.shapes
-    assert loaded.layer3[0].conv2.out_channels == 32 and loaded.fc.in_features == 32
+    assert loaded.layer3[0].conv2.out_channels == 16 and loaded.fc.in_features == 16
     _same_outputs(model, loaded, torch.randn(4, 1, 28, 28))
     again, _ = sf.load_compacted(path)
     assert _params(again) == rep.params_after
     # a plain checkpoint of a full-size model loads as before
-    plain = save_checkpoint(build_model("resnet20"), tmp_path / "plain.safetensors")
+    plain = save_checkpoint(build_model("lenet300"), tmp_path / "plain.safetensors")
     assert load_checkpoint(plain)[1]["compact"] == {}
 
 
@@ -372,8 +372,8 @@ def test_bench_compact_quick_writes_json(tmp_path: Path) -> None:
     from sparseforge.bench.__main__ import main as bench_main
 
     out = tmp_path / "compact.json"
-    assert bench_main(["compact", "--quick", "--limit-train", "256", "--limit-test", "256", "--threads", "1",
-                       "--json", str(out)]) == 0
+    assert bench_main(["compact", "--quick", "--limit-train", "128", "--limit-test", "128", "--rounds", "2",
+                       "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "compact" and result["quick"] is True
     (row,) = result["results"]
