@@ -340,7 +340,8 @@ class _Analysis:
                 if out_shape is not None:
                     self.set(node, Space(self.new_group(module.out_features, target), len(out_shape) - 1))
             elif is_attention(module):
-                self.block_all(node, f"{target} takes more than one input") if len(node.all_input_nodes) > 1 else None
+                if len(node.all_input_nodes) > 1:
+                    self.block_all(node, f"{target} takes more than one input")
                 self.consume(node, target, x)
                 self.heads.append(HeadGroup(target, module.num_heads, module.head_dim))
                 if out_shape is not None:
