@@ -82,3 +82,26 @@ def test_minilm_missing_package_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(SparseforgeError, match=r"sparseforge\[hf\]"):
         minilm.minilm_path()
+
+
+@needs_hf
+@needs_fortunes
+def test_minilm_bench_quick_writes_well_formed_json(tmp_path: Path) -> None:
+    import json
+
+    from sparseforge.bench.__main__ import main as bench_main
+
+    out = tmp_path / "minilm.json"
+    assert bench_main(["minilm", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "minilm" and result["quick"] is True
+    by_name = {r["variant"]: r for r in result["results"]}
+    assert {"int8-weights", "sparse-90"} <= set(by_name)
+    # int8 RTN of the Linear weights keeps the embeddings close; the file is smaller than fp32.
+    assert by_name["int8-weights"]["mean_cosine"] > 0.99
+    for r in by_name.values():
+        assert 0 < r["bytes"] < result["fp32_bytes"]
+        assert r["size_ratio"] == pytest.approx(result["fp32_bytes"] / r["bytes"], rel=1e-3)
+        assert -1.0 <= r["min_cosine"] <= r["mean_cosine"] <= 1.0 + 1e-6
+        assert all(t["fp32_ms"] > 0 and t["variant_ms"] > 0 for t in r["timing"].values())
+    assert by_name["sparse-90"]["converted_layers"] <= 6  # quick mode considers the first block only
