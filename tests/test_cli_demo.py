@@ -45,6 +45,14 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
         assert k == k2 and torch.equal(a, b)
 
 
+def test_checkpoint_rebuilds_a_non_default_zoo_model_at_its_own_size(tmp_path):
+    model = build_model("resnet20", width=8, num_classes=7)
+    path = save_checkpoint(model, tmp_path / "w.safetensors")
+    loaded, meta = load_checkpoint(path)
+    assert meta["arch_kwargs"] == {"num_classes": 7, "width": 8}
+    assert loaded.conv1.out_channels == 8 and loaded.fc.out_features == 7
+
+
 def test_checkpoint_corruption_is_detected_and_names_the_tensor(checkpoint):
     data = bytearray(checkpoint.read_bytes())
     data[-5] ^= 0xFF  # flip a byte inside the last tensor's data

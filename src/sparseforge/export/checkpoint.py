@@ -11,6 +11,7 @@ values, builds on this one; see DESIGN.md, "save/load".)
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -46,11 +47,17 @@ def arch_metadata(
     """(architecture name, constructor kwargs) to store with ``model``.
 
     Default name: the zoo name of the model's class (None for other models);
-    default kwargs: ``{"num_classes": ...}`` for zoo models, else ``{}``.
+    default kwargs: for a zoo model, every constructor argument that the model
+    keeps as an attribute of the same name (``num_classes``, ``width``), so a
+    non-default model is rebuilt at its own size; else ``{}``.
     """
     arch = arch or arch_of(model)
     if arch_kwargs is None:
-        arch_kwargs = {"num_classes": model.num_classes} if arch and hasattr(model, "num_classes") else {}
+        arch_kwargs = {}
+        if arch:
+            params = inspect.signature(type(model).__init__).parameters
+            arch_kwargs = {name: getattr(model, name) for name in params
+                           if name != "self" and isinstance(getattr(model, name, None), (int, float, str, bool))}
     return arch, arch_kwargs
 
 
