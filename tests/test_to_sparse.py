@@ -236,7 +236,7 @@ def test_speed_bench_quick_writes_json(tmp_path):
     path.write_text(json.dumps(result))
     data = json.loads(path.read_text())
     assert data["benchmark"] == "speed" and data["quick"] is True and data["threads"] == 1
-    assert [r["model"] for r in data["results"]] == ["mlp64", "lenet300"]
+    assert [r["model"] for r in data["results"]] == ["mlp64", "lenet300", "mlp64-block8"]
     for r in data["results"]:
         assert [b["batch_size"] for b in r["batches"]] == [1, 4]
         for b in r["batches"]:

@@ -42,6 +42,7 @@ gives back the ``nn.Linear``.
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -216,7 +217,7 @@ class SparseLinear(nn.Module):
         w = self._cache if self._cache is not None else self.weight()
         bias = self._parameters.get("bias")
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if x2.shape[0] == 1:
+        if x2.shape[0] == 1 and self.layout == "csr":   # addmv: 2x faster than mm for CSR; slower for BSR
             y = (torch.mv(w, x2[0]) if bias is None else torch.addmv(bias, w, x2[0])).unsqueeze(0)
         else:
             y = torch.sparse.mm(w, x2.T).T
@@ -429,8 +430,9 @@ def to_sparse(
     ``batch_size`` *and* not slower than dense (speedup >= 1) at every size in
     ``check_batch_sizes`` (sparse kernels lose their edge as the batch grows,
     so the large sizes guard "never slower than dense"). Among the qualifying
-    formats the fastest at ``batch_size`` replaces the layer; if none
-    qualifies the layer stays dense. Outputs equal the dense layer's to float
+    formats the one with the highest geometric-mean speedup over the batch
+    sizes measured replaces the layer (CSR and BSR can tie at batch 1 while
+    BSR wins at large batches); if none qualifies the layer stays dense. Outputs equal the dense layer's to float
     rounding. Candidates: ``"csr"`` (any pattern), ``"bsr"`` (only when the
     zeros form blocks, :func:`detect_blocksize`, or ``blocksize`` is given),
     ``"2:4"`` (only for 2:4 weights on CUDA, with PyTorch's semi-structured
@@ -521,7 +523,11 @@ def to_sparse(
                         notes.append(f"{f}: {med['dense'] / med[f]:.2f}x at batch {b} (needs {need:g})")
                         del alive[f]
             if alive:
-                best = min(alive, key=lambda f: choice.times_ms[batch_size][f])
+                def gain(f: str) -> float:  # geometric mean of the speedups over the batch sizes measured
+                    r = [t2["dense"] / t2[f] for t2 in choice.times_ms.values()]
+                    return math.prod(r) ** (1 / len(r))
+
+                best = max(alive, key=gain)
                 t = choice.times_ms[batch_size]
                 choice.format = best
                 choice.blocksize = getattr(alive[best], "blocksize", None)
