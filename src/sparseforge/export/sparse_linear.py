@@ -10,16 +10,18 @@ What was measured on this project's CPU (torch 2.13.0, 1 thread, 4096x4096
 weight, 90% zeros; ``bench/README.md``, section speed, has the benchmark):
 
 - ``torch.sparse.mm(W_csr, x.T).T`` with int32 indices: about 2x faster than
-  dense at batch 1, 5x at 8, 2x at 64 and 256. With int64 indices it is
-  slower; ``F.linear(x, W_csr)`` (which multiplies ``x @ W_csr.T``) is about
+  dense at batch 1 (``torch.addmv``, used for one row: 4-5x), 5x at 8, 2x at
+  64 and 256. With int64 indices it is slower; ``F.linear(x, W_csr)`` (which multiplies ``x @ W_csr.T``) is about
   as fast at batch 1, 4x slower than ``W @ x.T`` at batch 8 and 2.3-2.6x
   *slower than dense* at 64 and 256, so this module always uses the
   ``W @ x.T`` orientation (``addmv`` for one row).
 - BSR (``torch.sparse.mm`` with a block-sparse weight) is supported on CPU:
-  with 8x8 blocks at 90% block sparsity it beat CSR (0.7 vs 1.6 ms at batch
-  1, 32 vs 48 ms at batch 256); with 16x16 and 32x32 blocks it was faster at
-  batch 1 but *slower than CSR* at batch 8-64 (3.3 vs 1.6 ms at batch 8).
-  Hence both are candidates and the measurement decides.
+  with 8x8 blocks at 90% block sparsity it is a little slower than CSR's
+  ``addmv`` at batch 1 (0.78 vs 0.65 ms) and faster from batch 8-64 on (33
+  vs 49 ms at batch 256); ``addmv`` with BSR is slower than ``mm``, so only
+  CSR uses it. With 16x16 and 32x32 blocks BSR was *slower than CSR* at
+  batch 8-64 (3.3 vs 1.6 ms at batch 8). Hence both are candidates and the
+  measurement decides.
 - Small layers (LeNet-300-100's 100x300 and 10x100) at batch 1: the sparse
   call's fixed cost (a few microseconds) is as much as the dense matmul, so
   they stay dense; its 300x784 layer gains 1.6x.
