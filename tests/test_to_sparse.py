@@ -183,6 +183,10 @@ def test_bad_input_errors():
         sf.to_sparse(conv, layers=["0"])
     with pytest.raises(sf.SparseforgeError, match="batch_size must be a positive integer"):
         sf.to_sparse(mlp(), batch_size=0)
+    with pytest.raises(sf.SparseforgeError, match="check_batch_sizes entries must be a positive integer"):
+        sf.to_sparse(mlp(), check_batch_sizes=(64, 0))
+    assert sf.to_sparse(mlp(), check_batch_sizes=64, **{k: v for k, v in NEVER.items() if k != "check_batch_sizes"}
+                        ).check_batch_sizes == (64,)
     with pytest.raises(sf.SparseforgeError, match="min_speedup"):
         sf.to_sparse(mlp(), min_speedup=-1)
     with pytest.raises(sf.SparseforgeError, match="takes an nn.Linear, got Conv2d"):

@@ -465,6 +465,8 @@ def to_sparse(
     if not isinstance(model, nn.Module):
         raise SparseforgeError(f"to_sparse takes an nn.Module, got {type(model).__name__}")
     batch_size = _check_batch("batch_size", batch_size)
+    if isinstance(check_batch_sizes, int):
+        check_batch_sizes = (check_batch_sizes,)
     check_batch_sizes = tuple(_check_batch("check_batch_sizes entries", b) for b in check_batch_sizes)
     if isinstance(formats, str):
         formats = (formats,)
