@@ -228,7 +228,7 @@ def test_quant_speed_bench_quick_writes_json(tmp_path: Path) -> None:
         pytest.skip("Fashion-MNIST is not installed")
     out = tmp_path / "q.json"
     args = ["quant-speed", "--quick", "--limit-train", "256", "--limit-test", "128", "--threads", "1",
-            "--rounds", "1", "--linear-size", "64", "--json", str(out)]
+            "--rounds", "1", "--linear-size", "64", "--candidates", "--json", str(out)]
     assert bench_main(args) == 0
     r = json.loads(out.read_text())
     assert r["benchmark"] == "quant-speed" and r["quick"] is True
@@ -237,6 +237,10 @@ def test_quant_speed_bench_quick_writes_json(tmp_path: Path) -> None:
         assert [t["batch_size"] for t in d["timing"]] == [1, 8, 64]
         assert all(t["fp32_ms"] > 0 and t["int8_ms"] > 0 and 0 <= t["rel_error"] < 0.1 for t in d["timing"])
         assert d["size_ratio"] > 2.0  # int8 weights: about a quarter of the fp32 bytes
+    cand = r["dynamic_int8"]["candidates"]
+    names = {c["candidate"] for c in cand}
+    assert {"fp32", "torch.ao dynamic (chosen)", "hand: torch._int_mm", "hand: dequantize on the fly"} <= names
+    assert all(c["ms"] > 0 and c["rel_error"] < 0.1 for c in cand)
     acc = r["qat_vs_rtn_int4"]["accuracy"]
     assert all(0.0 <= v <= 100.0 for v in acc.values())
     assert acc["qat_int4_fake_quant"] == acc["qat_int4_converted"]  # conversion does not change the model

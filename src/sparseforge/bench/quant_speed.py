@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--candidates", action="store_true",
+                        help="also time the kernels considered for dynamic int8 (torchao if importable, "
+                             "torch._int_mm, dequantize on the fly) against fp32, on the same models")
 
 
 def _state_bytes(model: nn.Module) -> int:
@@ -99,6 +102,89 @@ def _dynamic_rows(
             "timing": rows}, int8
 
 
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from sparseforge.quant.rtn import quantize_weight
+
+    qt = quantize_weight(w.detach(), bits=8)
+    return qt.q, qt.scale.reshape(1, -1)
+
+
+class _IntMMLinear(nn.Module):
+    """Candidate: int8 weights, int8 activations with one scale per row, ``torch._int_mm``."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        q, self.scale = _int8_rows(lin.weight)
+        self.qt = q.t().contiguous()
+        self.bias = None if lin.bias is None else lin.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        xq = torch.round(x / xs).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.qt).to(torch.float32) * xs * self.scale
+        return y if self.bias is None else y + self.bias
+
+
+class _DequantLinear(nn.Module):
+    """Candidate: int8 weights dequantized at every call, float activations."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.q, self.scale = _int8_rows(lin.weight)
+        self.bias = None if lin.bias is None else lin.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.q.to(torch.float32) * self.scale.reshape(-1, 1), self.bias)
+
+
+def _swap_linears(model: nn.Module, make) -> nn.Module:
+    model = copy.deepcopy(model)
+    if isinstance(model, nn.Linear):
+        return make(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child))
+    return model
+
+
+def candidates(name: str, fp32: nn.Module, input_shape: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
+    """Every dynamic int8 candidate against fp32, interleaved in one run per batch size."""
+    models = {"fp32": fp32, "torch.ao dynamic (chosen)": quantize_dynamic_int8(fp32)}
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+            from torchao.quantization import quantize_ as ao_quantize_
+
+            ao = copy.deepcopy(fp32)
+            ao_quantize_(ao, Int8DynamicActivationInt8WeightConfig())
+        models[f"torchao {torchao.__version__} Int8DynamicActivationInt8Weight"] = ao
+    except Exception as e:  # not installed, or its API moved: the row says so
+        print(f"torchao not measured: {type(e).__name__}: {e}", flush=True)
+    models["hand: torch._int_mm"] = _swap_linears(fp32, _IntMMLinear)
+    models["hand: dequantize on the fly"] = _swap_linears(fp32, _DequantLinear)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for b in BATCHES:
+        x = torch.randn(b, *input_shape, generator=gen)
+        with torch.inference_mode():
+            ref = fp32(x)
+            errors = {k: _rel_error(m(x), ref) for k, m in models.items()}
+            times, _ = time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds)
+        base = median_ms(times["fp32"])
+        for k in models:
+            ms = median_ms(times[k])
+            rows.append({"model": name, "candidate": k, "batch_size": b, "ms": round(ms, 5),
+                         "speedup": round(base / ms, 3), "rel_error": round(errors[k], 5)})
+            print(f"{name:12s} batch {b:3d}  {k:48s} {ms:9.4f} ms  x{base / ms:5.2f}  rel.err {errors[k]:.4f}",
+                  flush=True)
+    return rows
+
+
 def _masked_finetune(cfg: RunConfig, model: nn.Module, sparsity: float) -> nn.Module:
     """Fine-tune ``model`` with its (magnitude, uniform) mask held fixed; returns it finalized."""
     method = Method(schedule=OneShot(final=sparsity))
@@ -131,6 +217,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     big = nn.Sequential(nn.Linear(size, size)).eval()
     linear, _ = _dynamic_rows(f"linear{size}", big, (size,), rounds)
     print(f"linear{size} size fp32/int8 x{linear['size_ratio']:.2f}", flush=True)
+    cand = []
+    if args.candidates:
+        cand = candidates("lenet300", dense, tuple(dense.input_shape), rounds)
+        cand += candidates(f"linear{size}", big, (size,), rounds)
     del big
 
     # Part 2: int4 QAT against post-training RTN at the given sparsity.
@@ -166,7 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"rounds": rounds, "epochs": epochs, "finetune_epochs": ft_epochs, "sparsity": args.sparsity,
                      "linear_size": size, "limit_train": limit_train, "limit_test": limit_test, "seed": args.seed,
                      "batches": list(BATCHES)},
-        "dynamic_int8": {"lenet300": lenet, "linear": linear, "dense_train_seconds": round(dense_result.seconds, 2)},
+        "dynamic_int8": {"lenet300": lenet, "linear": linear, "dense_train_seconds": round(dense_result.seconds, 2),
+                         "candidates": cand},
         "qat_vs_rtn_int4": {"accuracy": acc, "qat_sparsity": round(qat_sparsity, 5),
                             "qat_codes_recorded": recorded, "bits": 4, "per_channel": True,
                             "qat_gain_over_finetuned_rtn": round(acc["qat_int4_converted"] - acc["finetuned_rtn_int4"], 3)},
