@@ -17,29 +17,34 @@ Convolutions and every other module stay float32 (PyTorch has no dynamic int8
 convolution on CPU); inputs and outputs are float32. The quantized model is
 for inference (no gradients).
 
-Which kernel, and why (measured with ``sparseforge.timing``, interleaved
-medians, torch 2.13.0 CPU, 2 shared cores, relative output error
-``||y - y_fp32|| / ||y_fp32||``; full table in ``bench/README.md``,
-``## quant-speed``):
+Which kernel, and why (``python -m sparseforge.bench quant-speed
+--candidates``: all candidates timed in alternating blocks within one run,
+medians of 30 rounds, torch 2.13.0 CPU, 2 threads of an AMD EPYC with a 32 MiB
+L3, quiet machine; LeNet-300-100 trained 3 epochs, a random 4096x4096
+Linear; relative output error ``||y - y_fp32|| / ||y_fp32||``; the table with
+milliseconds is in ``bench/README.md``, ``## quant-speed``):
 
-==========================  ========  ========  ========  ==========  ==========  ==========
-candidate (speed vs fp32)   LeNet b1  LeNet b8  LeNet b64 4096² b1    4096² b8    4096² b64
-==========================  ========  ========  ========  ==========  ==========  ==========
-torch.ao dynamic (fbgemm)   0.55x     0.83x     1.66x     4.27x       5.36x       6.33x
-torchao 0.18 Int8DynAct..   0.07x     0.08x     0.29x     0.07x       0.28x       0.38x
-hand: torch._int_mm         0.49x     0.41x     1.21x     0.48x       0.95x       0.83x
-hand: dequantize on the fly 0.16x     0.17x     0.76x     0.05x       0.18x       0.43x
-==========================  ========  ========  ========  ==========  ==========  ==========
+==============================  ========  ========  =========  ==========  ==========  ===========  =========
+candidate (speed vs fp32)       LeNet b1  LeNet b8  LeNet b64  4096² b1    4096² b8    4096² b64    rel. err
+==============================  ========  ========  =========  ==========  ==========  ===========  =========
+torch.ao dynamic, fbgemm/x86    0.55x     0.96x     1.66x      14.5x       15.3x       6.5x         1.3-2.2%
+torchao 0.18 Int8DynAct-Int8W   0.07x     0.13x     0.34x      0.14x       0.29x       0.73x        0.8-1.0%
+hand: torch._int_mm             0.48x     0.69x     1.15x      3.2x        5.0x        4.7x         0.7-1.0%
+hand: dequantize on the fly     0.15x     0.21x     0.49x      0.07x       0.16x       0.33x        0.4-0.5%
+==============================  ========  ========  =========  ==========  ==========  ===========  =========
 
-(errors: torch.ao 1.9-2.9%, torchao 1.0-1.7%, ``_int_mm`` with per-row
-activation scales 1.0-2.1%, dequantize-on-the-fly 0.4-0.8% since its
-activations stay float.) PyTorch's own quantized kernels (fbgemm/x86, reached
-through ``torch.ao.nn.quantized.dynamic.Linear``) win by far; torchao 0.18
-installs beside torch 2.13.0 without changing it, but its CPU int8 path has no
-fast kernel here and is 3-14x *slower* than fp32, and the hand-written
-``torch._int_mm`` path is no faster than fp32. Tiny layers at batch 1 (LeNet's
-784-300-100) lose to fp32: quantizing the activations costs more than the
-int8 product saves.
+PyTorch's own quantized kernels (fbgemm/x86, reached through
+``torch.ao.nn.quantized.dynamic.Linear``) win everywhere but on LeNet's tiny
+layers at batch 1-8, where quantizing the activations costs as much as the
+int8 product saves (no candidate beats fp32 there). torchao 0.18 installs
+beside torch 2.13.0 without changing it (it declares no torch dependency;
+its compiled extensions do not load for this torch), but its CPU int8 path
+has no fast kernel here: 1.4-14x *slower* than fp32. The hand-written
+``torch._int_mm`` path (per-row activation scales: lower error) is 1.1-4.5x
+slower than fbgemm. The 4096x4096 speedups at batch 1-8 are larger than the
+4x fewer weight bytes because the 16 MiB int8 weight stays in the 32 MiB L3
+cache across calls while the 64 MiB fp32 weight streams from memory; in a
+network whose weights do not fit the cache expect about the byte ratio.
 
 Deprecation. ``torch.ao.quantization`` and the quantized tensor types are
 deprecated in PyTorch (to be removed in favour of torchao). Building the
@@ -69,7 +74,7 @@ _MISSING_HELP = (
     "fbgemm/x86, onednn or qnnpack engine), which this torch build ({version}) lacks: {reason}. They are "
     "deprecated upstream. Install a torch that still has them (measured with torch 2.13.0: pip install "
     "'torch==2.13.0'), or use torchao instead (pip install torchao; torchao.quantization.quantize_(model, "
-    "Int8DynamicActivationInt8WeightConfig()), measured 3-14x slower than fp32 on CPU with torchao 0.18)"
+    "Int8DynamicActivationInt8WeightConfig()), measured 1.4-14x slower than fp32 on CPU with torchao 0.18)"
 )
 
 # The one warning that building a quantized weight emits under torch 2.13 ("torch.quantize_per_tensor,
