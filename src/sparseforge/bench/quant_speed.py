@@ -16,7 +16,8 @@ fine-tuned with LSQ quantization-aware training (int4, per channel,
 :func:`sparseforge.quant.qat_prepare`) under the same mask for the same
 epochs and converted (:func:`sparseforge.quant.qat_convert`). RTN of the
 pruned model before fine-tuning is reported too. Accuracy on the same test
-images; one seed (a short run: the gap, not the decimals, is the result).
+images; 3 seeds (dense training, pruning and fine-tuning all seeded), mean
+and standard deviation.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseforge.bench.common import RunConfig, print_table, train_run
+from sparseforge.bench.common import RunConfig, print_table, summarize, train_run
 from sparseforge.methods.base import Method
 from sparseforge.oneshot import prune
 from sparseforge.quant.dynamic import quantize_dynamic_int8
@@ -55,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-test", type=int, default=None, help="first N test images (default 1000)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of the QAT/RTN comparison (default 3, quick 1)")
     parser.add_argument("--candidates", action="store_true",
                         help="also time the kernels considered for dynamic int8 (torchao if importable, "
                              "torch._int_mm, dequantize on the fly) against fp32, on the same models")
@@ -191,6 +193,35 @@ def _masked_finetune(cfg: RunConfig, model: nn.Module, sparsity: float) -> nn.Mo
     return train_run(cfg, method, model=model)[1]
 
 
+def qat_vs_rtn(
+    seed: int, dense: nn.Module | None, epochs: int, ft_epochs: int, sparsity: float,
+    limit_train: int | None, limit_test: int, data_dir: str | None,
+) -> dict[str, Any]:
+    """One seed of part 2: dense (trained here unless given) -> prune -> float fine-tune + RTN, or QAT."""
+    cfg = RunConfig(epochs=epochs, seed=seed, limit_train=limit_train, limit_test=limit_test, data_dir=data_dir)
+    _, test = fashion_mnist(256, data_dir, seed, limit_train, limit_test)
+    if dense is None:
+        dense = train_run(cfg)[1]
+    ft_cfg = RunConfig(epochs=ft_epochs, seed=seed + 1000, limit_train=limit_train, limit_test=limit_test,
+                       data_dir=data_dir)
+    pruned = copy.deepcopy(dense).train()
+    prune(pruned, sparsity=sparsity)
+    acc = {"dense_fp32": evaluate(dense, test)["accuracy"], "pruned_fp32": evaluate(pruned, test)["accuracy"]}
+    acc["pruned_rtn_int4"] = evaluate(quantize_(copy.deepcopy(pruned), "int4"), test)["accuracy"]
+    float_ft = _masked_finetune(ft_cfg, copy.deepcopy(pruned), sparsity)
+    acc["finetuned_fp32"] = evaluate(float_ft, test)["accuracy"]
+    acc["finetuned_rtn_int4"] = evaluate(quantize_(float_ft, "int4"), test)["accuracy"]
+    qat = _masked_finetune(ft_cfg, qat_prepare(copy.deepcopy(pruned), bits=4), sparsity)
+    acc["qat_int4_fake_quant"] = evaluate(qat, test)["accuracy"]
+    qat_convert(qat)
+    acc["qat_int4_converted"] = evaluate(qat, test)["accuracy"]
+    weights = [m.weight for m in qat.modules() if isinstance(m, nn.Linear)]
+    qat_sparsity = 1.0 - sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
+    recorded = all(quantization_of(m) is not None and quantization_of(m).bits == 4
+                   for m in qat.modules() if isinstance(m, nn.Linear))
+    return {"seed": seed, "accuracy": acc, "qat_sparsity": round(qat_sparsity, 5), "qat_codes_recorded": recorded}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,30 +254,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cand += candidates(f"linear{size}", big, (size,), rounds)
     del big
 
-    # Part 2: int4 QAT against post-training RTN at the given sparsity.
-    ft_cfg = RunConfig(epochs=ft_epochs, seed=args.seed + 1, limit_train=limit_train, limit_test=limit_test,
-                       data_dir=args.data_dir)
-    pruned = copy.deepcopy(dense).train()
-    prune(pruned, sparsity=args.sparsity)
-    acc = {"dense_fp32": lenet["fp32_accuracy"], "pruned_fp32": evaluate(pruned, test)["accuracy"]}
-    acc["pruned_rtn_int4"] = evaluate(quantize_(copy.deepcopy(pruned), "int4"), test)["accuracy"]
-    float_ft = _masked_finetune(ft_cfg, copy.deepcopy(pruned), args.sparsity)
-    acc["finetuned_fp32"] = evaluate(float_ft, test)["accuracy"]
-    acc["finetuned_rtn_int4"] = evaluate(quantize_(float_ft, "int4"), test)["accuracy"]
-    qat = _masked_finetune(ft_cfg, qat_prepare(copy.deepcopy(pruned), bits=4), args.sparsity)
-    acc["qat_int4_fake_quant"] = evaluate(qat, test)["accuracy"]
-    qat_convert(qat)
-    acc["qat_int4_converted"] = evaluate(qat, test)["accuracy"]
-    weights = [m.weight for m in qat.modules() if isinstance(m, nn.Linear)]
-    qat_sparsity = 1.0 - sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
-    recorded = all(quantization_of(m) is not None and quantization_of(m).bits == 4
-                   for m in qat.modules() if isinstance(m, nn.Linear))
+    # Part 2: int4 QAT against post-training RTN at the given sparsity, one run per seed.
+    seeds = list(range(args.seed, args.seed + (args.seeds or (1 if quick else 3))))
+    runs = []
+    for seed in seeds:
+        model = dense if seed == args.seed else None
+        runs.append(qat_vs_rtn(seed, model, epochs, ft_epochs, args.sparsity, limit_train, limit_test, args.data_dir))
+        print(f"seed {seed}: " + "  ".join(f"{k} {v:.2f}" for k, v in runs[-1]["accuracy"].items()), flush=True)
+    keys = list(runs[0]["accuracy"])
+    summary = {k: summarize([r["accuracy"][k] for r in runs]) for k in keys}
+    gains = [r["accuracy"]["qat_int4_converted"] - r["accuracy"]["finetuned_rtn_int4"] for r in runs]
+    cols = ["dense_fp32", "pruned_fp32", "pruned_rtn_int4", "finetuned_fp32", "finetuned_rtn_int4",
+            "qat_int4_converted"]
     print_table(
-        f"LeNet-300-100 at {args.sparsity:.0%} sparsity, int4 per channel: test accuracy (%, {limit_test} images)",
+        f"LeNet-300-100 at {args.sparsity:.0%} sparsity, int4 per channel: test accuracy (%, {limit_test} images, "
+        f"mean ± std over {len(seeds)} seed(s))",
         ["dense fp32", "pruned fp32", "pruned RTN", "fine-tuned fp32", "fine-tuned RTN", "QAT (LSQ) int4"],
-        [[acc["dense_fp32"], acc["pruned_fp32"], acc["pruned_rtn_int4"], acc["finetuned_fp32"],
-          acc["finetuned_rtn_int4"], acc["qat_int4_converted"]]],
+        [[f"{summary[k]['mean']:.2f} ± {summary[k]['std']:.2f}" for k in cols]],
     )
+    qat_result = {
+        "seeds": seeds, "bits": 4, "per_channel": True,
+        "accuracy": {k: round(summary[k]["mean"], 4) for k in keys},
+        "summary": summary,
+        "qat_gain_over_finetuned_rtn": summarize(gains),
+        "qat_sparsity": min(r["qat_sparsity"] for r in runs),
+        "qat_codes_recorded": all(r["qat_codes_recorded"] for r in runs),
+        "runs": runs,
+    }
     return {
         "benchmark": "quant-speed",
         "quick": quick,
@@ -258,7 +292,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "batches": list(BATCHES)},
         "dynamic_int8": {"lenet300": lenet, "linear": linear, "dense_train_seconds": round(dense_result.seconds, 2),
                          "candidates": cand},
-        "qat_vs_rtn_int4": {"accuracy": acc, "qat_sparsity": round(qat_sparsity, 5),
-                            "qat_codes_recorded": recorded, "bits": 4, "per_channel": True,
-                            "qat_gain_over_finetuned_rtn": round(acc["qat_int4_converted"] - acc["finetuned_rtn_int4"], 3)},
+        "qat_vs_rtn_int4": qat_result,
     }

@@ -27,24 +27,26 @@ milliseconds is in ``bench/README.md``, ``## quant-speed``):
 ==============================  ========  ========  =========  ==========  ==========  ===========  =========
 candidate (speed vs fp32)       LeNet b1  LeNet b8  LeNet b64  4096² b1    4096² b8    4096² b64    rel. err
 ==============================  ========  ========  =========  ==========  ==========  ===========  =========
-torch.ao dynamic, fbgemm/x86    0.55x     0.96x     1.66x      14.5x       15.3x       6.5x         1.3-2.2%
-torchao 0.18 Int8DynAct-Int8W   0.07x     0.13x     0.34x      0.14x       0.29x       0.73x        0.8-1.0%
-hand: torch._int_mm             0.48x     0.69x     1.15x      3.2x        5.0x        4.7x         0.7-1.0%
-hand: dequantize on the fly     0.15x     0.21x     0.49x      0.07x       0.16x       0.33x        0.4-0.5%
+torch.ao dynamic, fbgemm/x86    0.61x     1.00x     1.63x      14.9x       14.4x       5.7x         1.3-2.2%
+torchao 0.18 Int8DynAct-Int8W   0.07x     0.11x     0.29x      0.62x       0.88x       1.66x        0.8-1.0%
+hand: torch._int_mm             0.50x     0.74x     1.21x      3.4x        4.8x        4.1x         0.7-1.0%
+hand: dequantize on the fly     0.52x     0.49x     0.75x      0.35x       0.48x       0.70x        0.4-0.5%
 ==============================  ========  ========  =========  ==========  ==========  ===========  =========
 
 PyTorch's own quantized kernels (fbgemm/x86, reached through
-``torch.ao.nn.quantized.dynamic.Linear``) win everywhere but on LeNet's tiny
-layers at batch 1-8, where quantizing the activations costs as much as the
-int8 product saves (no candidate beats fp32 there). torchao 0.18 installs
-beside torch 2.13.0 without changing it (it declares no torch dependency;
-its compiled extensions do not load for this torch), but its CPU int8 path
-has no fast kernel here: 1.4-14x *slower* than fp32. The hand-written
-``torch._int_mm`` path (per-row activation scales: lower error) is 1.1-4.5x
-slower than fbgemm. The 4096x4096 speedups at batch 1-8 are larger than the
-4x fewer weight bytes because the 16 MiB int8 weight stays in the 32 MiB L3
-cache across calls while the 64 MiB fp32 weight streams from memory; in a
-network whose weights do not fit the cache expect about the byte ratio.
+``torch.ao.nn.quantized.dynamic.Linear``) win everywhere; on LeNet's tiny
+layers at batch 1 no candidate beats fp32 (quantizing the activations costs
+more than the int8 product saves) and at batch 8 the best one ties it.
+torchao 0.18 installs beside torch 2.13.0 without changing it (it declares
+no torch dependency; its compiled extensions do not load for this torch), but its CPU int8 path
+is 3.5-24x slower than fbgemm and slower than fp32 everywhere but at batch
+64 on the 4096x4096 Linear (in an earlier run 0.07-0.73x fp32 throughout).
+The hand-written ``torch._int_mm`` path (per-row activation scales: lower
+error) is 1.2-4.4x slower than fbgemm. The 4096x4096 speedups at batch 1-8
+are larger than the 4x fewer weight bytes because the 16 MiB int8 weight
+stays in the 32 MiB L3 cache across calls while the 64 MiB fp32 weight
+streams from memory; in a network whose weights do not fit the cache expect
+about the byte ratio.
 
 Deprecation. ``torch.ao.quantization`` and the quantized tensor types are
 deprecated in PyTorch (to be removed in favour of torchao). Building the
@@ -74,7 +76,7 @@ _MISSING_HELP = (
     "fbgemm/x86, onednn or qnnpack engine), which this torch build ({version}) lacks: {reason}. They are "
     "deprecated upstream. Install a torch that still has them (measured with torch 2.13.0: pip install "
     "'torch==2.13.0'), or use torchao instead (pip install torchao; torchao.quantization.quantize_(model, "
-    "Int8DynamicActivationInt8WeightConfig()), measured 1.4-14x slower than fp32 on CPU with torchao 0.18)"
+    "Int8DynamicActivationInt8WeightConfig()), measured 3.5-24x slower than these kernels on CPU with torchao 0.18)"
 )
 
 # The one warning that building a quantized weight emits under torch 2.13 ("torch.quantize_per_tensor,
