@@ -153,6 +153,14 @@ def test_sparsifier_and_qat_keep_exact_zeros_for_50_sgd_momentum_steps(order: st
         assert _distinct_per_channel_ok(layer.quantized_weight().detach(), qmax, per_channel)
     # The bound is not trivially true: the latent weights take far more values per channel.
     assert not _distinct_per_channel_ok(model[0].weight.detach(), qmax, True)
+    fake = [layer.quantized_weight().detach().clone() for layer in (model[0], model[2])]
+    sp.finalize()
+    qat_convert(model)
+    for layer, wq in zip((model[0], model[2]), fake):
+        qt = quantization_of(layer)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight.detach(), wq)
+        assert qt is not None and qt.bits == bits and int(qt.q.abs().max()) <= qmax
+        assert torch.equal(qt.q == 0, wq == 0) and tuple(qt.scale.shape) == (layer.weight.shape[0], 1)
 
 
 def test_conv_qat_and_convert_records_exact_codes() -> None:

@@ -218,7 +218,8 @@ def qat_prepare(model: nn.Module, bits: int = 8, per_channel: bool = True) -> nn
     (etc., the same object with its class swapped: weights, masks and hooks
     stay) with a parameter ``weight_step`` initialised by LSQ's rule over the
     kept weights (:func:`lsq_init_step`). Build the optimizer afterwards so it
-    trains the steps too. The rule is in the module docstring (LSQ, Esser et
+    trains the steps too. The steps are in the ``state_dict`` (resuming needs
+    a prepared model); call :func:`qat_convert` before ``sf.save``. The rule is in the module docstring (LSQ, Esser et
     al., ICLR 2020). Returns the model.
 
     Raises :class:`SparseforgeError` for bad ``bits``, for subclasses of those
