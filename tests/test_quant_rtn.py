@@ -146,3 +146,34 @@ def test_quantize_model_checks_every_layer_before_changing_any() -> None:
         quantize_(model, "gptq-int4")
     with pytest.raises(sf.SparseforgeError, match="unknown quantization scheme"):
         quantize_(model, "int3")
+
+
+def test_embedding_tables_quantize_per_row_and_round_trip_through_sfz(tmp_path) -> None:
+    import sparseforge as sf
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight[3].zero_()  # a padding row stays zero
+    table = model[0].weight.detach().clone()
+    quantize_(model, "int8", embeddings=True)
+    qt = quantization_of(model[0])
+    assert qt is not None and qt.scale.shape == (50, 1)  # one scale per token
+    assert torch.equal(model[0].weight, qt.dequantize())
+    assert bool((model[0].weight[3] == 0).all()) and int((model[0].weight != 0).sum()) == int((table != 0).sum())
+    # Within half a step of the row's scale, except kept entries below half a step, which
+    # take the smallest code (+-1) rather than 0: within a whole step.
+    err = (model[0].weight - table).abs()
+    bumped = (table != 0) & (table.abs() < qt.scale / 2)
+    assert bool((err[~bumped] <= (qt.scale / 2).expand_as(err)[~bumped] + 1e-7).all())
+    assert bool((err[bumped] <= qt.scale.expand_as(err)[bumped] + 1e-7).all())
+    path = sf.save(model, tmp_path / "e.sfz", values="int8")
+    loaded = sf.load(path, nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 4)))
+    assert torch.equal(loaded[0].weight, model[0].weight) and torch.equal(loaded[1].weight, model[1].weight)
+    assert quantization_of(loaded[0]) is not None  # codes re-recorded: saving again stores the same codes
+    # Without embeddings=True the table is left alone, and saved as it is.
+    plain = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 4))
+    before = plain[0].weight.detach().clone()
+    quantize_(plain, "int8")
+    assert torch.equal(plain[0].weight, before) and quantization_of(plain[0]) is None

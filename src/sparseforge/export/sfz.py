@@ -111,8 +111,16 @@ def pattern_of(w: torch.Tensor) -> str:
     return "unstructured"
 
 
-def _layer_weights(model: nn.Module) -> dict[str, nn.Module]:
-    return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules() if isinstance(m, _LAYERS)}
+def _layer_weights(model: nn.Module, embeddings: str = "quantized") -> dict[str, nn.Module]:
+    """Linear/Conv modules by weight name, plus Embedding tables: those with recorded
+    quantization codes (``embeddings="quantized"``, when saving: other tables are stored
+    as they are) or all of them (``"all"``, when loading codes back)."""
+    def wanted(m: nn.Module) -> bool:
+        if isinstance(m, _LAYERS):
+            return True
+        return isinstance(m, nn.Embedding) and (embeddings == "all" or quantization_of(m) is not None)
+
+    return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules() if wanted(m)}
 
 
 def _encode_weight(
@@ -368,7 +376,7 @@ def load_sfz(path: str | os.PathLike[str], model: nn.Module | None = None) -> tu
     except RuntimeError as e:
         first = str(e).splitlines()[0:3]
         raise SparseforgeError(f"{path} does not fit the model: {' '.join(first)}") from None
-    for name, module in _layer_weights(model).items():
+    for name, module in _layer_weights(model, embeddings="all").items():
         if name in quant:
             setattr(module, QUANT_ATTR, quant[name])
         elif hasattr(module, QUANT_ATTR):
