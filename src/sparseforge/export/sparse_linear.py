@@ -222,9 +222,16 @@ class SparseLinear(nn.Module):
         if x2.shape[0] == 1 and self.layout == "csr":   # addmv: 2x faster than mm for CSR; slower for BSR
             y = (torch.mv(w, x2[0]) if bias is None else torch.addmv(bias, w, x2[0])).unsqueeze(0)
         else:
-            y = torch.sparse.mm(w, x2.T).T
-            if bias is not None:
-                y = y + bias
+            # W @ x.T is the fast orientation, but its transpose is column-major: hand it on
+            # row-major (one pass, fused with the bias), or every op downstream (a reshape,
+            # LayerNorm over the last dim) pays for the strided layout, and to_sparse's timing,
+            # which runs this forward, would not see that cost.
+            yt = torch.sparse.mm(w, x2.T)
+            y = torch.empty((x2.shape[0], self.out_features), dtype=yt.dtype, device=yt.device)
+            if bias is None:
+                y.copy_(yt.T)
+            else:
+                torch.add(yt.T, bias, out=y)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
