@@ -29,7 +29,8 @@ FORMAT = "sparseforge-checkpoint"
 FORMAT_VERSION = 1
 
 
-def _digest(t: torch.Tensor) -> str:
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 (hex) of a tensor's bytes, as stored in checkpoint and sfz metadata."""
     data = t.detach().cpu().contiguous().reshape(-1)
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
 
@@ -110,7 +111,7 @@ def save_checkpoint(
         "format_version": str(FORMAT_VERSION),
         "arch": arch or "",
         "arch_kwargs": json.dumps(arch_kwargs),
-        "sha256": json.dumps({k: _digest(v) for k, v in state.items()}),
+        "sha256": json.dumps({k: tensor_digest(v) for k, v in state.items()}),
         "extra": json.dumps(extra or {}),
     }
     compacted = getattr(model, "sparseforge_compact", None)
@@ -149,7 +150,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
             state = {}
             for k in keys:
                 t = f.get_tensor(k)
-                if k in digests and _digest(t) != digests[k]:
+                if k in digests and tensor_digest(t) != digests[k]:
                     raise SparseforgeError(f"{p} is corrupted: tensor {k!r} does not match its checksum")
                 state[k] = t
     except SafetensorError as e:

@@ -44,7 +44,6 @@ this format stays within 1.3x of it at 90% sparsity.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -58,7 +57,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import arch_metadata, model_for
+from sparseforge.export.checkpoint import arch_metadata, model_for, tensor_digest
 from sparseforge.files import atomic_path
 from sparseforge.quant.rtn import (
     QUANT_ATTR, QuantizedTensor, dequantize, pack_int4, quantization_of, quantize_weight, unpack_int4,
@@ -74,11 +73,6 @@ _FLOAT = {"fp32": torch.float32, "fp16": torch.float16}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool)}
-
-
-def _digest(t: torch.Tensor) -> str:
-    data = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -204,7 +198,7 @@ def save(
             t = t.detach().cpu().contiguous().clone()
             parts = {name: t}
             info = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "encoding": "raw"}
-        info["sha256"] = {k: _digest(v) for k, v in parts.items()}
+        info["sha256"] = {k: tensor_digest(v) for k, v in parts.items()}
         info["bytes"] = sum(_nbytes(v) for v in parts.values())
         stored |= parts
         tensors[name] = info
@@ -312,7 +306,7 @@ def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
                             f"{p} is missing part {part!r} of tensor {name!r}: the file is incomplete; write it again"
                         )
                     t = f.get_tensor(part)
-                    if _digest(t) != digest:
+                    if tensor_digest(t) != digest:
                         raise SparseforgeError(
                             f"{p} is corrupted: tensor {name!r} (part {part!r}) does not match its checksum; "
                             "write the file again from the model"
