@@ -122,18 +122,26 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
-        help="round-to-nearest weight quantization (int8/int4) that keeps zeros zero",
+        help="weight quantization (int8/int4 round-to-nearest, or GPTQ) that keeps zeros zero",
         description=(
-            "Quantize every Linear/Conv weight of a checkpoint (symmetric round-to-nearest, scales over the "
-            "kept weights, zeros stay zero; see sparseforge.quant). An --out ending in .sfz stores the codes "
-            "(int4 packed two per byte); any other name a plain checkpoint of the dequantized weights."
+            "Quantize every Linear/Conv weight of a checkpoint (symmetric, scales over the kept weights, zeros "
+            "stay zero; see sparseforge.quant): int8/int4 round to nearest, gptq-int8/gptq-int4 correct each "
+            "column's rounding error with the Hessian of the layer inputs on Fashion-MNIST calibration images. "
+            "An --out ending in .sfz stores the codes (int4 packed two per byte); any other name a plain "
+            "checkpoint of the dequantized weights."
         ),
     )
     p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz)")
     p.add_argument("--out", required=True, help="where to write the quantized checkpoint (.sfz: compressed)")
-    p.add_argument("--scheme", default="int8", help="int8 (default), int4; gptq-int4 is not implemented yet")
+    p.add_argument("--scheme", default="int8", choices=("int8", "int4", "gptq-int8", "gptq-int4"),
+                   help="(default int8)")
     p.add_argument("--group-size", type=int, nargs="?", const=128, default=None, metavar="G",
                    help="inputs per scale along the input dimension (bare flag: 128; default: one scale per output channel)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--calibration-batches", type=int, default=4,
+                   help="GPTQ: batches of 128 Fashion-MNIST training images (default 4)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for GPTQ calibration")
+    p.add_argument("--seed", type=int, default=0, help="GPTQ: which calibration images (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -188,13 +196,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     score = Random(seed=args.seed) if str(args.score).lower() == "random" else as_score(args.score)
     calibration = None
     if score.needs_grad:
-        from sparseforge.zoo.data import fashion_mnist
-
         if int(args.calibration_batches) < 1:
             raise SparseforgeError("--calibration-batches must be >= 1 for gradient scores")
-        train, _ = fashion_mnist(batch_size=128, data_dir=args.data_dir, seed=args.seed,
-                                 limit_train=128 * int(args.calibration_batches), limit_test=1)
-        calibration = list(train)
+        calibration = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
     target = Target(include=tuple(args.include) if args.include else ("*",), exclude=tuple(args.exclude))
     torch.manual_seed(args.seed)
     rep = prune(model, score, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
@@ -208,6 +212,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"wrote {args.out}")
     return 0
+
+
+def _fashion_calibration(data_dir: str | None, seed: int, batches: int) -> list:
+    """``batches`` shuffled batches of 128 Fashion-MNIST training images with their labels."""
+    from sparseforge.zoo.data import fashion_mnist
+
+    train, _ = fashion_mnist(batch_size=128, data_dir=data_dir, seed=seed, limit_train=128 * int(batches),
+                             limit_test=1)
+    return list(train)
 
 
 def _load_any(path: str):
@@ -280,16 +293,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from sparseforge.quant.rtn import SCHEMES, quantize_
+    from sparseforge.quant.rtn import quantize_
     from sparseforge.report import report
 
     scheme = str(args.scheme).lower()
     model, meta = _load_any(args.checkpoint)
-    quantize_(model, scheme, group_size=args.group_size)
+    if scheme.startswith("gptq"):
+        from sparseforge.quant.gptq import gptq_
+
+        if int(args.calibration_batches) < 1:
+            raise SparseforgeError("--calibration-batches must be >= 1")
+        gptq_(model, _fashion_calibration(args.data_dir, args.seed, args.calibration_batches), scheme,
+              args.group_size, act_order=args.act_order, progress=not args.json)
+    else:
+        quantize_(model, scheme, group_size=args.group_size)
     extra = dict(meta["extra"]) | {"quantized": {"scheme": scheme, "group_size": args.group_size,
                                                  "source": str(args.checkpoint)}}
     fmt = "sfz" if str(args.out).endswith(".sfz") else "safetensors"
-    _write(model, args.out, meta, fmt, scheme if scheme in SCHEMES else "int8", extra)
+    _write(model, args.out, meta, fmt, scheme.removeprefix("gptq-"), extra)
     _print_report(report(model), args.json)
     if not args.json:
         print(f"wrote {args.out} ({scheme}, {'per channel' if args.group_size is None else f'groups of {args.group_size}'}, {fmt})")

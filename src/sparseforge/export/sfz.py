@@ -135,7 +135,7 @@ def _encode_weight(
         qt = quantization_of(module)
         if qt is None:
             qt = quantize_weight(w, bits=8 if values == "int8" else 4, group_size=None, name=name)
-        qt = QuantizedTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits, qt.group_size, qt.shape)
+        qt = QuantizedTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits, qt.group_size, qt.shape, qt.method)
         codes = qt.q.reshape(-1)
         if qt.bits == 4:
             kept, dense_vals = pack_int4(codes[nz.reshape(-1)]), pack_int4(codes)
@@ -144,7 +144,7 @@ def _encode_weight(
         vbits = qt.bits
         parts[f"{name}#scale"] = qt.scale.to(torch.float32).contiguous()
         info["values"] = f"int{qt.bits}"
-        info["quant"] = {"bits": qt.bits, "group_size": qt.group_size, "scheme": "rtn-symmetric"}
+        info["quant"] = {"bits": qt.bits, "group_size": qt.group_size, "scheme": f"{qt.method}-symmetric"}
     n = w.numel()
     mask_bytes = (n + 7) // 8
     if mask_bytes + math.ceil(nnz * vbits / 8) < math.ceil(n * vbits / 8):
@@ -264,7 +264,7 @@ def _decode(p: Path, name: str, info: dict[str, Any], parts: dict[str, torch.Ten
         return full.to(dtype), None
     q = info["quant"]
     qt = QuantizedTensor(full.to(torch.int8), parts[f"{name}#scale"].to(torch.float32), int(q["bits"]),
-                         q.get("group_size"), shape)
+                         q.get("group_size"), shape, str(q.get("scheme", "rtn-symmetric")).split("-")[0])
     return dequantize(qt.q, qt.scale, qt.group_size).to(dtype), qt
 
 

@@ -58,6 +58,9 @@ class QuantizedTensor:
         bits: 8 or 4.
         group_size: inputs per group, or None for per-channel.
         shape: the weight's shape.
+        method: how the codes were chosen: ``"rtn"`` (round-to-nearest,
+            :func:`quantize_weight`) or ``"gptq"`` (:mod:`sparseforge.quant.gptq`);
+            the grid, and so dequantization, is the same.
     """
 
     q: torch.Tensor
@@ -65,6 +68,7 @@ class QuantizedTensor:
     bits: int
     group_size: int | None
     shape: tuple[int, ...]
+    method: str = "rtn"
 
     def dequantize(self) -> torch.Tensor:
         """``q * scale`` in float32, of the weight's shape (see :func:`dequantize`)."""
@@ -189,7 +193,7 @@ def quantize_(
     Args:
         model: the model (finalize a Sparsifier first).
         scheme: ``"int8"`` (default) or ``"int4"``, symmetric round-to-nearest
-            (:func:`quantize_weight`); ``"gptq-int4"`` is not implemented yet.
+            (:func:`quantize_weight`); GPTQ needs calibration data: :func:`sparseforge.quant.gptq_`.
         group_size: inputs per scale (must divide every layer's fan-in);
             None (default): one scale per output channel.
         embeddings: also quantize ``nn.Embedding`` tables, one scale per row
@@ -206,7 +210,8 @@ def quantize_(
     """
     key = str(scheme).lower()
     if key.startswith("gptq"):
-        raise SparseforgeError(f"quantization scheme {scheme!r} is not implemented yet; use int8 or int4 (round-to-nearest)")
+        raise SparseforgeError(f"{scheme!r} needs calibration data: use sparseforge.quant.gptq_(model, batches, "
+                               f"{scheme!r}) (CLI: sparseforge quantize --scheme {key}), or int8/int4 here")
     if key not in SCHEMES:
         raise SparseforgeError(f"unknown quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     bits = SCHEMES[key]
