@@ -29,6 +29,13 @@ head's value rows and bias are zero, or its output-projection columns are
 zero; a zero value row with a nonzero value bias outputs that bias (softmax
 weights sum to one) and is folded into the output projection's bias.
 
+Hugging Face ``transformers`` models (BERT-, LLaMA- and GPT-2-style blocks)
+are not traced: :mod:`sparseforge.export.transformer` recognises their
+attention and FFN blocks by name and removes heads (whole KV groups under
+grouped-query attention) and FFN hidden units by the same rules, updating the
+attention modules' head-count attributes (stored as ``"attributes"`` shape
+entries, so that checkpoints rebuild them).
+
 Every group and attention block keeps at least one channel/head. The result
 is checked: the compacted model is run on the example input and must match
 the original to float tolerance, otherwise the model is restored and an error
@@ -157,6 +164,9 @@ def _resized(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
     if kind in ("BatchNorm2d", "BatchNorm1d") and isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
         return type(module)(entry["num_features"], module.eps, module.momentum, module.affine,
                             module.track_running_stats, **kw)
+    if kind == "Conv1D" and type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        new = type(module)(entry["nf"], entry["nx"])  # transformers' Conv1D: weight [nx, nf]
+        return new.to(**kw) if kw else new
     raise SparseforgeError(f"cannot resize {type(module).__name__} to {entry}: the stored shapes do not fit the model")
 
 
@@ -165,9 +175,13 @@ def resize_modules(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> nn.Mo
 
     ``shapes`` is :attr:`CompactReport.shapes` (as stored in a checkpoint's
     metadata): ``{"conv1": {"kind": "Conv2d", "in_channels": 1, "out_channels": 32}, ...}``;
-    attention blocks have ``{"kind": "attention", "num_heads": n}``. The new
-    modules' weights are uninitialised: load a state dict into them. Returns
-    ``model`` with the shapes recorded on it.
+    attention blocks have ``{"kind": "attention", "num_heads": n}``; Hugging
+    Face attention modules ``{"kind": "attributes", "values": {"num_attention_heads": 10, ...}}``
+    (the integer attributes their forward reads) and transformers ``Conv1D``
+    layers ``{"kind": "Conv1D", "nx": in, "nf": out}`` (see
+    :mod:`sparseforge.export.transformer`). The new modules' weights are
+    uninitialised: load a state dict into them. Returns ``model`` with the
+    shapes recorded on it.
     """
     for name, entry in shapes.items():
         try:
@@ -176,6 +190,13 @@ def resize_modules(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> nn.Mo
             raise SparseforgeError(f"the compacted shapes name module {name!r}, which the model does not have") from None
         if entry.get("kind") == "attention":
             module.num_heads = int(entry["num_heads"])
+        elif entry.get("kind") == "attributes":
+            for attr, value in entry["values"].items():
+                if not isinstance(getattr(module, attr, None), int):
+                    raise SparseforgeError(
+                        f"the compacted shapes set {name}.{attr}, which {type(module).__name__} does not have"
+                    )
+                setattr(module, attr, int(value))
         else:
             _set_module(model, name, _resized(module, entry))
     setattr(model, SPEC_ATTR, dict(getattr(model, SPEC_ATTR, {})) | dict(shapes))
@@ -398,7 +419,7 @@ def _count(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def compact(model: nn.Module, example_input: torch.Tensor | None = None, atol: float = 1e-4) -> CompactReport:
+def compact(model: nn.Module, example_input: Any = None, atol: float = 1e-4) -> CompactReport:
     """Remove pruned channels and heads from ``model`` in place; return a :class:`CompactReport`.
 
     Rule (see the module docstring for the details): a channel is removed
@@ -408,10 +429,17 @@ def compact(model: nn.Module, example_input: torch.Tensor | None = None, atol: f
     each group keeps at least one channel. Conv2d, Linear and BatchNorm
     modules are replaced by smaller ones; the forward code is unchanged.
 
+    A Hugging Face ``transformers.PreTrainedModel`` (BERT-, LLaMA- and
+    GPT-2-style blocks) is not traced: its attention heads and FFN hidden
+    units are removed by :func:`sparseforge.export.transformer.compact_transformer`
+    (same rules, same report).
+
     Args:
         model: a plain model with exact zeros (finalize a Sparsifier first).
         example_input: one input batch, used to trace shapes and to check the
             result. Default: a random batch of 2 of ``model.input_shape``.
+            For a Hugging Face model: token ids or a dict of inputs (a
+            tokenizer's output); default: random token ids with padding.
         atol: the largest output difference accepted, relative to the output's
             largest magnitude (plus ``atol`` absolute). Default 1e-4.
 
@@ -434,6 +462,18 @@ def compact(model: nn.Module, example_input: torch.Tensor | None = None, atol: f
             raise SparseforgeError(
                 f"{name}: the model still carries Sparsifier masks; call sparsifier.finalize() before compact()"
             )
+    from sparseforge.export.transformer import compact_transformer, hf_submodule, is_hf_model
+
+    if is_hf_model(model):
+        return compact_transformer(model, example_input, atol)
+    inner = hf_submodule(model)
+    if inner is not None:
+        kind = type(model.get_submodule(inner)).__name__
+        raise SparseforgeError(
+            f"{type(model).__name__} wraps a Hugging Face model at {inner!r} ({kind}), which torch.fx cannot "
+            f"trace; compact that submodule instead: compact(model.{inner}) (its heads and FFN units are removed; "
+            "the layers around it keep their sizes)"
+        )
     dep = analyze(model, example_input)
     x = dep.example_input
     was_training = model.training

@@ -42,7 +42,10 @@ its input is consumed by the q/k/v columns, its output produced by the output
 projection's rows, and its heads form a :class:`HeadGroup` (the q/k/v rows of
 a head and the output projection's columns). ``nn.MultiheadAttention`` cannot
 lose a head (its projections are fixed at ``embed_dim``), so it is an opaque
-module here; Hugging Face models are not traced yet.
+module here. Hugging Face ``transformers`` models are not traced: their
+attention and feed-forward blocks are recognised by name in
+:mod:`sparseforge.export.transformer`, which :func:`sparseforge.compact` uses
+for a ``PreTrainedModel``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,628 @@
+"""Compaction of Hugging Face transformers: remove pruned attention heads and FFN hidden units.
+
+Hugging Face models cannot be traced by ``torch.fx`` (data-dependent control
+flow, ``**kwargs`` forwards), so :func:`sparseforge.compact` takes this
+*structural* path for a ``transformers.PreTrainedModel``: the blocks are
+recognised by their module names and classes, and only the dimensions that
+are internal to a block are removed (heads inside attention, hidden units
+inside the feed-forward network). The residual stream (``hidden_size``: the
+embeddings, every LayerNorm and every block's input and output) ties the
+whole model into one group and is not compacted. The groups are those of
+"DepGraph: Towards Any Structural Pruning" (Fang et al. 2023), written down
+per block instead of traced.
+
+Recognised blocks (the names are relative to the block):
+
+- BERT-style attention (tested on BERT/MiniLM; RoBERTa-like models share the
+  layout): ``self.{query,key,value}``
+  (``nn.Linear``, or ``attention.*`` as in ViT) with ``num_attention_heads``
+  and ``attention_head_size``, and the output projection ``output.dense``.
+  After compaction the self-attention module's ``num_attention_heads`` and
+  ``all_head_size`` are the layer's own (its forward reshapes with
+  ``view(..., -1, attention_head_size)``, so fewer heads need nothing else).
+- BERT-style FFN: ``intermediate.dense`` (with ``intermediate_act_fn``) and
+  ``output.dense``.
+- LLaMA-style attention (tested on LLaMA; other models with the same names are
+  tried, and the output check rejects any whose forward reads another size): ``{q,k,v,o}_proj``
+  (``o_proj`` or ``out_proj``) with an integer ``head_dim``; grouped-query
+  attention with ``num_key_value_heads`` KV heads, each shared by
+  ``num_key_value_groups`` consecutive query heads.
+- LLaMA-style FFN: ``up_proj``, ``down_proj`` and optionally ``gate_proj``
+  (``act_fn(gate(x)) * up(x)``), with ``act_fn``.
+- GPT-2 attention: the fused ``c_attn`` (transformers ``Conv1D``, weight
+  ``[in, out]``, outputs ``[q | k | v]``) and ``c_proj``; ``num_heads`` and
+  ``split_size`` are updated. GPT-2 cross-attention (``q_attn``) is left whole.
+- GPT-2 FFN: ``c_fc`` and ``c_proj`` (``Conv1D``) with ``act``.
+
+Rule for an FFN hidden unit ``j`` (the same as for a channel in
+:mod:`sparseforge.export.compact`): its value is constant when its row of the
+up projection is entirely zero: ``act(b_up[j])`` (``b = 0`` without a bias;
+GELU(0) = SiLU(0) = ReLU(0) = 0, so a zero row without a bias outputs 0); for
+a gated FFN the unit is ``act(gate_j) * up_j``, which is 0 when either factor
+is a zero constant and ``act(b_gate[j]) * b_up[j]`` when both are constant.
+The unit is removed when its value is 0, or its column of the down
+projection is entirely zero, or its value is a constant ``k`` and the down
+projection has a bias (``k * W_down[:, j]`` is folded into it). Otherwise it
+is kept.
+
+Rule for attention heads ("Are Sixteen Heads Really Better than One?",
+Michel et al. 2019, shows many heads can go): head ``h`` contributes nothing
+when its columns of the output projection are entirely zero, or its value
+rows and value bias are zero (softmax weights sum to one, so the head
+outputs its value bias, here 0). A head whose value rows are zero but whose
+value bias is not outputs exactly that bias whatever the input; it is
+removed and ``W_o[:, head] @ b_v`` folded into the output projection's bias
+(kept when the output projection has no bias). Zero query or key rows alone
+do not make a head removable: they make its attention uniform, not zero.
+
+Grouped-query attention: the unit removed is a whole KV group (one KV head
+and all the query heads that share it), removed when every query head of the
+group contributes nothing by the rule above (a zero value head silences the
+whole group). Query heads of a group that is kept are kept, even if some are
+dead: dropping some query heads of a group would give groups of unequal size,
+which ``repeat_kv`` (and every attention kernel) cannot express. With
+``num_key_value_heads == num_attention_heads`` the groups are single heads.
+``num_key_value_groups`` is therefore unchanged.
+
+Every attention block keeps at least one head (KV group) and every FFN at
+least one unit. The result is checked on an example input (token ids and an
+attention mask, random unless given): the first output (``last_hidden_state``
+or ``logits``) must match the model before compaction, otherwise the model is
+restored and an error raised.
+
+Per-layer sizes differ after compaction, which a ``PretrainedConfig`` cannot
+describe (``config.num_attention_heads`` and ``config.intermediate_size``
+still give the original sizes), so ``save_pretrained``/``from_pretrained``
+cannot rebuild the model. Save it with
+:func:`sparseforge.export.checkpoint.save_checkpoint` (or ``sf.save``): the
+new shapes (``model.sparseforge_compact``: Linear/Conv1D sizes and the
+attention modules' changed attributes) go with the weights, and
+``load_compacted(path, model)`` rebuilds them in a freshly built model of the
+original sizes (``AutoModel.from_config(config)`` or ``from_pretrained``).
+A static (preallocated) KV cache sized from the config does not fit layers
+with fewer KV heads; the default dynamic cache does.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sparseforge.errors import SparseforgeError
+
+if TYPE_CHECKING:
+    from sparseforge.export.compact import CompactReport
+
+SUPPORTED = (
+    "BERT-style attention (self.query/key/value + output.dense) and FFN (intermediate.dense + output.dense), "
+    "LLaMA-style attention (q_proj/k_proj/v_proj/o_proj with head_dim) and FFN (gate_proj/up_proj/down_proj), "
+    "GPT-2 attention (attn.c_attn/c_proj Conv1D) and FFN (mlp.c_fc/c_proj)"
+)
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing transformers)."""
+    mod = sys.modules.get("transformers")
+    if mod is None:
+        return False
+    try:
+        return isinstance(model, mod.PreTrainedModel)
+    except Exception:  # noqa: BLE001 - a broken transformers install: not an HF model for us
+        return False
+
+
+def hf_submodule(model: nn.Module) -> str | None:
+    """The name of the first ``PreTrainedModel`` nested inside ``model`` (None if there is none)."""
+    if sys.modules.get("transformers") is None:
+        return None
+    return next((name for name, m in model.named_modules() if name and is_hf_model(m)), None)
+
+
+def _is_conv1d(m: Any) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx") and isinstance(
+        getattr(m, "weight", None), torch.Tensor)
+
+
+def _is_proj(m: Any) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
+
+
+def _w(m: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (a view for Conv1D, whose weight is ``[in, out]``)."""
+    w = m.weight.detach()
+    return w.t() if _is_conv1d(m) else w
+
+
+# ---------------------------------------------------------------- recognising blocks
+
+
+@dataclass
+class AttentionBlock:
+    """One attention block: projection module names (relative to the model) and head layout.
+
+    ``q``/``k``/``v`` are the same module for GPT-2's fused ``c_attn`` (with
+    row offsets ``0``, ``E``, ``2E``); ``attrs`` is the module whose
+    attributes change and ``style`` says which ones.
+    """
+
+    name: str
+    style: str  # "bert", "llama" or "gpt2"
+    q: str
+    k: str
+    v: str
+    o: str
+    attrs: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    offsets: tuple[int, int, int] = (0, 0, 0)
+    blocked: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FFNBlock:
+    """One feed-forward block: ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))``."""
+
+    name: str
+    up: str
+    down: str
+    act: Callable[[torch.Tensor], torch.Tensor]
+    gate: str | None = None
+    size: int = 0
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _bert_attention(name: str, m: nn.Module) -> AttentionBlock | None:
+    out = getattr(getattr(m, "output", None), "dense", None)
+    for child in ("self", "attention"):
+        s = getattr(m, child, None)
+        if s is None or not all(isinstance(getattr(s, p, None), nn.Linear) for p in ("query", "key", "value")):
+            continue
+        if not isinstance(out, nn.Linear):
+            return None
+        d, h = getattr(s, "attention_head_size", None), getattr(s, "num_attention_heads", None)
+        if not isinstance(d, int) or not isinstance(h, int):
+            return None
+        sn = _join(name, child)
+        block = AttentionBlock(name, "bert", f"{sn}.query", f"{sn}.key", f"{sn}.value", _join(name, "output.dense"),
+                               sn, h, h, d)
+        if not (s.query.out_features == s.key.out_features == s.value.out_features == out.in_features == h * d):
+            block.blocked.append(f"{sn}: projection sizes do not match {h} heads x {d}")
+        return block
+    return None
+
+
+def _llama_attention(name: str, m: nn.Module) -> AttentionBlock | None:
+    projs = [getattr(m, p, None) for p in ("q_proj", "k_proj", "v_proj")]
+    o_name = next((n for n in ("o_proj", "out_proj") if isinstance(getattr(m, n, None), nn.Linear)), None)
+    d = getattr(m, "head_dim", None)
+    if not all(isinstance(p, nn.Linear) for p in projs) or o_name is None or not isinstance(d, int) or d <= 0:
+        return None
+    q, k, v = projs
+    o = getattr(m, o_name)
+    h, kv = q.out_features // d, k.out_features // d
+    block = AttentionBlock(name, "llama", _join(name, "q_proj"), _join(name, "k_proj"), _join(name, "v_proj"),
+                           _join(name, o_name), name, h, kv, d)
+    groups = getattr(m, "num_key_value_groups", None)
+    if (q.out_features != h * d or k.out_features != kv * d or v.out_features != kv * d or o.in_features != h * d
+            or kv == 0 or h % kv):
+        block.blocked.append(f"{name}: q/k/v/{o_name} sizes do not fit head_dim {d}")
+    elif groups is not None and groups != h // kv:
+        block.blocked.append(f"{name}: num_key_value_groups {groups} does not match {h} query / {kv} KV heads")
+    return block
+
+
+def _gpt2_attention(name: str, m: nn.Module) -> AttentionBlock | None:
+    c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+    if not (_is_conv1d(c_attn) and _is_conv1d(c_proj)):
+        return None
+    h, d, split = getattr(m, "num_heads", None), getattr(m, "head_dim", None), getattr(m, "split_size", None)
+    if not all(isinstance(x, int) for x in (h, d, split)):
+        return None
+    a = _join(name, "c_attn")
+    block = AttentionBlock(name, "gpt2", a, a, a, _join(name, "c_proj"), name, h, h, d, (0, split, 2 * split))
+    if getattr(m, "is_cross_attention", False) or hasattr(m, "q_attn"):
+        block.blocked.append(f"{name}: GPT-2 cross-attention (q_attn) is not compacted")
+    elif split != h * d or c_attn.nf != 3 * split or c_proj.nx != split:
+        block.blocked.append(f"{name}: c_attn/c_proj sizes do not fit {h} heads x {d}")
+    return block
+
+
+def _ffn(name: str, m: nn.Module) -> FFNBlock | None:
+    inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
+    up, down = getattr(inter, "dense", None), getattr(out, "dense", None)
+    act = getattr(inter, "intermediate_act_fn", None)
+    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and callable(act):
+        if up.out_features == down.in_features:
+            return FFNBlock(name, _join(name, "intermediate.dense"), _join(name, "output.dense"), act,
+                            size=up.out_features)
+    up, down, gate = (getattr(m, p, None) for p in ("up_proj", "down_proj", "gate_proj"))
+    act = getattr(m, "act_fn", None)
+    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and callable(act):
+        if up.out_features == down.in_features and (gate is None or (
+                isinstance(gate, nn.Linear) and gate.out_features == up.out_features)):
+            return FFNBlock(name, _join(name, "up_proj"), _join(name, "down_proj"), act,
+                            _join(name, "gate_proj") if gate is not None else None, up.out_features)
+    up, down, act = getattr(m, "c_fc", None), getattr(m, "c_proj", None), getattr(m, "act", None)
+    if _is_conv1d(up) and _is_conv1d(down) and callable(act) and up.nf == down.nx:
+        return FFNBlock(name, _join(name, "c_fc"), _join(name, "c_proj"), act, size=up.nf)
+    return None
+
+
+_CANDIDATE_WORDS = ("attention", "mlp", "feedforward", "ffn", "intermediate")
+
+
+def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[FFNBlock], list[str]]:
+    """The attention and FFN blocks of ``model``, and modules that look like blocks but were not recognised.
+
+    Raises :class:`SparseforgeError` when no block at all is recognised,
+    naming the first module that looks like an attention or MLP block.
+    """
+    attn: list[AttentionBlock] = []
+    ffn: list[FFNBlock] = []
+    covered: list[str] = []
+    for name, m in model.named_modules():
+        if any(name == c or name.startswith(c + ".") for c in covered):
+            continue
+        a = _bert_attention(name, m) or _llama_attention(name, m) or _gpt2_attention(name, m)
+        if a is not None:
+            attn.append(a)
+            if a.style == "bert":  # the output/self children belong to it; the layer's FFN is elsewhere
+                covered.append(name)
+            continue
+        f = _ffn(name, m)
+        if f is not None:
+            ffn.append(f)
+            if f.up.startswith(_join(name, "intermediate")):
+                covered += [_join(name, "intermediate"), _join(name, "output")]
+            else:
+                covered.append(name)
+    known = [b.name for b in attn] + [f.name for f in ffn]
+    unknown = [
+        f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+        if name and any(w in type(m).__name__.lower() for w in _CANDIDATE_WORDS)
+        and not any(name == k or name.startswith(k + ".") or k.startswith(name + ".") for k in known)
+    ]
+    if not attn and not ffn:
+        where = f"; first unrecognised module: {unknown[0]}" if unknown else ""
+        raise SparseforgeError(
+            f"compact: {type(model).__name__} has no attention or feed-forward block that sparseforge can "
+            f"compact (supported: {SUPPORTED}){where}"
+        )
+    return attn, ffn, unknown
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def _rows_zero(w: torch.Tensor) -> torch.Tensor:
+    return (w == 0).all(dim=1)
+
+
+def _bias(m: nn.Module) -> torch.Tensor | None:
+    b = getattr(m, "bias", None)
+    return b.detach() if isinstance(b, torch.Tensor) else None
+
+
+def _constant(m: nn.Module, lo: int = 0, n: int | None = None) -> torch.Tensor:
+    """Per output row ``lo..lo+n``: the bias where the row is all zero (0 without bias), NaN elsewhere."""
+    w = _w(m)
+    n = w.shape[0] - lo if n is None else n
+    b = _bias(m)
+    v = b[lo:lo + n].double().clone() if b is not None else torch.zeros(n, dtype=torch.float64, device=w.device)
+    v[~_rows_zero(w[lo:lo + n])] = float("nan")
+    return v
+
+
+def _act(act: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``act`` applied to the finite entries of ``v`` (in the model's dtype); NaN stays NaN."""
+    out = torch.full_like(v, float("nan"))
+    ok = ~torch.isnan(v)
+    if ok.any():
+        out[ok] = act(v[ok].to(dtype)).double()
+    return out
+
+
+def ffn_unit_values(model: nn.Module, f: FFNBlock) -> torch.Tensor:
+    """Each hidden unit's constant output (NaN where it depends on the input)."""
+    up = model.get_submodule(f.up)
+    dtype = up.weight.dtype
+    u = _constant(up)
+    if f.gate is None:
+        return _act(f.act, u, dtype)
+    g = _act(f.act, _constant(model.get_submodule(f.gate)), dtype)
+    value = g * u  # NaN unless both are constant
+    return torch.where((u == 0) | (g == 0), torch.zeros_like(value), value)
+
+
+def decide_ffn(model: nn.Module, f: FFNBlock) -> tuple[list[int], dict[int, float]]:
+    """Units to remove and the constants ``{unit: k}`` to fold into the down projection's bias."""
+    values = ffn_unit_values(model, f)
+    down = model.get_submodule(f.down)
+    col_zero = _rows_zero(_w(down).t())
+    has_bias = _bias(down) is not None
+    removable, folds = [], {}
+    for j in range(f.size):
+        v = float(values[j])
+        if v == 0.0 or bool(col_zero[j]):
+            removable.append(j)
+        elif v == v and has_bias:
+            removable.append(j)
+            folds[j] = v
+    if len(removable) == f.size:  # keep one unit so that no layer becomes empty
+        folds.pop(removable.pop(0), None)
+    return removable, folds
+
+
+def decide_heads(model: nn.Module, a: AttentionBlock) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
+    """KV groups to remove and ``(query head, value bias)`` pairs to fold into the output projection."""
+    d, r = a.head_dim, a.num_heads // a.num_kv_heads
+    v_mod, o_mod = model.get_submodule(a.v), model.get_submodule(a.o)
+    wv, wo = _w(v_mod), _w(o_mod)
+    bv = _bias(v_mod)
+    o_bias = _bias(o_mod) is not None
+    vo = a.offsets[2]
+    removable, folds = [], []
+    for g in range(a.num_kv_heads):
+        rows = slice(vo + g * d, vo + (g + 1) * d)
+        v_zero = bool((wv[rows] == 0).all())
+        b = bv[rows] if bv is not None else None
+        b_zero = b is None or bool((b == 0).all())
+        ok, pending = True, []
+        for h in range(g * r, (g + 1) * r):
+            if bool((wo[:, h * d:(h + 1) * d] == 0).all()) or (v_zero and b_zero):
+                continue
+            if v_zero and o_bias:
+                pending.append((h, b))
+                continue
+            ok = False
+            break
+        if ok:
+            removable.append(g)
+            folds += pending
+    if len(removable) == a.num_kv_heads:  # keep one head (KV group)
+        first = removable.pop(0)
+        folds = [f for f in folds if not first * r <= f[0] < (first + 1) * r]
+    return removable, folds
+
+
+# ---------------------------------------------------------------- slicing
+
+
+def _sliced_module(old: nn.Module, o: torch.Tensor | None, i: torch.Tensor | None) -> tuple[dict[str, Any], nn.Module]:
+    """The shape entry and a new Linear/Conv1D holding ``old``'s output rows ``o`` and input columns ``i``."""
+    if isinstance(old, nn.Linear):
+        from sparseforge.export.compact import _sliced
+
+        return _sliced(old, o, i)
+    from sparseforge.export.compact import _resized
+
+    entry = {"kind": "Conv1D", "nx": len(i) if i is not None else old.nx, "nf": len(o) if o is not None else old.nf}
+    new = _resized(old, entry)
+    w = old.weight.detach()  # [in, out]
+    w = w[:, o] if o is not None else w
+    w = w[i] if i is not None else w
+    with torch.no_grad():
+        new.weight.copy_(w)
+        new.bias.copy_(old.bias[o] if o is not None else old.bias)
+    new.train(old.training)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    new.bias.requires_grad_(old.bias.requires_grad)
+    return entry, new
+
+
+def _index(keep: list[int], width: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+    k = torch.tensor(keep, dtype=torch.long, device=device)
+    return (offset + k[:, None] * width + torch.arange(width, device=device)).reshape(-1)
+
+
+def _attr_values(model: nn.Module, a: AttentionBlock, heads: int, kv: int) -> dict[str, int]:
+    """The attention module's attributes that change with ``heads`` query / ``kv`` KV heads."""
+    m = model.get_submodule(a.attrs)
+    if a.style == "bert":
+        return {"num_attention_heads": heads, "all_head_size": heads * a.head_dim}
+    if a.style == "gpt2":
+        return {"num_heads": heads, "split_size": heads * a.head_dim}
+    values = {}
+    for attr, n in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        if isinstance(getattr(m, attr, None), int):
+            values[attr] = n
+    return values
+
+
+# ---------------------------------------------------------------- example input and check
+
+
+def example_inputs(model: nn.Module, example_input: Any = None) -> dict[str, torch.Tensor]:
+    """Keyword inputs for an HF model: ``example_input`` (a mapping such as a tokenizer's output, or a
+    tensor of token ids), or random token ids ``[2, 12]`` with the second sequence's last 3 tokens padded."""
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    if example_input is None:
+        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        if vocab <= 0:
+            raise SparseforgeError(
+                f"{type(model).__name__}'s config has no vocab_size; pass example_input (a dict of model inputs)"
+            )
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(min(vocab - 1, 5), vocab, (2, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    elif isinstance(example_input, torch.Tensor):
+        if example_input.is_floating_point():
+            raise SparseforgeError(
+                "example_input for a Hugging Face model is token ids (an integer tensor) or a dict of model "
+                "inputs, such as a tokenizer's output"
+            )
+        inputs = {"input_ids": example_input, "attention_mask": torch.ones_like(example_input)}
+    elif isinstance(example_input, Mapping):
+        inputs = dict(example_input)
+    else:
+        raise SparseforgeError(
+            f"example_input for a Hugging Face model must be token ids or a dict of inputs, not "
+            f"{type(example_input).__name__}"
+        )
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    first = out[0] if isinstance(out, tuple | list) else out.to_tuple()[0]
+    if not isinstance(first, torch.Tensor):
+        raise SparseforgeError(f"cannot check the compacted model: its first output is a {type(first).__name__}")
+    return first
+
+
+# ---------------------------------------------------------------- compact
+
+
+@torch.no_grad()
+def compact_transformer(model: nn.Module, example_input: Any = None, atol: float = 1e-4) -> CompactReport:
+    """Remove pruned attention heads and FFN hidden units from an HF ``PreTrainedModel``, in place.
+
+    The rules are in the module docstring: an FFN unit goes when its output is
+    zero, meets a zero column of the down projection, or is a constant folded
+    into the down projection's bias; a head (KV group under grouped-query
+    attention) goes when every query head of it contributes nothing (zero
+    output-projection columns, or zero value rows and bias; a value bias
+    alone is folded into the output bias). At least one head and one unit
+    stay per block. Called by :func:`sparseforge.compact`, which returns the
+    same :class:`~sparseforge.export.compact.CompactReport`.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` with exact zeros.
+        example_input: token ids, or a dict of inputs (``input_ids``,
+            ``attention_mask``, ...); default: random ids with padding.
+        atol: output tolerance relative to the output's largest magnitude
+            (plus ``atol`` absolute).
+
+    Raises:
+        SparseforgeError: no block is recognised (naming a module that looks
+            like one), or the outputs changed (the model is then restored).
+    """
+    from sparseforge.export.compact import SPEC_ATTR, CompactReport, _count, _set_module
+
+    attn, ffn, unknown = find_blocks(model)
+    inputs = example_inputs(model, example_input)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        reference = _first_output(model(**inputs))
+        report = CompactReport(params_before=_count(model))
+        out_keep: dict[str, torch.Tensor] = {}
+        in_keep: dict[str, torch.Tensor] = {}
+        attrs: dict[str, dict[str, int]] = {}
+        ffn_folds: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        head_folds: list[tuple[nn.Module, int, torch.Tensor, int]] = []
+
+        for a in attn:
+            entry = {"members": [a.name], "before": a.num_heads, "after": a.num_heads, "folded": 0,
+                     "blocked": list(a.blocked), "kv_before": a.num_kv_heads, "kv_after": a.num_kv_heads}
+            report.heads.append(entry)
+            if a.blocked:
+                continue
+            removed, folds = decide_heads(model, a)
+            if not removed:
+                continue
+            r, d = a.num_heads // a.num_kv_heads, a.head_dim
+            gone = set(removed)
+            kept_kv = [g for g in range(a.num_kv_heads) if g not in gone]
+            kept_q = [h for g in kept_kv for h in range(g * r, (g + 1) * r)]
+            entry.update(after=len(kept_q), kv_after=len(kept_kv), folded=len(folds))
+            q_rows, kv_rows = _index(kept_q, d, device), _index(kept_kv, d, device)
+            if a.style == "gpt2":
+                out_keep[a.q] = torch.cat([q_rows + a.offsets[0], kv_rows + a.offsets[1], kv_rows + a.offsets[2]])
+            else:
+                out_keep[a.q], out_keep[a.k], out_keep[a.v] = q_rows, kv_rows, kv_rows
+            in_keep[a.o] = q_rows
+            attrs[a.attrs] = _attr_values(model, a, len(kept_q), len(kept_kv))
+            o_mod = model.get_submodule(a.o)
+            head_folds += [(o_mod, h, b, d) for h, b in folds]
+
+        for f in ffn:
+            members = [f.up] + ([f.gate] if f.gate else [])
+            removed, folds = decide_ffn(model, f)
+            report.groups.append({"members": members, "consumers": [f.down], "before": f.size,
+                                  "after": f.size - len(removed), "folded": len(folds), "blocked": []})
+            if not removed:
+                continue
+            gone = set(removed)
+            keep = torch.tensor([j for j in range(f.size) if j not in gone], dtype=torch.long, device=device)
+            for n in members:
+                out_keep[n] = keep
+            in_keep[f.down] = keep
+            if folds:
+                down = model.get_submodule(f.down)
+                idx = torch.tensor(list(folds), dtype=torch.long, device=device)
+                ks = torch.tensor(list(folds.values()), dtype=torch.float64, device=device)
+                ffn_folds.append((down, idx, ks))
+
+        for name in unknown:
+            report.groups.append({"members": [name], "consumers": [], "before": 0, "after": 0, "folded": 0,
+                                  "blocked": [f"{name}: not a recognised block ({SUPPORTED}); left whole"]})
+
+        if not out_keep and not in_keep:
+            report.params_after = report.params_before
+            return report
+
+        # Fold constants into the consumers' biases (before slicing); keep the old biases to undo it.
+        saved_bias = {id(m): (m, m.bias.detach().clone()) for m, *_ in ffn_folds + head_folds}
+        for down, idx, ks in ffn_folds:
+            cols = _w(down)[:, idx].double()
+            down.bias.add_((cols @ ks).to(down.bias.dtype))
+        for o_mod, h, b, d in head_folds:
+            o_mod.bias.add_((_w(o_mod)[:, h * d:(h + 1) * d].double() @ b.double()).to(o_mod.bias.dtype))
+
+        originals: dict[str, nn.Module] = {}
+        built: dict[str, nn.Module] = {}
+        shapes: dict[str, dict[str, Any]] = {}
+        for name in sorted(set(out_keep) | set(in_keep)):
+            old = model.get_submodule(name)
+            shapes[name], built[name] = _sliced_module(old, out_keep.get(name), in_keep.get(name))
+            originals[name] = old
+        old_attrs = {name: {k: getattr(model.get_submodule(name), k) for k in vals} for name, vals in attrs.items()}
+        try:
+            for name, new in built.items():
+                _set_module(model, name, new)
+            for name, vals in attrs.items():
+                m = model.get_submodule(name)
+                for k, v in vals.items():
+                    setattr(m, k, v)
+                shapes[name] = {"kind": "attributes", "values": dict(vals)}
+            result = _first_output(model(**inputs))
+            diff = float((result - reference).abs().max()) if result.numel() else 0.0
+            tol = atol * (1.0 + float(reference.abs().max()))
+            if not diff <= tol:
+                raise SparseforgeError(
+                    f"compacting {type(model).__name__} changed its output by {diff:.3g} (tolerance {tol:.3g}); "
+                    "the model was left unchanged. Its attention or FFN forward probably reads a size that "
+                    "compact does not update; please report it"
+                )
+        except Exception:
+            for name, old in originals.items():
+                _set_module(model, name, old)
+            for name, vals in old_attrs.items():
+                m = model.get_submodule(name)
+                for k, v in vals.items():
+                    setattr(m, k, v)
+            for m, bias in saved_bias.values():
+                m.bias.copy_(bias)
+            raise
+        report.max_abs_diff = diff
+        report.shapes = shapes
+        report.params_after = _count(model)
+        setattr(model, SPEC_ATTR, dict(getattr(model, SPEC_ATTR, {})) | shapes)
+        return report
+    finally:
+        model.train(was_training)
