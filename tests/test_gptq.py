@@ -54,9 +54,9 @@ def test_gptq_keeps_sparsity_pattern_and_count() -> None:
     w[0] = 0.0  # an all-zero row
     h = 2 * x.T @ x / x.shape[0]
     res = obs_compress(w, h, bits=4, group_size=16)
-    assert torch.equal(res.weight != 0, w != 0)
-    assert torch.equal(res.keep, w != 0)
-    assert torch.equal(res.codes != 0, w != 0)
+    assert bool((res.weight[w == 0] == 0).all()) and torch.equal(res.keep, w != 0)
+    assert torch.equal(res.codes != 0, res.weight != 0)
+    assert float((res.weight != 0).sum()) > 0.9 * float((w != 0).sum())  # few kept weights round to 0
     # with the pruned weights pinned at zero, error feedback still beats plain RTN
     assert _rel_error(x, w, res.weight) < _rel_error(x, w, quantize_weight(w, 4, 16).dequantize())
 

@@ -38,8 +38,7 @@ def _reference(w: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Ten
             for i, v in enumerate(seg):
                 if v == 0:
                     continue
-                c = max(-qmax, min(qmax, int(torch.round(v / s))))
-                q[r, j * g + i] = c if c != 0 else (1 if v > 0 else -1)
+                q[r, j * g + i] = max(-qmax, min(qmax, int(torch.round(v / s))))
     return q.reshape(w.shape), scales
 
 
@@ -48,26 +47,23 @@ def _reference(w: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Ten
     rows=st.integers(1, 6), groups=st.integers(1, 4), group=st.sampled_from([1, 2, 4, 8]),
     density=st.floats(0.0, 1.0), bits=st.sampled_from([4, 8]), per_channel=st.booleans(), seed=st.integers(0, 99),
 )
-def test_rule_zeros_and_nonzeros(rows, groups, group, density, bits, per_channel, seed) -> None:
+def test_rule_zeros_stay_zero(rows, groups, group, density, bits, per_channel, seed) -> None:
     w = _sparse((rows, groups * group), density, seed)
     gs = None if per_channel else group
     qt = quantize_weight(w, bits=bits, group_size=gs)
     qmax = 2 ** (bits - 1) - 1
     assert qt.q.dtype == torch.int8 and tuple(qt.q.shape) == tuple(w.shape)
-    assert torch.equal(qt.q == 0, w == 0)                      # zeros -> 0, kept -> nonzero code
+    assert bool((qt.q[w == 0] == 0).all())                     # a pruned weight is never revived
     assert int(qt.q.abs().max()) <= qmax
     deq = qt.dequantize()
-    assert torch.equal(deq == 0, w == 0)                      # exact nonzero pattern after dequantization
-    assert torch.equal(torch.sign(deq), torch.sign(w))
+    assert bool((deq[w == 0] == 0).all())
+    assert bool((torch.sign(deq) * torch.sign(w) >= 0).all())  # no sign flips: 0 or the same sign
     ref_q, ref_s = _reference(w, bits, gs)
     assert torch.equal(qt.scale, ref_s)
     assert torch.equal(qt.q, ref_q)
-    # RTN error bound: half a step, except weights under half a step (moved up to the smallest code).
+    # RTN error bound: half a step everywhere (the group maximum is exact).
     step = qt.scale.repeat_interleave(w.shape[1] // qt.scale.shape[1], dim=1)
-    err = (deq - w).abs()
-    small = w.abs() < step / 2
-    assert bool((err[~small] <= step[~small] / 2 * (1 + 1e-6) + 1e-12).all())
-    assert bool((err[small] <= step[small]).all())
+    assert bool(((deq - w).abs() <= step / 2 * (1 + 1e-6) + 1e-12).all())
 
 
 def test_group_scales_ignore_other_groups_and_all_zero_group() -> None:
@@ -161,7 +157,7 @@ def test_embedding_tables_quantize_per_row_and_round_trip_through_sfz(tmp_path) 
     qt = quantization_of(model[0])
     assert qt is not None and qt.scale.shape == (50, 1)  # one scale per token
     assert torch.equal(model[0].weight, qt.dequantize())
-    assert bool((model[0].weight[3] == 0).all()) and int((model[0].weight != 0).sum()) == int((table != 0).sum())
+    assert bool((model[0].weight[3] == 0).all()) and bool((model[0].weight[table == 0] == 0).all())
     # Within half a step of the row's scale, except kept entries below half a step, which
     # take the smallest code (+-1) rather than 0: within a whole step.
     err = (model[0].weight - table).abs()

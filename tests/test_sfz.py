@@ -128,7 +128,7 @@ def test_random_shapes_and_densities_round_trip(tmp_path: Path, shape, density, 
     path = sf.save(model, tmp_path / "r.sfz", values=values)
     loaded = sf.load(path, _One(shape))
     got, want = loaded.layer.weight, model.layer.weight
-    assert torch.equal(got != 0, want != 0)
+    assert bool((got[want == 0] == 0).all())  # a pruned weight stays pruned
     if values == "fp32":
         assert torch.equal(got, want)
     elif values == "fp16":
@@ -139,7 +139,7 @@ def test_random_shapes_and_densities_round_trip(tmp_path: Path, shape, density, 
     # The bitmask is used exactly when it makes the tensor smaller.
     info = read_sfz(path)[1]["tensors"]["layer.weight"]
     vbits = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}[values]
-    n, nnz = want.numel(), int(want.count_nonzero())
+    n, nnz = want.numel(), int(got.count_nonzero())  # quantizing may round small kept weights to 0
     assert info["nnz"] == nnz
     assert (info["encoding"] == "bitmask") == ((n + 7) // 8 + -(-nnz * vbits // 8) < -(-n * vbits // 8))
 

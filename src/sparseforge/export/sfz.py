@@ -136,6 +136,10 @@ def _encode_weight(
         if qt is None:
             qt = quantize_weight(w, bits=8 if values == "int8" else 4, group_size=None, name=name)
         qt = QuantizedTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits, qt.group_size, qt.shape, qt.method)
+        # quantizing here can round small kept weights to 0: store what the codes hold
+        nz = qt.q != 0
+        info["nnz"] = nnz = int(nz.sum())
+        info["pattern"] = pattern_of(qt.dequantize())
         codes = qt.q.reshape(-1)
         if qt.bits == 4:
             kept, dense_vals = pack_int4(codes[nz.reshape(-1)]), pack_int4(codes)

@@ -23,8 +23,7 @@ applied at once per column, to the rest of the matrix once per block.
   updated value (pruning only).
 
 The grid is :mod:`sparseforge.quant.rtn`'s: symmetric, no zero point, zeros
-stay zero, kept weights never round to 0 (they get the smallest code of
-their sign); one scale per output channel (from the weight before any
+stay zero (a kept weight below half a step may round to 0 too); one scale per output channel (from the weight before any
 update, as GPTQ does) or per group of ``group_size`` inputs (from the
 group's current values when its first column is reached, or from the
 original weight with ``act_order``, whose column order would otherwise
@@ -116,10 +115,8 @@ def _check_args(cols: int, sparsity: float | None, n_m: tuple[int, int] | None, 
 
 
 def _grid(w: torch.Tensor, scale: torch.Tensor, qmax: int, kept: torch.Tensor) -> torch.Tensor:
-    """Codes of ``w`` on the symmetric grid; 0 where not kept; kept weights never 0."""
+    """Codes of ``w`` on the symmetric grid, 0 where not kept."""
     q = torch.clamp(torch.round(w / scale), -qmax, qmax)
-    sign = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
-    q = torch.where(q == 0, sign, q)
     return torch.where(kept, q, torch.zeros_like(q))
 
 

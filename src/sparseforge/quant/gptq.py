@@ -12,9 +12,8 @@ factor of its inverse, lazy updates in blocks of 128 columns; the solver is
 
 Composable with sparsity: a pruned weight stays exactly zero (its column
 update is the OBS update to the value 0, so the error of keeping it pruned is
-compensated as well) and a kept weight never rounds to zero, so the pattern
-and the count of nonzeros are unchanged; scales are computed over the kept
-weights. The codes are recorded on each module (``module.sparseforge_quant``,
+compensated as well), so quantization never revives a pruned weight; scales
+are computed over the kept weights. The codes are recorded on each module (``module.sparseforge_quant``,
 method ``"gptq"``), so :func:`sparseforge.save` with ``values="int4"`` stores
 them exactly.
 """

@@ -10,7 +10,6 @@ the fake-quantized weight::
 
     v   = clamp(w / s, -qmax, qmax)
     q   = round(v)                          # round half to even (torch.round)
-    q   = sign(w)  where w != 0 and q == 0  # a kept weight never becomes a pruned one (as rtn.py)
     w_q = q * s
 
 * **Initialisation** (LSQ): ``s = 2 * mean|w| / sqrt(qmax)`` over the *kept*
@@ -80,16 +79,15 @@ STEP_NAME = "weight_step"
 
 
 class _RoundSTE(torch.autograd.Function):
-    """``round`` (kept weights never to 0) forward, identity backward (the straight-through estimator)."""
+    """``round`` forward, identity backward (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        q = torch.round(v)
-        return torch.where((q == 0) & (w != 0), torch.sign(w), q)
+    def forward(ctx, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(v)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
+        return grad
 
 
 class _GradScale(torch.autograd.Function):
@@ -126,18 +124,18 @@ def lsq_fake_quantize(w: torch.Tensor, step: torch.Tensor, bits: int = 8) -> tor
 
     The rule, gradients and LSQ's gradient scale ``g = 1/sqrt(numel * qmax)``
     on ``step`` (``numel``: weights per step) are in the module docstring;
-    zeros give exactly 0 and kept weights a nonzero code.
+    zeros give exactly 0.
 
     Example:
         >>> w = torch.tensor([[0.0, 0.5, -1.0, 0.01]], requires_grad=True)
         >>> lsq_fake_quantize(w, torch.tensor([0.25]), bits=4).tolist()
-        [[0.0, 0.5, -1.0, 0.25]]
+        [[0.0, 0.5, -1.0, 0.0]]
     """
     qmax = _qmax(bits)
     numel_per_step = w.numel() // step.numel()
     s = _view(_GradScale.apply(step, 1.0 / math.sqrt(numel_per_step * qmax)), w)
     v = torch.clamp(w / s, -qmax, qmax)
-    return _RoundSTE.apply(v, w) * s
+    return _RoundSTE.apply(v) * s
 
 
 @torch.no_grad()
@@ -256,7 +254,7 @@ def qat_convert(model: nn.Module) -> nn.Module:
     """Turn every QAT layer back into a plain layer holding its quantized weight, with codes recorded; in place.
 
     For each layer prepared by :func:`qat_prepare`: codes
-    ``q = round(clamp(w/s, -qmax, qmax))`` (kept weights never 0), the weight
+    ``q = round(clamp(w/s, -qmax, qmax))``, the weight
     becomes ``q * s`` (bit-identical to the training forward's ``w_q``), the
     codes and steps are recorded as a
     :class:`~sparseforge.quant.QuantizedTensor` (``module.sparseforge_quant``,
@@ -279,7 +277,7 @@ def qat_convert(model: nn.Module) -> nn.Module:
         qmax = _qmax(bits)
         w = m.weight.detach()
         s = _view(step, w)
-        q = _RoundSTE.apply(torch.clamp(w / s, -qmax, qmax), w)
+        q = _RoundSTE.apply(torch.clamp(w / s, -qmax, qmax))
         m.weight.copy_(q * s)
         out = w.shape[0]
         scale = step.to(torch.float32).reshape(-1, 1).expand(out, 1).contiguous()
