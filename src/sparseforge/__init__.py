@@ -6,7 +6,7 @@ Schedule and an Update.
 """
 
 from sparseforge import allocation, distributed, methods, patterns, schedules, scores, targets, updates
-from sparseforge.allocation import ERK, LAMP, Allocation, Explicit, Global, Uniform
+from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.compact import CompactReport, compact, load_compacted
 from sparseforge.export.sparse_linear import SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Allocation", "Block", "Channel", "Constant", "Cubic", "DataError", "ERK", "Explicit", "GMP",
-    "Global", "GradientMagnitude", "HardPrune", "LAMP", "Linear", "Magnitude", "Method", "NM",
+    "Global", "GradientMagnitude", "HardPrune", "LAMP", "Linear", "Magnitude", "Method", "NM", "OWL",
     "OneShot", "Pattern", "Random", "SNIP", "Schedule", "Score", "SparseforgeError", "Sparsifier",
     "SparsityReport", "Target", "Taylor", "Uniform", "Unstructured", "Update", "allocation",
     "distributed", "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",

@@ -309,8 +309,76 @@ class Explicit(Allocation):
         return out
 
 
+def block_of(name: str) -> str:
+    """The repeated block a layer belongs to: its name up to the first numeric component
+    (``encoder.layer.3.attention.self.query`` -> ``encoder.layer.3``); the name itself when none."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+@dataclass(frozen=True)
+class OWL(Allocation):
+    """Outlier-weighted layerwise sparsity: blocks with more outlier scores are pruned less.
+
+    "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce for
+    Pruning LLMs to High Sparsity" (Yin et al., ICML 2024). Rule: for every
+    block ``l`` (the layers sharing a :func:`block_of` prefix), the outlier
+    ratio ``D_l`` is the share of its scores larger than ``m`` times their
+    mean over the block. The ratios are rescaled to span ``[0, 2 * lam]``,
+    shifted so that their mean is the model's density ``1 - sparsity``, and
+    each block's layers are pruned to ``1 - density_l``. So block sparsities
+    span ``2 * lam`` and average to ``sparsity`` over blocks (over weights
+    too when blocks are equal in size, as in a transformer); the paper's
+    ``[sparsity - lam, sparsity + lam]`` holds when the ratios are spread
+    evenly, and any block stays within ``sparsity +- 2 * lam``, as in the
+    reference code.
+
+    The scores are Wanda's ``|W_ij| * ||X_j||`` in the paper:
+    :func:`sparseforge.oneshot.prune_calibrated` computes them on the dense
+    model when given this allocation, whichever method then prunes.
+
+    Args:
+        m: outlier threshold as a multiple of the block's mean score. Default 5 (the paper's M).
+        lam: largest deviation from the model sparsity. Default 0.08 (the paper's lambda).
+    """
+
+    m: float = 5.0
+    lam: float = 0.08
+    needs_scores: bool = field(default=True, init=False, repr=False)
+
+    def outlier_ratios(self, names: Sequence[str], scores: Sequence[torch.Tensor]) -> dict[str, float]:
+        """``D_l`` per block, in first-appearance order."""
+        blocks: dict[str, list[torch.Tensor]] = {}
+        for name, sc in zip(names, scores):
+            blocks.setdefault(block_of(name), []).append(sc.detach().reshape(-1).to(torch.float64))
+        out = {}
+        for b, parts in blocks.items():
+            allv = torch.cat(parts)
+            out[b] = float((allv > self.m * allv.mean()).double().mean())
+        return out
+
+    def allocate(self, names, shapes, sparsity, scores=None, pattern=None) -> list[float]:
+        sparsity = check_sparsity(sparsity)
+        if scores is None:
+            raise SparseforgeError("OWL needs per-layer scores (Wanda's |W| * ||X||): use it through "
+                                   "sparseforge.oneshot.prune_calibrated, or pass scores")
+        if not 0.0 <= self.lam < 1.0 or self.m <= 0:
+            raise SparseforgeError(f"OWL needs m > 0 and 0 <= lam < 1, got m={self.m}, lam={self.lam}")
+        ratios = self.outlier_ratios(names, scores)
+        d = torch.tensor(list(ratios.values()), dtype=torch.float64)
+        spread = float(d.max() - d.min())
+        d = (d - d.min()) * (2 * self.lam / spread) if spread > 0 else torch.zeros_like(d)
+        density = d - d.mean() + (1.0 - sparsity)
+        per_block = dict(zip(ratios, (1.0 - density).clamp(0.0, 1.0).tolist()))
+        return [min(per_block[block_of(n)], _max_sparsity(math.prod(s), self.min_keep)) for n, s in zip(names, shapes)]
+
+
 ALLOCATIONS = {
     "uniform": Uniform,
+    "owl": OWL,
     "global": Global,
     "erk": ERK,
     "er": lambda: ERK(kernel=False),
@@ -319,7 +387,7 @@ ALLOCATIONS = {
 
 
 def as_allocation(spec: Allocation | str | Mapping[str, float] | None) -> Allocation:
-    """Parse ``uniform``, ``global``, ``erk``, ``er``, ``lamp``, a ``{glob: sparsity}`` dict, or pass one."""
+    """Parse ``uniform``, ``global``, ``erk``, ``er``, ``lamp``, ``owl``, a ``{glob: sparsity}`` dict, or pass one."""
     if spec is None:
         return Uniform()
     if isinstance(spec, Allocation):

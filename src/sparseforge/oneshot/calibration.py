@@ -52,7 +52,7 @@ from torch import nn
 from sparseforge.errors import SparseforgeError
 
 __all__ = [
-    "LayerStats", "ProcessFn", "find_blocks", "input_matrix", "run_model", "sequential", "set_weight_matrix",
+    "LayerStats", "ProcessFn", "find_blocks", "input_matrix", "is_linear_like", "run_model", "sequential", "set_weight_matrix",
     "weight_matrix",
 ]
 
@@ -60,6 +60,13 @@ __all__ = [
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 ``Conv1D`` is a Linear with its weight stored [in, out]
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether calibration supports the layer: Linear, transformers Conv1D, or Conv2d (ungrouped, integer padding)."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and not isinstance(module.padding, str)
+    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -1,0 +1,179 @@
+"""Wanda, SparseGPT and magnitude with calibration data, and OWL's layer-wise sparsity.
+
+The checks follow the published rules on small matrices: Wanda's mask is a
+per-row ranking of |W| * ||X||, SparseGPT reconstructs a layer's output
+better than magnitude and Wanda at the same sparsity, later layers are
+calibrated on the outputs of the already pruned earlier ones, and OWL's
+sparsities average to the target within +-lambda.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparseforge as sf
+from sparseforge.allocation import OWL, block_of
+from sparseforge.errors import SparseforgeError
+from sparseforge.oneshot import prune_calibrated, wanda_mask, wanda_score
+
+
+def correlated_inputs(rows: int, features: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with unequal feature scales and correlations, so the three methods disagree."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=g) / features**0.5
+    scale = torch.logspace(-1, 1, features)[torch.randperm(features, generator=g)]
+    return (torch.randn(rows, features, generator=g) @ mix + 0.3 * torch.randn(rows, features, generator=g)) * scale
+
+
+def test_wanda_mask_is_a_per_row_ranking():
+    g = torch.Generator().manual_seed(1)
+    w, norms = torch.randn(12, 40, generator=g), torch.rand(40, generator=g) * 5
+    score = wanda_score(w, norms)
+    keep = wanda_mask(score, 0.3)
+    for i in range(12):  # direct rule: the 12 (= int(40 * 0.3)) lowest of row i go
+        lowest = set(torch.argsort(w[i].abs() * norms).tolist()[:12])
+        assert set(torch.nonzero(~keep[i]).flatten().tolist()) == lowest
+    keep24 = wanda_mask(score, 0.5, "2:4")
+    groups = score.reshape(12, 10, 4)
+    expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(2, dim=2).indices, True)
+    assert torch.equal(keep24, expected.reshape(12, 40))
+
+
+def test_wanda_prunes_each_row_equally_and_uses_the_input_norms():
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 12)
+    x = correlated_inputs(256, 40)
+    w0 = layer.weight.detach().clone()
+    rep = prune_calibrated(layer, [x], "wanda", 0.5)
+    keep = layer.weight != 0
+    assert torch.equal(keep.sum(dim=1), torch.full((12,), 20))
+    assert torch.equal(keep, wanda_mask(wanda_score(w0, x.double().norm(dim=0).float()), 0.5))
+    assert torch.equal(layer.weight[keep], w0[keep])  # Wanda does not update kept weights
+    assert rep.achieved == 0.5 and rep.calibration_rows == 256
+    # the activation factor matters: magnitude alone keeps a different set
+    assert not torch.equal(keep, wanda_mask(w0.abs(), 0.5))
+
+
+def test_later_layers_are_calibrated_on_the_pruned_earlier_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 64))
+    dense = [p.detach().clone() for p in (model[0].weight, model[2].weight)]
+    x = correlated_inputs(200, 24)
+    prune_calibrated(model, [x], "wanda", 0.6)
+    hidden = torch.relu(model[0](x))  # first layer already pruned
+    expected = wanda_mask(wanda_score(dense[1], hidden.double().norm(dim=0).float()), 0.6)
+    assert torch.equal(model[2].weight != 0, expected)
+    dense_hidden = torch.relu(x @ dense[0].t() + model[0].bias)
+    assert not torch.equal(expected, wanda_mask(wanda_score(dense[1], dense_hidden.norm(dim=0)), 0.6))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_sparsegpt_reconstructs_the_layer_better_than_magnitude_and_wanda(pattern):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32, bias=False)
+    x = correlated_inputs(512, 64, seed=3)
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        layer = nn.Linear(64, 32, bias=False)
+        layer.load_state_dict(base.state_dict())
+        prune_calibrated(layer, [x], method, 0.5, pattern)
+        w = layer.weight.detach()
+        assert float((w == 0).float().mean()) == 0.5
+        if pattern != "unstructured":
+            n, m = map(int, pattern.split(":"))
+            assert torch.equal((w.reshape(32, -1, m) != 0).sum(-1), torch.full((32, 64 // m), n))
+        errors[method] = float((x @ base.weight.detach().t() - x @ w.t()).norm())
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 50, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(3)]
+    return model, batches
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_transformer_blocks_get_exact_nm_counts_and_the_rest_stays_dense(method):
+    model, batches = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = prune_calibrated(model, batches, method, pattern="2:4")
+    assert len(rep.layers) == 3 * 6 and all(n.startswith("encoder.layer.") for n in rep.layers)
+    for name, module in model.named_modules():
+        if name in rep.layers:
+            w = module.weight.detach()
+            assert torch.equal((w.reshape(w.shape[0], -1, 4) != 0).sum(-1), torch.full((w.shape[0], w.shape[1] // 4), 2))
+    for key, value in model.state_dict().items():  # embeddings, norms, biases, pooler untouched
+        if not any(key == f"{n}.weight" for n in rep.layers):
+            assert torch.equal(value, before[key]), key
+    assert rep.achieved == 0.5
+
+
+def test_owl_allocation_spans_lambda_and_averages_to_the_target():
+    names = [f"layers.{b}.{p}" for b in range(4) for p in ("q", "fc")]
+    shapes = [torch.Size([16, 16])] * len(names)
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(16, 16, generator=g) for _ in names]
+    scores[2][0, :5] = 100.0  # block 1 has outliers, block 3 more
+    scores[6][:3, :] = 100.0
+    owl = OWL(m=5.0, lam=0.08)
+    got = dict(zip(names, owl.allocate(names, shapes, 0.7, scores)))
+    per_block = {block_of(n): s for n, s in got.items()}
+    assert all(got[n] == per_block[block_of(n)] for n in names)  # one sparsity per block
+    assert sum(per_block.values()) / 4 == pytest.approx(0.7)
+    assert max(per_block.values()) - min(per_block.values()) == pytest.approx(0.16)
+    assert per_block["layers.3"] == min(per_block.values())  # most outliers: pruned least
+    with pytest.raises(SparseforgeError, match="scores"):
+        owl.allocate(names, shapes, 0.7, None)
+
+
+def test_owl_through_prune_calibrated_keeps_the_model_sparsity():
+    model, batches = tiny_bert()
+    norms: dict[str, torch.Tensor] = {}  # Wanda scores on the dense model, computed directly
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: norms.__setitem__(
+        n, norms.get(n, 0) + i[0].reshape(-1, i[0].shape[-1]).double().square().sum(0)))
+        for n, m in model.named_modules() if n.startswith("encoder.layer.") and isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    scores = [wanda_score(dict(model.named_modules())[n].weight.detach(), v.sqrt().float()) for n, v in norms.items()]
+    ratios = OWL().outlier_ratios(list(norms), scores)
+    rep = prune_calibrated(model, batches, "wanda", 0.7, allocation="owl")
+    blocks = {block_of(n): v["sparsity"] for n, v in rep.layers.items()}
+    assert max(blocks.values()) - min(blocks.values()) == pytest.approx(0.16)
+    assert sum(blocks.values()) / 3 == pytest.approx(0.7)
+    # more outliers, less pruning
+    assert sorted(blocks, key=blocks.get) == sorted(ratios, key=ratios.get, reverse=True)
+    # per-row rounding (int(32 * s) weights per row) costs at most one weight per row
+    assert 0.7 - 1 / 32 <= rep.achieved <= 0.7 + 1e-9
+
+
+def test_clear_errors():
+    model, batches = tiny_bert()
+    with pytest.raises(SparseforgeError, match="unknown one-shot method"):
+        prune_calibrated(model, batches, "obd")
+    with pytest.raises(SparseforgeError, match="N:M pattern fixes"):
+        prune_calibrated(model, batches, "wanda", pattern="2:4", allocation="owl")
+    with pytest.raises(SparseforgeError, match="not divisible by M=8"):
+        prune_calibrated(nn.Linear(12, 4), [torch.randn(8, 12)], "wanda", pattern="4:8")
+    with pytest.raises(SparseforgeError, match="unstructured and N:M"):
+        prune_calibrated(model, batches, "wanda", pattern="channel")
+
+
+def test_target_globs_select_hf_layers():
+    model, batches = tiny_bert()
+    rep = prune_calibrated(model, batches, "magnitude", 0.5, target=["*.intermediate.dense", "*.output.dense"])
+    assert sorted(rep.layers) == sorted(
+        [f"encoder.layer.{i}.intermediate.dense" for i in range(3)]
+        + [f"encoder.layer.{i}.output.dense" for i in range(3)]
+        + [f"encoder.layer.{i}.attention.output.dense" for i in range(3)])
+    assert sf.oneshot.METHODS == ("magnitude", "wanda", "sparsegpt")
