@@ -50,8 +50,16 @@ def arch_metadata(
     Default name: the zoo name of the model's class (None for other models);
     default kwargs: for a zoo model, every constructor argument that the model
     keeps as an attribute of the same name (``num_classes``, ``width``), so a
-    non-default model is rebuilt at its own size; else ``{}``.
+    non-default model is rebuilt at its own size; a ``transformers`` model
+    gets ``"hf"`` with its class name and config (:mod:`sparseforge.hf`); else ``{}``.
     """
+    if arch is None and arch_kwargs is None:
+        from sparseforge.export.transformer import is_hf_model
+
+        if is_hf_model(model):  # class and config, so the file rebuilds it (sparseforge.hf)
+            from sparseforge.hf import ARCH, arch_kwargs as hf_kwargs
+
+            return ARCH, hf_kwargs(model)
     arch = arch or arch_of(model)
     if arch_kwargs is None:
         arch_kwargs = {}
@@ -68,16 +76,21 @@ def model_for(path: str | os.PathLike[str], meta: dict[str, Any], model: nn.Modu
     ``meta`` has ``arch``, ``arch_kwargs`` and ``compact`` (the sizes of the
     modules :func:`sparseforge.compact` shrank, rebuilt here). Raises
     :class:`SparseforgeError` when no model is given and the file names no
-    zoo architecture.
+    zoo architecture nor a transformers model.
     """
     if model is None:
         if not meta.get("arch"):
             raise SparseforgeError(
                 f"{path} does not name a zoo architecture; pass the model to load it into"
             )
-        from sparseforge.zoo.models import build_model
+        from sparseforge.hf import ARCH, build_from_metadata
 
-        model = build_model(meta["arch"], **meta.get("arch_kwargs", {}))
+        if meta["arch"] == ARCH:
+            model = build_from_metadata(meta.get("arch_kwargs", {}))
+        else:
+            from sparseforge.zoo.models import build_model
+
+            model = build_model(meta["arch"], **meta.get("arch_kwargs", {}))
     if meta.get("compact"):
         from sparseforge.export.compact import resize_modules
 

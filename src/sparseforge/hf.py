@@ -1,0 +1,239 @@
+"""Hugging Face ``transformers`` models: load a model folder, save one, and keep them in sparseforge's files.
+
+Any ``transformers`` model with Linear (or GPT-2 ``Conv1D``) layers works:
+the one-shot methods (:func:`sparseforge.oneshot.prune_calibrated`) select
+its layers by module name (BERT-, GPT-2- and LLaMA-style names alike), and
+the pruned model leaves here in either of two forms:
+
+- :func:`save_pretrained`: a ``save_pretrained`` folder (dense tensors with
+  exact zeros) that ``transformers`` loads as usual, written atomically, with
+  a ``sparseforge.json`` beside it saying what was done;
+- sparseforge's checkpoint and ``.sfz`` files: the model's class and config
+  travel in the file's metadata (:func:`arch_kwargs`), so ``sf.load(path)``,
+  ``load_checkpoint`` and the CLI rebuild it without being given the model,
+  compacted ones included.
+
+Install with ``pip install 'sparseforge[hf]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseforge.errors import SparseforgeError
+from sparseforge.export.transformer import is_hf_model
+
+__all__ = [
+    "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "is_causal_lm", "is_pretrained_dir", "load_pretrained",
+    "quality", "save_pretrained", "sentence_embeddings",
+]
+
+#: the ``arch`` name sparseforge files give a transformers model
+ARCH = "hf"
+HF_HINT = "install the Hugging Face extra: pip install 'sparseforge[hf]'"
+METADATA_FILE = "sparseforge.json"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise SparseforgeError(f"transformers is not installed: {HF_HINT}") from None
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Without transformers' per-file progress bars ("Loading weights", "Writing model shards")."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def is_pretrained_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder holding a ``config.json`` (a ``save_pretrained`` folder)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def _model_class(transformers: Any, config: Any) -> Any:
+    """The class named first in the config's ``architectures``; ``AutoModel`` when none is named."""
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_pretrained(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
+    """Load a ``save_pretrained`` folder offline: (model in eval mode, float32; tokenizer or None).
+
+    The model class is the first of the config's ``architectures`` (so a
+    causal LM keeps its LM head), else ``AutoModel``. Raises
+    :class:`SparseforgeError` when the folder does not exist or holds no
+    ``config.json``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SparseforgeError(f"model folder {p} does not exist")
+    if not is_pretrained_dir(p):
+        raise SparseforgeError(f"{p} is not a Hugging Face model folder (no config.json in it)")
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    cls = _model_class(transformers, config)
+    try:
+        with _quiet_progress():
+            model = cls.from_pretrained(str(p), local_files_only=True, dtype="float32")
+    except OSError as e:
+        raise SparseforgeError(f"cannot load the model in {p}: {e}") from None
+    tokenizer = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, TypeError):  # a folder without tokenizer files: fine for weights-only use
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def save_pretrained(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    tokenizer: Any = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) with ``save_pretrained`` into ``out_dir``, atomically.
+
+    The folder is written beside ``out_dir`` under a temporary name and
+    renamed into place, so a crash leaves any earlier folder whole.
+    ``metadata`` (e.g. the pruning report) goes to ``sparseforge.json``.
+    Weights are dense safetensors with exact zeros. A model whose layers
+    :func:`sparseforge.compact` resized cannot be described by its config
+    (sizes differ per layer): that is an error pointing to
+    :func:`sparseforge.save` instead.
+    """
+    if not is_hf_model(model):
+        raise SparseforgeError(f"save_pretrained needs a transformers model, not {type(model).__name__}")
+    if getattr(model, "sparseforge_compact", None):
+        raise SparseforgeError("a compacted transformers model has per-layer sizes its config cannot state: "
+                               "save it with sparseforge.save (or save_checkpoint) instead")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SparseforgeError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    old = out.parent / f".{out.name}.old"
+    try:
+        with _quiet_progress():
+            model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def arch_kwargs(model: nn.Module) -> dict[str, Any]:
+    """What sparseforge files store to rebuild a transformers model: its class name and config."""
+    return {"class": type(model).__name__, "config": model.config.to_dict()}
+
+
+def build_from_metadata(kwargs: dict[str, Any]) -> nn.Module:
+    """A freshly initialised transformers model of the class and config in ``kwargs`` (see :func:`arch_kwargs`)."""
+    transformers = _transformers()
+    cls = getattr(transformers, str(kwargs.get("class", "")), None)
+    if cls is None or "config" not in kwargs:
+        raise SparseforgeError(f"the file names transformers class {kwargs.get('class')!r}, which this "
+                               f"transformers {transformers.__version__} does not have")
+    config = cls.config_class.from_dict(dict(kwargs["config"]))
+    return cls(config).eval()
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` predicts the next token (a ``...ForCausalLM`` or ``...LMHeadModel`` class)."""
+    name = type(model).__name__
+    return is_hf_model(model) and (name.endswith("ForCausalLM") or name.endswith("LMHeadModel"))
+
+
+@torch.no_grad()
+def sentence_embeddings(
+    model: nn.Module, tokenizer: Any, texts: list[str] | tuple[str, ...], batch_size: int = 32, max_length: int = 256,
+) -> torch.Tensor:
+    """L2-normalised, attention-mask-weighted mean of an encoder's last hidden states, one row per text.
+
+    The pooling of sentence-transformers models such as all-MiniLM-L6-v2
+    (measured: cosine 1.0000 to sentence-transformers' own encoding).
+    Sequences are truncated at ``max_length`` (default 256) tokens.
+    """
+    out = []
+    texts = list(texts)
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(out)
+
+
+@dataclass
+class Quality:
+    """A transformers model's quality on held-out texts: perplexity (causal LM) or embedding fidelity (encoder)."""
+
+    texts: int
+    perplexity: float | None = None
+    mean_cosine: float | None = None
+    min_cosine: float | None = None
+    embeddings: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in (("texts", self.texts), ("perplexity", self.perplexity),
+                                  ("mean_cosine", self.mean_cosine), ("min_cosine", self.min_cosine)) if v is not None}
+
+
+def quality(
+    model: nn.Module, tokenizer: Any, texts: list[str], seq_len: int = 128, reference: Quality | None = None,
+    max_windows: int = 64,
+) -> Quality:
+    """Measure ``model`` on held-out ``texts``.
+
+    A causal LM (:func:`is_causal_lm`): perplexity over the texts joined into
+    one token stream, in windows of ``seq_len`` tokens (at most
+    ``max_windows``, default 64). Any other model: its
+    :func:`sentence_embeddings`, and, given the dense model's ``reference``,
+    the mean and minimum cosine similarity to the reference embeddings.
+    """
+    if is_causal_lm(model):
+        from sparseforge.zoo.causal_lm import perplexity
+
+        return Quality(len(texts), perplexity=perplexity(model, tokenizer, texts, seq_len, max_windows=max_windows))
+    emb = sentence_embeddings(model, tokenizer, texts)
+    q = Quality(len(texts), embeddings=emb)
+    if reference is not None and reference.embeddings is not None:
+        cos = (emb * reference.embeddings).sum(-1)
+        q.mean_cosine, q.min_cosine = float(cos.mean()), float(cos.min())
+    return q
