@@ -177,3 +177,26 @@ def test_target_globs_select_hf_layers():
         + [f"encoder.layer.{i}.output.dense" for i in range(3)]
         + [f"encoder.layer.{i}.attention.output.dense" for i in range(3)])
     assert sf.oneshot.METHODS == ("magnitude", "wanda", "sparsegpt")
+
+
+def test_essential_sparsity_finds_the_knee_and_leaves_the_model_alone():
+    from sparseforge.oneshot import essential_sparsity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def quality(m):  # free up to 42% of the weights pruned, then falls
+        s = sf.report(m).sparsity
+        return 1.0 - 5.0 * max(0.0, s - 0.42)
+
+    levels = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    curve = essential_sparsity(model, quality, levels)
+    assert curve.essential == 0.4 and curve.dense == 1.0
+    assert curve.values[:4] == [1.0] * 4 and curve.values[4] < 0.99
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # lower-is-better metrics (perplexity) read the same way
+    worse = essential_sparsity(model, lambda m: 10.0 / quality(m), levels, higher_is_better=False)
+    assert worse.essential == 0.4
+    with pytest.raises(SparseforgeError, match="ascending"):
+        essential_sparsity(model, quality, [0.5, 0.3])
