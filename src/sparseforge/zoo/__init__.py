@@ -8,9 +8,14 @@
 - :mod:`~sparseforge.zoo.superres`: x2 super-resolution on the natural images
   of ``skimage.data`` (split by image), :class:`ESPCN`, PSNR.
 - :mod:`~sparseforge.zoo.text`: English texts from Debian's ``fortunes``,
-  split by hash into calibration and evaluation sets.
+  split by hash into calibration and evaluation sets; topic-labelled entries
+  (:func:`~sparseforge.zoo.text.labelled_fortunes`) and token windows for
+  calibration with any Hugging Face tokenizer.
 - :mod:`~sparseforge.zoo.minilm`: the pretrained all-MiniLM-L6-v2 sentence
   encoder, offline (the ``hf`` extra), and sentence embeddings.
+- :mod:`~sparseforge.zoo.causal_lm`: a small LLaMA-style causal language
+  model (3.4M parameters, byte-level BPE) trained on the fortunes and cached
+  on first use, and :func:`~sparseforge.zoo.causal_lm.perplexity`.
 """
 
 from __future__ import annotations
