@@ -17,6 +17,7 @@ EPILOG = """examples:
   sparseforge inspect runs/demo-lenet300-*/model.safetensors
   sparseforge prune model.safetensors --sparsity 0.5 --pattern 2:4 --out pruned.safetensors
   sparseforge prune model.safetensors --score snip --sparsity 0.8 --allocation global --out pruned.safetensors
+  sparseforge prune ./hf-model --method sparsegpt --pattern 2:4 --calibration texts/ --out ./hf-model-2of4
   sparseforge compact pruned.safetensors --out small.safetensors   # remove channels pruned with --pattern channel
   sparseforge export pruned.safetensors --out model.sfz --values fp16   # bitmask + packed values
   sparseforge quantize pruned.safetensors --out model-int8.sfz --scheme int8
@@ -57,24 +58,36 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
-        help="prune a saved checkpoint once (score, sparsity, pattern, allocation)",
+        help="prune a checkpoint or a Hugging Face model once (magnitude, Wanda, SparseGPT, MaskLLM; any score)",
         description=(
-            "One-shot pruning of a checkpoint written by sparseforge (e.g. the demo's model.safetensors). "
-            "Gradient scores (gradient, snip, taylor) use Fashion-MNIST training batches for calibration."
+            "One-shot pruning. With --method (magnitude, wanda, sparsegpt, maskllm), or when MODEL is a Hugging Face "
+            "model folder, the layers are pruned block by block on calibration text (--calibration: a text file "
+            "or a folder of them, '%%'-separated fortune files or blank-line-separated paragraphs; default: "
+            "Debian's fortunes), and the report gives the quality on held-out text: perplexity for a causal LM, "
+            "mean cosine of sentence embeddings to the dense model for an encoder. Without --method a "
+            "sparseforge checkpoint is pruned by --score (gradient scores use Fashion-MNIST batches)."
         ),
     )
-    p.add_argument("checkpoint", help="a sparseforge .safetensors checkpoint")
-    p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
-    p.add_argument("--score", default="magnitude", help="magnitude (default), random, gradient, snip, taylor")
+    p.add_argument("model", help="a Hugging Face model folder (with config.json) or a sparseforge checkpoint")
+    p.add_argument("--out", required=True,
+                   help="where to write: a folder (save_pretrained, for a Hugging Face model), or a file: "
+                        ".sfz (compressed) or .safetensors (checkpoint)")
+    p.add_argument("--method", default=None, choices=("magnitude", "wanda", "sparsegpt", "maskllm"),
+                   help="one-shot method with calibration data (default for a Hugging Face folder: wanda)")
+    p.add_argument("--score", default="magnitude", help="without --method: magnitude (default), random, gradient, snip, taylor")
     p.add_argument("--sparsity", type=float, default=None,
-                   help="fraction of the targeted weights to prune, in [0, 1); optional for N:M")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4), block:B, channel")
-    p.add_argument("--allocation", default="uniform", help="uniform (default), global, erk, er, lamp")
-    p.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="module name globs to prune (default: all Linear/Conv)")
+                   help="fraction of the targeted weights to prune, in [0, 1); optional for N:M (default 0.5 with --method)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4, 4:8), block:B, channel")
+    p.add_argument("--allocation", default="uniform", help="uniform (default), owl, global, erk, er, lamp")
+    p.add_argument("--include", nargs="+", default=None, metavar="GLOB",
+                   help="module name globs to prune (default: the Linear layers of a transformer's blocks; all Linear/Conv otherwise)")
     p.add_argument("--exclude", nargs="+", default=(), metavar="GLOB", help="module name globs to leave dense")
-    p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient scores (default 8)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for calibration")
-    p.add_argument("--seed", type=int, default=0, help="seed of random scores and calibration batches (default 0)")
+    _add_text_calibration(p, 128)
+    p.add_argument("--maskllm-steps", type=int, default=200, help="MaskLLM training steps (default 200)")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="Fashion-MNIST batches of 128 for a zoo model's calibration (default 8)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for a zoo model's calibration")
+    p.add_argument("--seed", type=int, default=0, help="seed of random scores and calibration samples (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -98,8 +111,8 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
             "stores the new layer sizes (inspect and load rebuild them)."
         ),
     )
-    p.add_argument("checkpoint", help="a sparseforge .safetensors checkpoint")
-    p.add_argument("--out", required=True, help="where to write the compacted checkpoint")
+    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
+    p.add_argument("--out", required=True, help="where to write the compacted checkpoint (.safetensors)")
     p.add_argument("--json", action="store_true", help="print the compaction report as JSON")
 
 
@@ -108,13 +121,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export",
         help="write a checkpoint as a compressed .sfz file (bitmask + packed values) or plain safetensors",
         description=(
-            "Convert a sparseforge checkpoint (.safetensors or .sfz) to --format sfz (Linear/Conv weights as "
-            "a bitmask plus the packed nonzero values, see sparseforge.save) or safetensors (plain, dense)."
+            "Convert a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder to --format sfz "
+            "(Linear/Conv weights as a bitmask plus the packed nonzero values, see sparseforge.save), safetensors "
+            "(plain, dense) or hf (a transformers save_pretrained folder, dense with exact zeros)."
         ),
     )
-    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz)")
+    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="where to write the result")
-    p.add_argument("--format", default="sfz", choices=("sfz", "safetensors"), help="(default sfz)")
+    p.add_argument("--format", default="sfz", choices=("sfz", "safetensors", "hf"),
+                   help="(default sfz); hf: a save_pretrained folder (transformers models)")
     p.add_argument("--values", default="fp16", choices=("fp16", "fp32", "int8", "int4"),
                    help="sfz weight values: fp16 (default), fp32 (exact), int8/int4 (codes + per-channel scales)")
 
@@ -131,7 +146,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
             "checkpoint of the dequantized weights."
         ),
     )
-    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz)")
+    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="where to write the quantized checkpoint (.sfz: compressed)")
     p.add_argument("--scheme", default="int8", choices=("int8", "int4", "gptq-int8", "gptq-int4"),
                    help="(default int8)")
@@ -139,7 +154,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="inputs per scale along the input dimension (bare flag: 128; default: one scale per output channel)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--calibration-batches", type=int, default=4,
-                   help="GPTQ: batches of 128 Fashion-MNIST training images (default 4)")
+                   help="GPTQ on a zoo model: batches of 128 Fashion-MNIST training images (default 4)")
+    _add_text_calibration(p, 128)
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for GPTQ calibration")
     p.add_argument("--seed", type=int, default=0, help="GPTQ: which calibration images (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -185,6 +201,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparseforge.hf import is_pretrained_dir
+
+    if not Path(args.model).exists():
+        raise SparseforgeError(f"{args.model} does not exist: pass a Hugging Face model folder (with config.json) "
+                               "or a sparseforge checkpoint")
+    if args.method is not None or is_pretrained_dir(args.model):
+        return _prune_calibrated(args)
     import torch
 
     from sparseforge.export.checkpoint import load_checkpoint, save_checkpoint
@@ -192,7 +217,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from sparseforge.scores import Random, as_score
     from sparseforge.targets import Target
 
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(args.model)
     score = Random(seed=args.seed) if str(args.score).lower() == "random" else as_score(args.score)
     calibration = None
     if score.needs_grad:
@@ -205,13 +230,139 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                 target=target, calibration=calibration)
     extra = dict(meta["extra"]) | {
         "pruned": {"score": str(score), "sparsity": rep.sparsity, "pattern": args.pattern,
-                   "allocation": args.allocation, "source": str(args.checkpoint)}
+                   "allocation": args.allocation, "source": str(args.model)}
     }
     save_checkpoint(model, args.out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
     _print_report(rep, args.json)
     if not args.json:
         print(f"wrote {args.out}")
     return 0
+
+
+def _target(args: argparse.Namespace):
+    from sparseforge.targets import Target
+
+    if not args.include and not args.exclude:
+        return None  # the method's default: the layers inside the repeated blocks
+    return Target(include=tuple(args.include) if args.include else ("*",), exclude=tuple(args.exclude))
+
+
+def _prune_calibrated(args: argparse.Namespace) -> int:
+    """Wanda / SparseGPT / magnitude / MaskLLM with calibration text (or Fashion-MNIST for a zoo model)."""
+    import torch
+
+    from sparseforge.hf import ARCH, quality
+    from sparseforge.oneshot.calibrated import prune_calibrated
+
+    method = args.method or "wanda"
+    model, meta = _load_any(args.model)
+    tokenizer = meta.get("tokenizer")
+    hf = meta["arch"] == ARCH
+    if hf:
+        tokenizer, batches, held_out = _text_calibration(args, meta)
+    else:
+        batches = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
+        tokenizer, held_out = None, []
+    show = not args.json
+    before = quality(model, tokenizer, held_out, seq_len=args.seq_len) if hf else None
+    torch.manual_seed(args.seed)
+    if method == "maskllm":
+        from sparseforge.methods.maskllm import prune_maskllm
+
+        rep = prune_maskllm(model, batches, pattern=args.pattern, steps=args.maskllm_steps, target=_target(args),
+                            progress=show)
+    else:
+        rep = prune_calibrated(model, batches, method, args.sparsity, args.pattern, args.allocation,
+                               _target(args), progress=show)
+    result = rep.to_dict()
+    if hf:
+        after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
+        result["quality"] = {"dense": before.to_dict(), "pruned": after.to_dict()}
+    result |= {"source": str(args.model), "calibration": str(args.calibration or "fortunes"),
+               "samples": args.samples, "seq_len": args.seq_len}
+    _save_pruned(model, tokenizer, args.out, meta, result)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items()}, indent=2))
+    else:
+        print(_calibrated_table(result))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _text_calibration(args: argparse.Namespace, meta: dict) -> tuple:
+    """(tokenizer, calibration batches, held-out texts) for a transformers model, from --calibration text."""
+    from sparseforge.zoo.text import calibration_batches, read_texts, split_texts
+
+    tokenizer = meta.get("tokenizer")
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise SparseforgeError(f"cannot load a tokenizer from {args.tokenizer}: {e}") from None
+    if tokenizer is None:
+        raise SparseforgeError(f"{args.model if hasattr(args, 'model') else args.checkpoint} has no tokenizer: "
+                               "pass --tokenizer <folder of the model's tokenizer>")
+    for name, value in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--eval-texts", args.eval_texts)):
+        if int(value) < 1:
+            raise SparseforgeError(f"{name} must be >= 1, got {value}")
+    split = split_texts(read_texts(args.calibration))
+    batches = calibration_batches(tokenizer, split.calibration, args.samples, args.seq_len, seed=args.seed)
+    return tokenizer, batches, split.evaluation[:args.eval_texts]
+
+
+def _add_text_calibration(p: argparse.ArgumentParser, samples: int) -> None:
+    p.add_argument("--calibration", default=None, metavar="PATH",
+                   help="transformers models: calibration text, a file or a folder of text files "
+                        "(default: /usr/share/games/fortunes); a tenth is held out for the quality report")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder, for a transformers model stored in a sparseforge checkpoint")
+    p.add_argument("--samples", type=int, default=samples, help=f"calibration sequences (default {samples})")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--eval-texts", type=int, default=256, help="held-out texts for the quality report (default 256)")
+
+
+def _save_pruned(model, tokenizer, out: str, meta: dict, result: dict) -> None:
+    from sparseforge.export.checkpoint import save_checkpoint
+    from sparseforge.export.sfz import save
+
+    extra = dict(meta.get("extra") or {}) | {"pruned": {k: v for k, v in result.items() if k != "layers"}}
+    if out.endswith(".sfz"):
+        save(model, out, values="fp32", arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    elif out.endswith(".safetensors"):
+        save_checkpoint(model, out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    elif meta["arch"] != "hf":
+        raise SparseforgeError(f"--out {out}: a zoo model is written to a .safetensors or .sfz file")
+    else:
+        from sparseforge.hf import save_pretrained
+
+        save_pretrained(model, out, tokenizer, metadata=result)
+
+
+def _calibrated_table(result: dict) -> str:
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{result['method']} {result['pattern']}: {result['achieved']:.2%} of "
+                    f"{len(result['layers'])} layers' weights pruned in {result['seconds']:.1f} s")
+    for col in ("layer", "sparsity", "weights"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for name, v in result["layers"].items():
+        t.add_row(name, f"{v['zeros'] / v['numel']:.2%}", f"{int(v['numel']):,}")
+    buf = io.StringIO()
+    console = Console(file=buf, width=110, force_terminal=False, color_system=None)
+    console.print(t)
+    q = result.get("quality")
+    if q:
+        for key in q["pruned"]:
+            if key in q["dense"] and key != "texts":
+                console.print(f"{key}: dense {q['dense'][key]:.4g} -> pruned {q['pruned'][key]:.4g}")
+            elif key not in q["dense"]:
+                console.print(f"{key}: {q['pruned'][key]:.4g}")
+    return buf.getvalue().rstrip()
 
 
 def _fashion_calibration(data_dir: str | None, seed: int, batches: int) -> list:
@@ -224,11 +375,16 @@ def _fashion_calibration(data_dir: str | None, seed: int, batches: int) -> list:
 
 
 def _load_any(path: str):
-    """(model, metadata) of a sparseforge checkpoint in either format, told apart by its metadata
-    (a file named ``.sfz`` that is not one gets the sfz reader's error)."""
+    """(model, metadata) of a Hugging Face model folder or a sparseforge checkpoint in either format, told
+    apart by its metadata (a file named ``.sfz`` that is not one gets the sfz reader's error). A model
+    folder's metadata also holds its ``tokenizer`` (or None)."""
     from sparseforge.export.checkpoint import load_checkpoint
     from sparseforge.export.sfz import is_sfz, load_sfz
+    from sparseforge.hf import ARCH, arch_kwargs, is_pretrained_dir, load_pretrained
 
+    if is_pretrained_dir(path):
+        model, tokenizer = load_pretrained(path)
+        return model, {"arch": ARCH, "arch_kwargs": arch_kwargs(model), "extra": {}, "tokenizer": tokenizer}
     return load_sfz(path) if is_sfz(path) or str(path).endswith(".sfz") else load_checkpoint(path)
 
 
@@ -264,7 +420,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                     "tensors": {k: {f: v for f, v in info.items() if f != "sha256"} for k, info in tensors.items()}}
         print(json.dumps(out, indent=2))
     else:
-        print(f"{args.checkpoint}: {meta['arch'] or 'custom model'}")
+        arch = meta["arch"] or "custom model"
+        if arch == "hf":
+            arch = f"transformers {meta['arch_kwargs'].get('class', 'model')}"
+        print(f"{args.checkpoint}: {arch}")
         _print_report(rep, False)
         if tensors is not None:
             print(_sfz_table(meta), end="")
@@ -277,51 +436,74 @@ def _write(model, out: str, meta: dict, fmt: str, values: str, extra: dict) -> N
 
     if fmt == "sfz":
         save(model, out, values=values, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    elif fmt == "hf":
+        from sparseforge.hf import save_pretrained
+
+        save_pretrained(model, out, meta.get("tokenizer"), metadata=extra)
     else:
         save_checkpoint(model, out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import os
+    from pathlib import Path
+
+    def size(path: str) -> int:
+        p = Path(path)
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
     model, meta = _load_any(args.checkpoint)
     _write(model, args.out, meta, args.format, args.values, dict(meta["extra"]))
-    size = os.path.getsize(args.out)
     print(f"wrote {args.out} ({args.format}{', ' + args.values + ' values' if args.format == 'sfz' else ''}, "
-          f"{size:,} bytes; {args.checkpoint}: {os.path.getsize(args.checkpoint):,} bytes)")
+          f"{size(args.out):,} bytes; {args.checkpoint}: {size(args.checkpoint):,} bytes)")
     return 0
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from sparseforge.hf import ARCH, quality
     from sparseforge.quant.rtn import quantize_
     from sparseforge.report import report
 
     scheme = str(args.scheme).lower()
     model, meta = _load_any(args.checkpoint)
+    hf = meta["arch"] == ARCH
+    held_out: list[str] = []
+    if hf:
+        tokenizer, batches, held_out = _text_calibration(args, meta)
+        before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
     if scheme.startswith("gptq"):
         from sparseforge.quant.gptq import gptq_
 
-        if int(args.calibration_batches) < 1:
-            raise SparseforgeError("--calibration-batches must be >= 1")
-        gptq_(model, _fashion_calibration(args.data_dir, args.seed, args.calibration_batches), scheme,
-              args.group_size, act_order=args.act_order, progress=not args.json)
+        if hf:
+            calibration = batches
+        else:
+            if int(args.calibration_batches) < 1:
+                raise SparseforgeError("--calibration-batches must be >= 1")
+            calibration = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
+        gptq_(model, calibration, scheme, args.group_size, act_order=args.act_order, progress=not args.json)
     else:
         quantize_(model, scheme, group_size=args.group_size)
+    if hf:
+        after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
+        meta["extra"] = dict(meta["extra"]) | {"quality": {"dense": before.to_dict(), "quantized": after.to_dict()}}
     extra = dict(meta["extra"]) | {"quantized": {"scheme": scheme, "group_size": args.group_size,
                                                  "source": str(args.checkpoint)}}
     fmt = "sfz" if str(args.out).endswith(".sfz") else "safetensors"
     _write(model, args.out, meta, fmt, scheme.removeprefix("gptq-"), extra)
     _print_report(report(model), args.json)
+    if hf and not args.json:
+        print(f"quality on {after.texts} held-out texts: " + ", ".join(
+            f"{k} dense {before.to_dict()[k]:.4g} -> quantized {v:.4g}" if k in before.to_dict() else f"{k} {v:.4g}"
+            for k, v in after.to_dict().items() if k != "texts"))
     if not args.json:
         print(f"wrote {args.out} ({scheme}, {'per channel' if args.group_size is None else f'groups of {args.group_size}'}, {fmt})")
     return 0
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from sparseforge.export.checkpoint import load_checkpoint, save_checkpoint
+    from sparseforge.export.checkpoint import save_checkpoint
     from sparseforge.export.compact import compact
 
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = _load_any(args.checkpoint)
     rep = compact(model)
     extra = dict(meta["extra"]) | {"compacted": {"source": str(args.checkpoint), "params_before": rep.params_before,
                                                  "params_after": rep.params_after}}

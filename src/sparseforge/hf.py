@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseforge.errors import SparseforgeError
+from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.transformer import is_hf_model
 
 __all__ = [
     "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "is_causal_lm", "is_pretrained_dir", "load_pretrained",
-    "quality", "save_pretrained", "sentence_embeddings",
+    "perplexity", "quality", "save_pretrained", "sentence_embeddings",
 ]
 
 #: the ``arch`` name sparseforge files give a transformers model
@@ -115,12 +116,14 @@ def save_pretrained(
     out_dir: str | os.PathLike[str],
     tokenizer: Any = None,
     metadata: dict[str, Any] | None = None,
+    metadata_file: str = METADATA_FILE,
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) with ``save_pretrained`` into ``out_dir``, atomically.
 
     The folder is written beside ``out_dir`` under a temporary name and
     renamed into place, so a crash leaves any earlier folder whole.
-    ``metadata`` (e.g. the pruning report) goes to ``sparseforge.json``.
+    ``metadata`` (e.g. the pruning report) goes to ``metadata_file``
+    (default ``sparseforge.json``).
     Weights are dense safetensors with exact zeros. A model whose layers
     :func:`sparseforge.compact` resized cannot be described by its config
     (sizes differ per layer): that is an error pointing to
@@ -145,7 +148,7 @@ def save_pretrained(
             model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2) + "\n")
+        (tmp / metadata_file).write_text(json.dumps(metadata or {}, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
@@ -200,6 +203,70 @@ def sentence_embeddings(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer_or_tokens: Any,
+    texts: Sequence[str] | None = None,
+    seq_len: int = 128,
+    max_windows: int | None = None,
+    batch_size: int = 16,
+) -> float:
+    """Perplexity of a causal LM on text: ``exp`` of the mean next-token negative log-likelihood.
+
+    The rule: the text is one token stream (a 1-D token tensor given as
+    ``tokenizer_or_tokens``, or ``texts`` joined by
+    :func:`~sparseforge.zoo.text.token_stream` with the given tokenizer), cut
+    from its start into non-overlapping windows of ``seq_len`` tokens (the
+    tail shorter than a window is dropped; only the first ``max_windows``
+    when given). Each window is scored alone: its first token is context
+    only, so every window contributes ``seq_len - 1`` predictions, and the
+    mean is over all of them (for one window: the ``loss`` a Hugging Face
+    causal LM returns with ``labels=input_ids``). Deterministic; the model's
+    train/eval mode is restored afterwards.
+
+    Defaults: windows of 128 tokens, all of them, scored 16 at a time.
+
+    >>> from sparseforge.zoo.causal_lm import TINY_CONFIG, build_model
+    >>> model = build_model(TINY_CONFIG)  # untrained: close to uniform over its 320 tokens
+    >>> 300 < perplexity(model, torch.arange(256) % 320, seq_len=64) < 340
+    True
+    """
+    from sparseforge.zoo.text import token_stream
+
+    if isinstance(tokenizer_or_tokens, torch.Tensor):
+        if texts is not None:
+            raise DataError("pass either a token tensor or a tokenizer with texts, not both")
+        tokens = tokenizer_or_tokens.reshape(-1).long()
+    else:
+        if texts is None:
+            raise DataError("perplexity with a tokenizer needs the texts to score")
+        tokens = token_stream(tokenizer_or_tokens, texts)
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    n_windows = tokens.numel() // seq_len
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise DataError(f"text of {tokens.numel()} tokens is shorter than one window of {seq_len}")
+    windows = tokens[:n_windows * seq_len].view(n_windows, seq_len)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, n_windows, batch_size):
+            x = windows[i:i + batch_size].to(device)
+            logits = model(input_ids=x, use_cache=False).logits.float()
+            nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                              x[:, 1:].reshape(-1), reduction="sum")
+            total += float(nll)
+            count += x[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total / count)
+
+
 @dataclass
 class Quality:
     """A transformers model's quality on held-out texts: perplexity (causal LM) or embedding fidelity (encoder)."""
@@ -228,8 +295,6 @@ def quality(
     the mean and minimum cosine similarity to the reference embeddings.
     """
     if is_causal_lm(model):
-        from sparseforge.zoo.causal_lm import perplexity
-
         return Quality(len(texts), perplexity=perplexity(model, tokenizer, texts, seq_len, max_windows=max_windows))
     emb = sentence_embeddings(model, tokenizer, texts)
     q = Quality(len(texts), embeddings=emb)

@@ -42,9 +42,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,6 +53,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
+from sparseforge.hf import perplexity, save_pretrained
 from sparseforge.zoo.text import calibration_batches, fortunes, token_stream
 
 __all__ = [
@@ -191,71 +190,6 @@ def build_model(config: CausalLMConfig = DEFAULT_CONFIG, tokenizer: Any = None, 
     return LlamaForCausalLM(llama).float()
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def perplexity(
-    model: nn.Module,
-    tokenizer_or_tokens: Any,
-    texts: Sequence[str] | None = None,
-    seq_len: int = 128,
-    max_windows: int | None = None,
-    batch_size: int = 16,
-) -> float:
-    """Perplexity of a causal LM on text: ``exp`` of the mean next-token negative log-likelihood.
-
-    The rule: the text is one token stream (a 1-D token tensor given as
-    ``tokenizer_or_tokens``, or ``texts`` joined by
-    :func:`~sparseforge.zoo.text.token_stream` with the given tokenizer), cut
-    from its start into non-overlapping windows of ``seq_len`` tokens (the
-    tail shorter than a window is dropped; only the first ``max_windows``
-    when given). Each window is scored alone: its first token is context
-    only, so every window contributes ``seq_len - 1`` predictions, and the
-    mean is over all of them (for one window: the ``loss`` a Hugging Face
-    causal LM returns with ``labels=input_ids``). Deterministic; the model's
-    train/eval mode is restored afterwards.
-
-    Defaults: windows of 128 tokens, all of them, scored 16 at a time.
-
-    >>> model = build_model(TINY_CONFIG)  # untrained: close to uniform over its 320 tokens
-    >>> 300 < perplexity(model, torch.arange(256) % 320, seq_len=64) < 340
-    True
-    """
-    if isinstance(tokenizer_or_tokens, torch.Tensor):
-        if texts is not None:
-            raise DataError("pass either a token tensor or a tokenizer with texts, not both")
-        tokens = tokenizer_or_tokens.reshape(-1).long()
-    else:
-        if texts is None:
-            raise DataError("perplexity with a tokenizer needs the texts to score")
-        tokens = token_stream(tokenizer_or_tokens, texts)
-    if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}")
-    n_windows = tokens.numel() // seq_len
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    if n_windows < 1:
-        raise DataError(f"text of {tokens.numel()} tokens is shorter than one window of {seq_len}")
-    windows = tokens[:n_windows * seq_len].view(n_windows, seq_len)
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, n_windows, batch_size):
-            x = windows[i:i + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits.float()
-            nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                              x[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll)
-            count += x[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    return math.exp(total / count)
-
-
 def _lr_factor(step: int, steps: int, warmup: int, final: float = 0.1) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``final`` of the peak at the last step."""
     if step < warmup:
@@ -385,28 +319,9 @@ def train_causal_lm(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    _save_atomically(model, tokenizer, metadata, out)
+    save_pretrained(model, out, tokenizer, metadata, metadata_file=METADATA_FILE)
     _log(progress, f"saved to {out}")
     return out
-
-
-def _save_atomically(model: nn.Module, tokenizer: Any, metadata: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_cache_path() -> Path:
