@@ -138,3 +138,27 @@ def test_minilm_wanda_from_the_cli(tmp_path, capsys):
     assert torch.equal(pruned.pooler.dense.weight, dense.pooler.dense.weight)
     assert torch.equal(pruned.embeddings.word_embeddings.weight, dense.embeddings.word_embeddings.weight)
     assert float((pruned.encoder.layer[3].intermediate.dense.weight == 0).float().mean()) == 0.5
+
+
+def test_readme_transformer_example(tmp_path: Path, monkeypatch) -> None:
+    """The README's one-shot transformer example runs: 2:4 in every encoder Linear, the folder reloads."""
+    import re
+
+    from sparseforge.hf import load_pretrained
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "prune_calibrated(" in b]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md[transformer]", "exec"), namespace)
+    model, report, pruned = namespace["model"], namespace["report"], namespace["pruned"]
+    assert report.achieved == 0.5 and len(report.layers) == 36   # "36 encoder Linears"
+    modules = dict(model.named_modules())
+    for name in report.layers:
+        w = modules[name].weight
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
+    assert 0.6 < pruned.mean_cosine < 1.0
+    reloaded, tokenizer = load_pretrained(tmp_path / "minilm-2of4")
+    assert tokenizer is not None
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
-from sparseforge.hf import perplexity, save_pretrained
+from sparseforge.hf import load_pretrained, perplexity, save_pretrained
 from sparseforge.zoo.text import calibration_batches, fortunes, token_stream
 
 __all__ = [
@@ -352,7 +352,6 @@ def load_causal_lm(
     (``local_files_only``), float32, in eval mode.
     """
     _require_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = Path(path) if path is not None else default_cache_path()
     if not _is_complete(target):
@@ -363,7 +362,6 @@ def load_causal_lm(
                                    "train_if_missing=True or train_causal_lm()")
         _log(True, f"no cached model at {target}: training it once (about 5 minutes on two CPU cores)")
         train_causal_lm(target, progress=progress, data_dir=data_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(target), local_files_only=True, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+    model, tokenizer = load_pretrained(target)
     metadata = json.loads((target / METADATA_FILE).read_text())
     return CausalLM(model.eval(), tokenizer, target, metadata)
