@@ -200,3 +200,30 @@ def test_essential_sparsity_finds_the_knee_and_leaves_the_model_alone():
     assert worse.essential == 0.4
     with pytest.raises(SparseforgeError, match="ascending"):
         essential_sparsity(model, quality, [0.5, 0.3])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_gpt2_conv1d_layers_get_nm_along_their_inputs_and_save_pretrained_round_trips(method, tmp_path):
+    """GPT-2 stores its Linears as transformers Conv1D with the weight [in, out]: groups run over inputs."""
+    transformers = pytest.importorskip("transformers")
+    from sparseforge.hf import load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=100, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (4, 32))} for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = prune_calibrated(model, batches, method, pattern="2:4")
+    assert sorted(rep.layers) == sorted(f"transformer.h.{i}.{p}" for i in range(2)
+                                        for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    modules = dict(model.named_modules())
+    for name in rep.layers:
+        w = modules[name].weight.detach().T          # [out, in]
+        assert torch.equal((w.reshape(w.shape[0], -1, 4) != 0).sum(-1), torch.full((w.shape[0], w.shape[1] // 4), 2))
+    assert torch.equal(model.transformer.wte.weight, before["transformer.wte.weight"])   # embeddings and tied head
+    save_pretrained(model, tmp_path / "gpt2")
+    reloaded, _ = load_pretrained(tmp_path / "gpt2")
+    assert type(reloaded).__name__ == "GPT2LMHeadModel"
+    x = batches[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)
