@@ -104,6 +104,8 @@ def test_clear_errors(lm_dir, tmp_path, capsys):
     assert main(["prune", str(lm_dir), "--calibration", str(short), *SMALL, "--samples", "64",
                  "--out", str(tmp_path / "o")]) == 2
     assert "calibration text too short" in capsys.readouterr().err
+    assert main(["prune", str(lm_dir), "--method", "maskllm", *SMALL, "--out", str(tmp_path / "o")]) == 2
+    assert "pass --pattern 2:4" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 

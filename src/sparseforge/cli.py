@@ -255,6 +255,8 @@ def _prune_calibrated(args: argparse.Namespace) -> int:
     from sparseforge.oneshot.calibrated import prune_calibrated
 
     method = args.method or "wanda"
+    if method == "maskllm" and ":" not in str(args.pattern):
+        raise SparseforgeError(f"--method maskllm learns N:M masks, not {args.pattern}: pass --pattern 2:4 (or 4:8)")
     model, meta = _load_any(args.model)
     tokenizer = meta.get("tokenizer")
     hf = meta["arch"] == ARCH
@@ -270,7 +272,7 @@ def _prune_calibrated(args: argparse.Namespace) -> int:
         from sparseforge.methods.maskllm import prune_maskllm
 
         rep = prune_maskllm(model, batches, pattern=args.pattern, steps=args.maskllm_steps, target=_target(args),
-                            progress=show)
+                            seed=args.seed, progress=show)
     else:
         rep = prune_calibrated(model, batches, method, args.sparsity, args.pattern, args.allocation,
                                _target(args), progress=show)
