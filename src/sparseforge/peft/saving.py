@@ -1,0 +1,128 @@
+"""Saving an adapter alone and loading it onto a fresh base model.
+
+An adapter folder holds two files, each written atomically (temporary file
+and rename, :mod:`sparseforge.files`):
+
+* ``adapter.safetensors``: the trained tensors, named ``<layer>.<tensor>``
+  (PaCA ``partial`` ``[out, r]``; LoRA ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``);
+* ``adapter.json``: the format and version, the configuration
+  (``method``, ``rank``, ``targets``, ``exclude``, ``seed``, ...), and per
+  layer the base's ``in_features``/``out_features``, PaCA's selected column
+  ``indices``, and each tensor's shape and SHA-256, so that a corrupted or
+  mismatched pair of files is an error that names the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparseforge.errors import SparseforgeError
+from sparseforge.export.checkpoint import tensor_digest
+from sparseforge.files import atomic_path, write_json_atomic
+from sparseforge.peft.config import config_from_dict
+from sparseforge.peft.model import PeftReport, _select, adapter_layers, apply
+
+FORMAT = "sparseforge-adapter"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter.json"
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write the adapters of ``model`` (not the base) to the folder ``path``; returns it.
+
+    The folder gets ``adapter.safetensors`` and ``adapter.json`` (see the
+    module docstring); :func:`load_adapter` puts them on a fresh base model.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise SparseforgeError("the model has no adapters to save (apply them with sf.peft.apply)")
+    configs = {json.dumps(layer.config.to_dict(), sort_keys=True) for layer in layers.values()}
+    if len(configs) != 1:
+        raise SparseforgeError("the model's adapters come from several sf.peft.apply calls: save_adapter stores one")
+    tensors: dict[str, torch.Tensor] = {}
+    records: dict[str, Any] = {}
+    for name, layer in layers.items():
+        stored = {short: t.detach().cpu().contiguous().clone() for short, t in layer.adapter_tensors().items()}
+        tensors |= {f"{name}.{short}": t for short, t in stored.items()}
+        records[name] = {**layer.layer_info(), "tensors": {
+            short: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sha256": tensor_digest(t)}
+            for short, t in stored.items()}}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    write_json_atomic(folder / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                             "config": next(iter(layers.values())).config.to_dict(),
+                                             "layers": records})
+    return folder
+
+
+def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The adapter's JSON and tensors, checked against each other."""
+    meta_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise SparseforgeError(f"{p} not found: an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
+                                   "(written by sf.peft.save_adapter)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SparseforgeError(f"{meta_path} is not valid JSON ({e}): the file is corrupted") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise SparseforgeError(f"{meta_path} is not a sparseforge adapter file")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SparseforgeError(f"{meta_path} has adapter format version {meta.get('format_version')!r}; "
+                               f"this sparseforge reads version {FORMAT_VERSION}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise SparseforgeError(f"{weights_path} cannot be read ({e}): the file is corrupted or truncated") from None
+    expected = {f"{name}.{short}": info for name, rec in meta["layers"].items() for short, info in rec["tensors"].items()}
+    if set(tensors) != set(expected):
+        raise SparseforgeError(f"{weights_path} holds tensors {sorted(tensors)} but {meta_path} lists "
+                               f"{sorted(expected)}: the two files do not belong together")
+    for key, info in expected.items():
+        if list(tensors[key].shape) != info["shape"] or tensor_digest(tensors[key]) != info["sha256"]:
+            raise SparseforgeError(f"{weights_path}: tensor {key} does not match its recorded shape and SHA-256 "
+                                   "(corrupted, or the files come from different saves)")
+    return meta, tensors
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, freeze: bool = True) -> PeftReport:
+    """Put the adapter saved in the folder ``path`` on ``model`` (a fresh base); returns the :class:`PeftReport`.
+
+    The saved configuration is applied again (PaCA with the saved column
+    indices) and the trained tensors copied in, so the model computes what the
+    trained one did. Checked first, before the model changes: the files'
+    integrity, that the configuration's targets select exactly the saved
+    layers in ``model``, and that each is an ``nn.Linear`` of the saved shape.
+    ``freeze`` as in :func:`sparseforge.peft.apply`.
+    """
+    folder = Path(path)
+    meta, tensors = _read(folder)
+    config = config_from_dict(meta["config"])
+    records = meta["layers"]
+    selected = dict(_select(model, config))
+    if set(selected) != set(records):
+        raise SparseforgeError(f"the adapter in {folder} was trained on layers {sorted(records)}, but its targets "
+                               f"select {sorted(selected)} in this model: load it onto the same kind of base model")
+    for name, rec in records.items():
+        w = selected[name].weight
+        if list(w.shape) != [rec["out_features"], rec["in_features"]]:
+            raise SparseforgeError(f"{name}: the adapter was trained on a base weight of shape "
+                                   f"[{rec['out_features']}, {rec['in_features']}], this model's is {list(w.shape)}")
+    report = apply(model, config, freeze=freeze, _saved=records)
+    for name, layer in adapter_layers(model).items():
+        for short, p in layer.adapter_tensors().items():
+            p.copy_(tensors[f"{name}.{short}"].to(p.dtype))
+    return report
