@@ -324,8 +324,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             steps.append({"method": method, "rank": None if method == "full" else rank, "seq_len": n, "batch": batch,
                           "median_ms": median_ms(times[method]) if method in times else None,
                           "saved_mib": saved_bytes(models[method][0], inputs, labels) / MIB})
-        print(f"step at {batch} x {n}: " + ", ".join(f"{r['method']} {r['median_ms'] or 0:.0f} ms, saved "
-                                                    f"{r['saved_mib']:.1f} MiB" for r in steps[-3:]), flush=True)
+        timed = lambda r: "" if r["median_ms"] is None else f" {r['median_ms']:.0f} ms,"
+        print(f"step at {batch} x {n}: " + ", ".join(f"{r['method']}{timed(r)} saved {r['saved_mib']:.1f} MiB"
+                                                    for r in steps[-3:]), flush=True)
     rss = [] if args.no_rss else _rss(rank, batch, s["seq_lens"], args.threads)
     for row in steps:
         found = [r for r in rss if r["method"] == row["method"]]
