@@ -173,6 +173,15 @@ def test_demo_missing_data_is_a_clear_error(tmp_path, capsys):
 # -- benchmark runner ------------------------------------------------------------------
 
 
+def test_bench_help_lists_every_benchmark():
+    # a "%" in a benchmark's first docstring line once crashed argparse's help formatting
+    from sparseforge.bench import benchmarks
+
+    result = subprocess.run([sys.executable, "-m", "sparseforge.bench", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert all(name in result.stdout for name in benchmarks())
+
+
 def test_overhead_bench_quick_writes_well_formed_json(tmp_path):
     from sparseforge.bench.__main__ import main as bench_main
 

@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
     modules = benchmarks()
     for name, module in modules.items():
-        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0], description=module.__doc__)
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        # argparse %-formats help strings ("50% of the channels" would crash --help); descriptions it does not
+        p = sub.add_parser(name, help=summary.replace("%", "%%"), description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--json", metavar="PATH", help="where to write the results (default: bench/results/NAME.json)")
         p.add_argument("--quick", action="store_true", help="a short run, for CI: checks it works, not the claim")
         module.add_arguments(p)
