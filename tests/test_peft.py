@@ -371,3 +371,32 @@ def test_tiny_bert(config) -> None:
         torch.testing.assert_close(bert(input_ids=ids).last_hidden_state, before, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(reference(input_ids=ids).last_hidden_state, before)
     _assert_plain(bert, reference)
+
+
+def test_readme_peft_example(tmp_path, monkeypatch, capsys) -> None:
+    """The README's PaCA example runs: the pruned zeros survive training and merge, the adapter reloads."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "sf.peft.apply(" in b]
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(block, "README.md[peft]", "exec"), namespace)
+    model, report = namespace["model"], namespace["report"]
+    assert report.trainable == 16 * (300 + 100)
+    assert "sparsity still 0.50" in capsys.readouterr().out
+    assert all(type(m) is torch.nn.Linear for m in (model.fc1, model.fc2, model.fc3))
+    import sparseforge as sf
+
+    torch.manual_seed(0)                          # the same pruned base again, without the training
+    base = namespace["build_model"]("lenet300")
+    sf.prune(base, "magnitude", sparsity=0.5)
+    zeros = {n: getattr(base, n).weight == 0 for n in ("fc1", "fc2", "fc3")}
+    assert not torch.equal(base.fc1.weight, model.fc1.weight)   # training changed the columns
+    sf.peft.load_adapter(base, tmp_path / "lenet300-paca")
+    sf.peft.merge(base)
+    for name in ("fc1", "fc2", "fc3"):
+        assert torch.equal(getattr(base, name).weight, getattr(model, name).weight), name
+        assert torch.equal(getattr(model, name).weight == 0, zeros[name]), name   # the same zeros, exactly
