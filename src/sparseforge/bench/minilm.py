@@ -13,13 +13,23 @@ of Debian's ``fortunes`` (the evaluation split of
 - ``int8-dynamic``: int8 Linear weights and dynamically quantized int8
   activations for CPU inference (``quant.quantize_dynamic_int8``), saved
   with ``torch.save`` of its state dict (the embedding tables stay fp32);
+- ``int4-rtn-g128`` / ``int4-gptq-g128``: int4 weights of every Linear
+  (encoder and pooler), one scale per 128 inputs, rounded to nearest or by GPTQ
+  (``quant.gptq_``, calibrated on 128 windows of 128 tokens of the fortunes'
+  calibration split); embeddings stay fp32; fake-quantized, so not timed;
+- ``2:4-sparsegpt+gptq-int4``: SparseGPT 2:4 on the encoder Linears (same
+  calibration), then GPTQ int4 g128 of the kept weights, stored as bitmask +
+  int4 codes (GPTQ on every Linear, as above): sparsity and quantization
+  composed; not timed;
 - ``sparse-50`` / ``sparse-90``: one-shot magnitude pruning of every encoder
   Linear to 50% / 90% (uniform; no calibration, no recovery: this measures the
   storage and the kernels, not a good pruning method — the one-shot issue
   brings Wanda and SparseGPT), stored with ``sf.save(values="fp16")``, and run
   after ``sf.to_sparse`` (a layer turns CSR only where measured faster here).
 
-For each: the checkpoint size (fp32 safetensors for the reference), the
+For each: the checkpoint size (fp32 safetensors for the reference), also
+of the encoder blocks alone (``model.encoder``: the token table, fp32 in
+most variants, is half of MiniLM), the
 embedding fidelity (cosine similarity of each text's sentence embedding to
 the fp32 model's: mean and minimum over the texts), and the encoder's
 inference time at batch 1 and 32 sentences, timed in alternating blocks with
@@ -41,11 +51,17 @@ from sparseforge.bench.common import print_table
 from sparseforge.timing import median_ms, time_interleaved
 
 
+VARIANTS = ("int8-weights", "int8-dynamic", "int4-rtn-g128", "int4-gptq-g128", "2:4-sparsegpt+gptq-int4",
+            "sparse-50", "sparse-90")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--texts", type=int, default=None, help="evaluation texts for fidelity (default 512, quick 16)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per batch size (default 15, quick 2)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="sentences per batch (default 1 32)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="which variants (default all; quick: all but sparse-50)")
 
 
 def _file_bytes(write) -> int:
@@ -90,29 +106,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reference = base.embed(texts)
     variants: dict[str, torch.nn.Module] = {}
     sizes = {"fp32": _fp32_bytes(base.model)}
-    notes: dict[str, str] = {}
+    # The encoder blocks alone (the token table, half of MiniLM, is fp32 in most variants)
+    encoder_sizes = {"fp32": _fp32_bytes(base.model.encoder)}
 
-    q8 = copy.deepcopy(base.model)
-    quantize_(q8, "int8", embeddings=True)  # the token table is half of MiniLM's parameters
-    variants["int8-weights"] = q8
-    sizes["int8-weights"] = _sfz_bytes(q8, "int8")
+    wanted = args.variants or [v for v in VARIANTS if not (quick and v == "sparse-50")]
 
-    try:
+    if "int8-weights" in wanted:
+        q8 = copy.deepcopy(base.model)
+        quantize_(q8, "int8", embeddings=True)  # the token table is half of MiniLM's parameters
+        variants["int8-weights"] = q8
+        sizes["int8-weights"] = _sfz_bytes(q8, "int8")
+        encoder_sizes["int8-weights"] = _sfz_bytes(q8.encoder, "int8")
+
+    if "int8-dynamic" in wanted:
         from sparseforge.quant.dynamic import quantize_dynamic_int8
-    except ImportError:
-        quantize_dynamic_int8 = None
-        notes["int8-dynamic"] = "sparseforge.quant.dynamic is not available in this version"
-    if quantize_dynamic_int8 is not None:
+
         dyn = quantize_dynamic_int8(copy.deepcopy(base.model))
         variants["int8-dynamic"] = dyn
         sizes["int8-dynamic"] = _file_bytes(lambda p: torch.save(dyn.state_dict(), p))
+        encoder_sizes["int8-dynamic"] = _file_bytes(lambda p: torch.save(dyn.encoder.state_dict(), p))
+
+    untimed = {"int4-rtn-g128", "int4-gptq-g128", "2:4-sparsegpt+gptq-int4"}  # fake-quantized: fp32 kernels
+    if untimed & set(wanted):
+        from sparseforge.oneshot import prune_calibrated
+        from sparseforge.quant.gptq import gptq_
+        from sparseforge.zoo.text import calibration_batches
+
+        samples, seq_len = (8, 32) if quick else (128, 128)
+        batches = calibration_batches(base.tokenizer, fortunes().calibration, samples, seq_len, seed=0)
+        for name in [v for v in VARIANTS if v in untimed and v in wanted]:
+            model = copy.deepcopy(base.model)
+            if name == "int4-rtn-g128":
+                quantize_(model, "int4", group_size=128)
+            else:
+                if name.startswith("2:4"):
+                    prune_calibrated(model, batches, "sparsegpt", pattern="2:4")
+                gptq_(model, batches, "gptq-int4", group_size=128)
+            variants[name], sizes[name] = model, _sfz_bytes(model, "int8")
+            encoder_sizes[name] = _sfz_bytes(model.encoder, "int8")
 
     conversions: dict[str, Any] = {}
-    for sparsity in (0.9,) if quick else (0.5, 0.9):
-        name = f"sparse-{round(sparsity * 100)}"
+    for name in [v for v in ("sparse-50", "sparse-90") if v in wanted]:
+        sparsity = int(name.split("-")[1]) / 100
         pruned = copy.deepcopy(base.model)
         prune(pruned, "magnitude", sparsity=sparsity, target=_encoder_targets())
         sizes[name] = _sfz_bytes(pruned, "fp16")
+        encoder_sizes[name] = _sfz_bytes(pruned.encoder, "fp16")
         # A layer sees sentences x padded tokens rows: 81 for the first text, 32 x 256 = 8192
         # for a batch of 32 (padded to the longest). to_sparse only guarantees "not slower"
         # at the row counts it checks, so the checks must reach the largest batch timed.
@@ -128,8 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         encoder.model = model
         with torch.inference_mode():
             fidelity = embedding_fidelity(reference, encoder.embed(texts))
-        timing = {}
-        for bs in batch_sizes:
+        timing: dict[str, Any] | None = None if name in untimed else {}
+        for bs in batch_sizes if timing is not None else ():
             batch = base.tokenize(texts[:bs])
             with torch.inference_mode():
                 times, _ = time_interleaved({"fp32": lambda: base.model(**batch), name: lambda: model(**batch)},
@@ -138,14 +177,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timing[str(bs)] = {"fp32_ms": round(fp32_ms, 3), "variant_ms": round(var_ms, 3),
                                "speedup": round(fp32_ms / var_ms, 3)}
         results.append({"variant": name, "bytes": sizes[name], "size_ratio": round(sizes["fp32"] / sizes[name], 3),
+                        "encoder_bytes": encoder_sizes[name],
+                        "encoder_size_ratio": round(encoder_sizes["fp32"] / encoder_sizes[name], 3),
                         **fidelity, "timing": timing, **conversions.get(name, {})})
     print_table(
         f"all-MiniLM-L6-v2 on {len(texts)} fortune texts (fp32 file {sizes['fp32'] / 2**20:.1f} MiB)",
-        ["variant", "MiB", "smaller", "mean cos", "min cos"] + [f"speedup @{bs}" for bs in batch_sizes],
-        [[r["variant"], f"{r['bytes'] / 2**20:.2f}", f"{r['size_ratio']:.2f}x", f"{r['mean_cosine']:.4f}",
-          f"{r['min_cosine']:.4f}"] + [f"{r['timing'][str(bs)]['speedup']:.2f}x" for bs in batch_sizes]
+        ["variant", "MiB", "smaller", "encoder MiB", "smaller", "mean cos", "min cos"] + [f"speedup @{bs}" for bs in batch_sizes],
+        [[r["variant"], f"{r['bytes'] / 2**20:.2f}", f"{r['size_ratio']:.2f}x", f"{r['encoder_bytes'] / 2**20:.2f}",
+          f"{r['encoder_size_ratio']:.2f}x", f"{r['mean_cosine']:.4f}",
+          f"{r['min_cosine']:.4f}"] + [f"{r['timing'][str(bs)]['speedup']:.2f}x" if r["timing"] else "(fp32 kernels)"
+                                    for bs in batch_sizes]
          for r in results],
     )
     return {"benchmark": "minilm", "quick": quick, "threads": torch.get_num_threads(),
             "settings": {"texts": len(texts), "rounds": rounds, "batch_sizes": batch_sizes},
-            "fp32_bytes": sizes["fp32"], "results": results, "notes": notes}
+            "fp32_bytes": sizes["fp32"], "fp32_encoder_bytes": encoder_sizes["fp32"], "results": results}
