@@ -96,12 +96,21 @@ def test_minilm_bench_quick_writes_well_formed_json(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["benchmark"] == "minilm" and result["quick"] is True
     by_name = {r["variant"]: r for r in result["results"]}
-    assert {"int8-weights", "sparse-90"} <= set(by_name)
+    assert set(by_name) == {"int8-weights", "int8-dynamic", "int4-rtn-g128", "int4-gptq-g128",
+                            "2:4-sparsegpt+gptq-int4", "sparse-90"}
     # int8 RTN of the Linear weights keeps the embeddings close; the file is smaller than fp32.
     assert by_name["int8-weights"]["mean_cosine"] > 0.99
     for r in by_name.values():
         assert 0 < r["bytes"] < result["fp32_bytes"]
         assert r["size_ratio"] == pytest.approx(result["fp32_bytes"] / r["bytes"], rel=1e-3)
         assert -1.0 <= r["min_cosine"] <= r["mean_cosine"] <= 1.0 + 1e-6
-        assert all(t["fp32_ms"] > 0 and t["variant_ms"] > 0 for t in r["timing"].values())
+        assert 0 < r["encoder_bytes"] < result["fp32_encoder_bytes"]
+        if r["variant"] in ("int4-rtn-g128", "int4-gptq-g128", "2:4-sparsegpt+gptq-int4"):
+            assert r["timing"] is None  # fake-quantized: the fp32 kernels, not timed
+        else:
+            assert all(t["fp32_ms"] > 0 and t["variant_ms"] > 0 for t in r["timing"].values())
     assert by_name["sparse-90"]["converted_layers"] <= 6  # quick mode considers the first block only
+    # int4 codes of the kept half plus a bitmask: smaller than int4 codes of every weight
+    assert by_name["2:4-sparsegpt+gptq-int4"]["encoder_bytes"] < by_name["int4-gptq-g128"]["encoder_bytes"]
+    assert by_name["int4-gptq-g128"]["encoder_bytes"] * 6 < result["fp32_encoder_bytes"]
+
