@@ -83,7 +83,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    help="module name globs to prune (default: the Linear layers of a transformer's blocks; all Linear/Conv otherwise)")
     p.add_argument("--exclude", nargs="+", default=(), metavar="GLOB", help="module name globs to leave dense")
     _add_text_calibration(p, 128)
-    p.add_argument("--maskllm-steps", type=int, default=200, help="MaskLLM training steps (default 200)")
+    p.add_argument("--maskllm-steps", type=int, default=300, help="MaskLLM training steps (default 300, as prune_maskllm)")
     p.add_argument("--calibration-batches", type=int, default=8,
                    help="Fashion-MNIST batches of 128 for a zoo model's calibration (default 8)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for a zoo model's calibration")
