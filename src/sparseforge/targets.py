@@ -144,3 +144,9 @@ def as_target(spec: Target | Sequence[str] | str | None) -> Target:
     if isinstance(spec, str):
         return Target(include=(spec,))
     return Target(include=tuple(spec))
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (e.g. ``"encoder.layer.0.query"``), in place."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, module)

@@ -74,6 +74,7 @@ from sparseforge.export.dependency import (
     attention_out_name,
     is_attention,
 )
+from sparseforge.targets import set_submodule
 
 SPEC_ATTR = "sparseforge_compact"
 """Attribute of a compacted model holding ``{module name: new sizes}``."""
@@ -144,11 +145,6 @@ def _module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
 def _resized(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
     """A new module like ``module`` with the sizes of ``entry`` (weights uninitialised)."""
     p = next(module.parameters(), None)
@@ -198,7 +194,7 @@ def resize_modules(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> nn.Mo
                     )
                 setattr(module, attr, int(value))
         else:
-            _set_module(model, name, _resized(module, entry))
+            set_submodule(model, name, _resized(module, entry))
     setattr(model, SPEC_ATTR, dict(getattr(model, SPEC_ATTR, {})) | dict(shapes))
     return model
 
@@ -548,7 +544,7 @@ def compact(model: nn.Module, example_input: Any = None, atol: float = 1e-4) -> 
             originals[name] = old
         old_heads = {name: _module(model, name).num_heads for name in heads_after}
         for name, new in built.items():
-            _set_module(model, name, new)
+            set_submodule(model, name, new)
         for name, n in heads_after.items():
             _module(model, name).num_heads = n
             shapes[name] = {"kind": "attention", "num_heads": n}
@@ -564,7 +560,7 @@ def compact(model: nn.Module, example_input: Any = None, atol: float = 1e-4) -> 
                 )
         except Exception:
             for name, old in originals.items():
-                _set_module(model, name, old)
+                set_submodule(model, name, old)
             for name, n in old_heads.items():
                 _module(model, name).num_heads = n
             for layer, bias in saved_bias.values():

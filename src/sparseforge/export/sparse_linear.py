@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.targets import set_submodule
 from sparseforge.timing import median_ms, time_interleaved
 
 __all__ = [
@@ -549,8 +550,7 @@ def to_sparse(
             else:
                 choice.reason = "; ".join(notes) or "no candidate format"
     for name, module in replacements.items():
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, module)
+        set_submodule(model, name, module)
     return ToSparseReport(choices, batch_size, check_batch_sizes, float(min_speedup), formats, torch.get_num_threads())
 
 
@@ -571,7 +571,6 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Any], stri
             sparse = SparseLinear(module.in_features, module.out_features, module.bias is not None,
                                   layout=extra.get("layout", "csr"), blocksize=extra.get("blocksize"),
                                   dtype=module.weight.dtype, device=module.weight.device)
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, sparse)
+            set_submodule(model, name, sparse)
     model.load_state_dict(state_dict, strict=strict)
     return model

@@ -510,7 +510,8 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
         SparseforgeError: no block is recognised (naming a module that looks
             like one), or the outputs changed (the model is then restored).
     """
-    from sparseforge.export.compact import SPEC_ATTR, CompactReport, _count, _set_module
+    from sparseforge.export.compact import SPEC_ATTR, CompactReport, _count
+    from sparseforge.targets import set_submodule
 
     attn, ffn, unknown = find_blocks(model)
     inputs = example_inputs(model, example_input)
@@ -594,7 +595,7 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
         old_attrs = {name: {k: getattr(model.get_submodule(name), k) for k in vals} for name, vals in attrs.items()}
         try:
             for name, new in built.items():
-                _set_module(model, name, new)
+                set_submodule(model, name, new)
             for name, vals in attrs.items():
                 m = model.get_submodule(name)
                 for k, v in vals.items():
@@ -611,7 +612,7 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
                 )
         except Exception:
             for name, old in originals.items():
-                _set_module(model, name, old)
+                set_submodule(model, name, old)
             for name, vals in old_attrs.items():
                 m = model.get_submodule(name)
                 for k, v in vals.items():

@@ -19,7 +19,7 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.peft.config import AdapterConfig
 from sparseforge.peft.layer import AdapterLayer
 from sparseforge.quant.rtn import QUANT_ATTR, quantization_of, quantize_weight
-from sparseforge.targets import Target
+from sparseforge.targets import Target, set_submodule
 
 _GLOB_CHARS = "*?["
 
@@ -89,7 +89,6 @@ def _select(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Linea
     names = {name for name, _ in model.named_modules()}
     globs = tuple(spec if any(c in spec for c in _GLOB_CHARS) or spec in names else f"*.{spec}"
                   for spec in config.targets)
-    target = Target(include=globs, exclude=config.exclude, types=(nn.Linear,))
     dynamic = [name for name, m in model.named_modules()
                if _is_dynamic_quantized(m) and any(fnmatch.fnmatchcase(name, g) for g in globs)]
     if dynamic:
@@ -99,18 +98,12 @@ def _select(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Linea
             f"quantization (sparseforge.quant.quantize_(model, 'int8'/'int4')) for a quantized base")
     skipped = tuple(name for name, m in model.named_modules()
                     if isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear))
-    if skipped:
-        target = Target(include=globs, exclude=tuple(config.exclude) + skipped, types=(nn.Linear,))
+    target = Target(include=globs, exclude=tuple(config.exclude) + skipped, types=(nn.Linear,))
     try:
         layers = target.select(model)
     except SparseforgeError as e:
         raise SparseforgeError(f"{config.method} targets {list(config.targets)}: {e}") from None
     return [(layer.name, layer.module) for layer in layers]
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def apply(model: nn.Module, config: AdapterConfig, *, freeze: bool = True,
@@ -145,7 +138,7 @@ def apply(model: nn.Module, config: AdapterConfig, *, freeze: bool = True,
     if freeze:
         model.requires_grad_(False)
     for name, layer in layers:  # all layers built (and checked) before the model changes
-        _set_module(model, name, layer)
+        set_submodule(model, name, layer)
     adapter_ids = {id(p) for _, layer in layers for p in layer.adapter_tensors().values()}
     return PeftReport(
         method=config.method,
@@ -188,5 +181,5 @@ def merge(model: nn.Module, *, requantize: bool = False) -> nn.Module:
                 setattr(base, QUANT_ATTR, qt)
             else:
                 delattr(base, QUANT_ATTR)
-        _set_module(model, name, base)
+        set_submodule(model, name, base)
     return model
