@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_texts = args.texts or (16 if quick else 512)
     rounds = args.rounds or (2 if quick else 15)
     batch_sizes = args.batch_sizes or ([4] if quick else [1, 32])
-    texts = fortunes().evaluation[:n_texts]
+    split = fortunes()
+    texts = split.evaluation[:n_texts]
 
     base = load_minilm()
     reference = base.embed(texts)
@@ -111,12 +112,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     wanted = args.variants or [v for v in VARIANTS if not (quick and v == "sparse-50")]
 
+    def add(name: str, model: torch.nn.Module, values: str) -> None:
+        """Record a variant with the sizes of its .sfz file, whole and encoder blocks alone."""
+        variants[name], sizes[name] = model, _sfz_bytes(model, values)
+        encoder_sizes[name] = _sfz_bytes(model.encoder, values)
+
     if "int8-weights" in wanted:
         q8 = copy.deepcopy(base.model)
         quantize_(q8, "int8", embeddings=True)  # the token table is half of MiniLM's parameters
-        variants["int8-weights"] = q8
-        sizes["int8-weights"] = _sfz_bytes(q8, "int8")
-        encoder_sizes["int8-weights"] = _sfz_bytes(q8.encoder, "int8")
+        add("int8-weights", q8, "int8")
 
     if "int8-dynamic" in wanted:
         from sparseforge.quant.dynamic import quantize_dynamic_int8
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from sparseforge.zoo.text import calibration_batches
 
         samples, seq_len = (8, 32) if quick else (128, 128)
-        batches = calibration_batches(base.tokenizer, fortunes().calibration, samples, seq_len, seed=0)
+        batches = calibration_batches(base.tokenizer, split.calibration, samples, seq_len, seed=0)
         for name in [v for v in VARIANTS if v in untimed and v in wanted]:
             model = copy.deepcopy(base.model)
             if name == "int4-rtn-g128":
@@ -142,16 +146,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if name.startswith("2:4"):
                     prune_calibrated(model, batches, "sparsegpt", pattern="2:4")
                 gptq_(model, batches, "gptq-int4", group_size=128)
-            variants[name], sizes[name] = model, _sfz_bytes(model, "int8")
-            encoder_sizes[name] = _sfz_bytes(model.encoder, "int8")
+            add(name, model, "int8")
 
     conversions: dict[str, Any] = {}
     for name in [v for v in ("sparse-50", "sparse-90") if v in wanted]:
         sparsity = int(name.split("-")[1]) / 100
         pruned = copy.deepcopy(base.model)
         prune(pruned, "magnitude", sparsity=sparsity, target=_encoder_targets())
-        sizes[name] = _sfz_bytes(pruned, "fp16")
-        encoder_sizes[name] = _sfz_bytes(pruned.encoder, "fp16")
+        add(name, pruned, "fp16")  # sized before to_sparse swaps its layers
         # A layer sees sentences x padded tokens rows: 81 for the first text, 32 x 256 = 8192
         # for a batch of 32 (padded to the longest). to_sparse only guarantees "not slower"
         # at the row counts it checks, so the checks must reach the largest batch timed.
@@ -159,7 +161,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report = to_sparse(pruned, batch_size=32, check_batch_sizes=(64,) if quick else (256, 2048, 8192),
                            rounds=1 if quick else 7, layers="encoder.layer.0.*" if quick else None)
         conversions[name] = {"converted_layers": len(report.converted), "layer_choices": report.to_dict()["layers"]}
-        variants[name] = pruned
 
     results = []
     for name, model in variants.items():

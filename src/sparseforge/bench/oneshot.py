@@ -101,8 +101,8 @@ class _MiniLMTask:
 
         m = load_minilm()
         self.model, self.tokenizer = m.model, m.tokenizer
-        self.calibration_texts = fortunes().calibration
-        self.texts = fortunes().evaluation[:eval_texts]
+        split = fortunes()
+        self.calibration_texts, self.texts = split.calibration, split.evaluation[:eval_texts]
         probe = labelled_fortunes()
         n = probe_texts or len(probe.train_texts)
         g = torch.Generator().manual_seed(0)  # a class-mixed subset when limited
