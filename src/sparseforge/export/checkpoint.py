@@ -32,7 +32,23 @@ FORMAT_VERSION = 1
 def tensor_digest(t: torch.Tensor) -> str:
     """SHA-256 (hex) of a tensor's bytes, as stored in checkpoint and sfz metadata."""
     data = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    # hashlib reads the numpy buffer in place: no second copy of the tensor (tobytes would make one).
+    return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
+
+
+def stored_digests(raw_meta: dict[str, str]) -> dict[str, str]:
+    """The per-tensor SHA-256 digests listed in a safetensors file's raw metadata (``{}`` when it lists none)."""
+    return json.loads(raw_meta.get("sha256", "{}"))
+
+
+def verify_tensor(path: str | os.PathLike[str], name: str, tensor: torch.Tensor, digests: dict[str, str]) -> None:
+    """Raise :class:`SparseforgeError` when ``tensor``, read as ``name`` from ``path``, does not match its digest.
+
+    Tensors without a digest in ``digests`` pass. One tensor at a time, so a
+    reader that streams a file (``sparseforge.merge.streaming``) verifies as it goes.
+    """
+    if name in digests and tensor_digest(tensor) != digests[name]:
+        raise SparseforgeError(f"{path} is corrupted: tensor {name!r} does not match its checksum")
 
 
 def arch_of(model: nn.Module) -> str | None:
@@ -159,12 +175,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
                     f"{p} was written by a newer sparseforge (format version {version}, this one reads "
                     f"up to {FORMAT_VERSION}); upgrade sparseforge to read it"
                 )
-            digests = json.loads(raw_meta.get("sha256", "{}"))
+            digests = stored_digests(raw_meta)
             state = {}
             for k in keys:
                 t = f.get_tensor(k)
-                if k in digests and tensor_digest(t) != digests[k]:
-                    raise SparseforgeError(f"{p} is corrupted: tensor {k!r} does not match its checksum")
+                verify_tensor(p, k, t, digests)
                 state[k] = t
     except SafetensorError as e:
         raise SparseforgeError(f"{p} is not a readable checkpoint (truncated or corrupted?): {e}") from None
