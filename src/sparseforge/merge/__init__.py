@@ -2,6 +2,8 @@
 
 - ``core``: compatibility checks, weighted average, uniform and greedy model soups.
 - ``task_arithmetic``: generalized task arithmetic (task arithmetic, TIES, DARE, DARE-TIES) with a per-tensor rule.
+- ``streaming``: ``merge_files``, the same merges over safetensors files, one tensor per model in memory at a time.
+- ``recipe``: ``MergeRecipe``, a YAML merge recipe (``sparseforge merge --recipe``).
 
 Example:
     >>> import torch, sparseforge.merge as sm
@@ -20,6 +22,8 @@ from sparseforge.merge.core import (
     uniform_soup,
     weighted_average,
 )
+from sparseforge.merge.recipe import MergeRecipe, load_recipe
+from sparseforge.merge.streaming import merge_files
 from sparseforge.merge.task_arithmetic import (
     PRESETS,
     TaskArithmetic,
@@ -35,7 +39,7 @@ from sparseforge.merge.task_arithmetic import (
 )
 
 __all__ = [
-    "PRESETS", "TaskArithmetic", "check_compatible", "combine_tensors", "dare", "greedy_soup", "is_mergeable",
+    "MergeRecipe", "load_recipe", "merge_files", "PRESETS", "TaskArithmetic", "check_compatible", "combine_tensors", "dare", "greedy_soup", "is_mergeable",
     "map_tensors", "merge_task_arithmetic", "merge_tensors", "merged_task_vector", "normalize_weights", "preset",
     "task_arithmetic", "task_vector", "ties", "uniform_soup", "weighted_average",
 ]
