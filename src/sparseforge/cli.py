@@ -1,4 +1,4 @@
-"""The ``sparseforge`` command line: ``demo``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``.
+"""The ``sparseforge`` command line: ``demo``, ``train``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``.
 
 Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
 """
@@ -21,6 +21,7 @@ EPILOG = """examples:
   sparseforge compact pruned.safetensors --out small.safetensors   # remove channels pruned with --pattern channel
   sparseforge export pruned.safetensors --out model.sfz --values fp16   # bitmask + packed values
   sparseforge quantize pruned.safetensors --out model-int8.sfz --scheme int8
+  sparseforge train examples/train-rigl.yaml --nproc 2     # sparse training from a YAML recipe on torchrun/DDP
 """
 
 
@@ -53,6 +54,27 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test examples")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="sparse training from a YAML recipe, in one process or on N processes (torchrun/DDP)",
+        description=(
+            "Train the recipe's model under its sparsity method (see sparseforge.distributed.train.TrainRecipe "
+            "and examples/train-rigl.yaml). The recipe is checked, against --nproc too, before anything starts. "
+            "--nproc 1 trains in this process; N > 1 runs torchrun --standalone with N local processes (gloo on "
+            "CPU, nccl with one GPU each). The run folder gets checkpoints/, metrics.json and model.safetensors; "
+            "running again on the same folder resumes from its newest checkpoint, on any --nproc that divides "
+            "the global batch."
+        ),
+    )
+    p.add_argument("recipe", help="the YAML training recipe")
+    p.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this machine (default 1)")
+    p.add_argument("--out", default=None, help="the run folder (default: the recipe's out, else runs/RECIPE-NAME)")
+    p.add_argument("--print-command", action="store_true", help="print the command that would run, and exit")
+    p.add_argument("--no-resume", action="store_true", help="delete the run folder's checkpoints and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
@@ -173,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
+    _add_train(sub)
     _add_prune(sub)
     _add_inspect(sub)
     _add_compact(sub)
@@ -198,6 +221,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     run_demo(cfg, quiet=args.quiet)
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sparseforge.distributed.launch import launch
+
+    return launch(args.recipe, nproc=args.nproc, out=args.out, resume=not args.no_resume, quiet=args.quiet,
+                  print_command=args.print_command)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -518,7 +548,7 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "prune": _cmd_prune, "inspect": _cmd_inspect, "compact": _cmd_compact,
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "prune": _cmd_prune, "inspect": _cmd_inspect, "compact": _cmd_compact,
             "export": _cmd_export, "quantize": _cmd_quantize}
 
 
