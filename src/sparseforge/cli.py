@@ -1,4 +1,4 @@
-"""The ``sparseforge`` command line: ``demo``, ``train``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``.
+"""The ``sparseforge`` command line: ``demo``, ``train``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``, ``merge``.
 
 Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
 """
@@ -21,6 +21,9 @@ EPILOG = """examples:
   sparseforge compact pruned.safetensors --out small.safetensors   # remove channels pruned with --pattern channel
   sparseforge export pruned.safetensors --out model.sfz --values fp16   # bitmask + packed values
   sparseforge quantize pruned.safetensors --out model-int8.sfz --scheme int8
+  sparseforge merge a.safetensors b.safetensors --out soup.safetensors            # weighted average
+  sparseforge merge --method ties --base base.safetensors a.safetensors b.safetensors --density 0.2 --out m.safetensors
+  sparseforge merge --recipe merge.yaml                       # a YAML merge recipe
   sparseforge train examples/train-rigl.yaml --nproc 2     # sparse training from a YAML recipe on torchrun/DDP
 """
 
@@ -183,6 +186,35 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge models stored as safetensors files, one tensor at a time (average, task arithmetic, TIES, DARE)",
+        description=(
+            "Merge models of one architecture, stored as .safetensors files (sparseforge checkpoints or any state "
+            "dict), tensor by tensor: memory stays near one model plus one tensor per input (see "
+            "sparseforge.merge.merge_files). Methods: average (weighted average, a model soup) and the task-vector "
+            "methods task_arithmetic, ties, dare, dare_ties, which need --base. Fisher, RegMean and TALL need data "
+            "or masks and are Python API only (sparseforge.merge). With --recipe FILE the merge comes from a YAML "
+            "recipe (keys method, base, models, weights, density, lambda, seed, out; relative paths are relative "
+            "to the recipe file); flags given as well override the recipe's values."
+        ),
+    )
+    p.add_argument("models", nargs="*", metavar="MODEL", help="the models' .safetensors files (fine-tuned models, for task-vector methods)")
+    p.add_argument("--recipe", default=None, metavar="YAML", help="a YAML merge recipe; other flags override its values")
+    p.add_argument("--method", default=None, help="average (default), task_arithmetic, ties, dare, dare_ties")
+    p.add_argument("--base", default=None, help="the base (pre-trained) model's file, for the task-vector methods")
+    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                   help="one weight per model (average: normalized to sum 1; task vectors: multiply each)")
+    p.add_argument("--density", type=float, default=None,
+                   help="fraction of each task vector kept (ties: default 0.2; dare, dare_ties: default 0.1)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="LAMBDA",
+                   help="scaling coefficient of the merged task vector (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of DARE's random drops (default 0)")
+    p.add_argument("--out", default=None, help="the merged .safetensors file (written atomically)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress bar, no report)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparseforge",
@@ -201,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compact(sub)
     _add_export(sub)
     _add_quantize(sub)
+    _add_merge(sub)
     return parser
 
 
@@ -548,8 +581,34 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sparseforge.merge.recipe import MergeRecipe, load_recipe
+
+    flags = {"models": args.models or None, "method": args.method, "base": args.base, "weights": args.weights,
+             "density": args.density, "lam": args.lam, "seed": args.seed, "out": args.out}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.recipe is not None:
+        recipe = dataclasses.replace(load_recipe(args.recipe), **given)  # flags override the recipe
+    elif "models" not in given or "out" not in given:
+        raise SparseforgeError("give the model files and --out (sparseforge merge A B --out M.safetensors), "
+                               "or --recipe FILE")
+    else:
+        recipe = MergeRecipe(**given)
+    rep = recipe.run(progress=not args.quiet and sys.stderr.isatty())
+    if not args.quiet:
+        base = f", base {rep['base']}" if rep["base"] else ""
+        print(f"merged {len(rep['inputs'])} models with {rep['method']}{base}: {', '.join(rep['inputs'])}")
+        print(f"{rep['tensors']} tensors, {rep['bytes']:,} bytes, {rep['seconds']:.2f} s, "
+              f"peak memory {rep['peak_rss_bytes'] / 2**20:,.0f} MiB")
+        print(f"wrote {rep['out']}")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "prune": _cmd_prune, "inspect": _cmd_inspect, "compact": _cmd_compact,
-            "export": _cmd_export, "quantize": _cmd_quantize}
+            "export": _cmd_export, "quantize": _cmd_quantize,
+            "merge": _cmd_merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
