@@ -2,6 +2,9 @@
 
 - ``core``: compatibility checks, weighted average, uniform and greedy model soups.
 - ``task_arithmetic``: generalized task arithmetic (task arithmetic, TIES, DARE, DARE-TIES) with a per-tensor rule.
+- ``fisher``: diagonal Fisher information and Fisher-weighted averaging.
+- ``regmean``: Gram matrices of Linear inputs and RegMean merging.
+- ``tall``: TALL masks, task reconstruction, consensus merging and the storage they save.
 - ``streaming``: ``merge_files``, the same merges over safetensors files, one tensor per model in memory at a time.
 - ``recipe``: ``MergeRecipe``, a YAML merge recipe (``sparseforge merge --recipe``).
 
@@ -14,6 +17,7 @@ Example:
 """
 
 from sparseforge.merge.core import (
+    average_tensors,
     check_compatible,
     greedy_soup,
     is_mergeable,
@@ -22,6 +26,9 @@ from sparseforge.merge.core import (
     uniform_soup,
     weighted_average,
 )
+from sparseforge.merge.fisher import fisher_diagonal, fisher_merge
+from sparseforge.merge.regmean import GramMatrices, gram_matrices, regmean
+from sparseforge.merge.tall import consensus_masks, consensus_merge, reconstruct, storage_report, tall_masks
 from sparseforge.merge.recipe import MergeRecipe, load_recipe
 from sparseforge.merge.streaming import merge_files
 from sparseforge.merge.task_arithmetic import (
@@ -39,7 +46,9 @@ from sparseforge.merge.task_arithmetic import (
 )
 
 __all__ = [
-    "MergeRecipe", "load_recipe", "merge_files", "PRESETS", "TaskArithmetic", "check_compatible", "combine_tensors", "dare", "greedy_soup", "is_mergeable",
-    "map_tensors", "merge_task_arithmetic", "merge_tensors", "merged_task_vector", "normalize_weights", "preset",
-    "task_arithmetic", "task_vector", "ties", "uniform_soup", "weighted_average",
+    "MergeRecipe", "load_recipe", "merge_files", "GramMatrices", "PRESETS", "TaskArithmetic", "average_tensors", "check_compatible", "combine_tensors",
+    "consensus_masks", "consensus_merge", "dare", "fisher_diagonal", "fisher_merge", "gram_matrices", "greedy_soup",
+    "is_mergeable", "map_tensors", "merge_task_arithmetic", "merge_tensors", "merged_task_vector",
+    "normalize_weights", "preset", "reconstruct", "regmean", "storage_report", "tall_masks", "task_arithmetic",
+    "task_vector", "ties", "uniform_soup", "weighted_average",
 ]

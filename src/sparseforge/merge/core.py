@@ -22,8 +22,8 @@ from torch import Tensor
 from sparseforge.errors import SparseforgeError
 
 __all__ = [
-    "ACC_DTYPE", "check_compatible", "greedy_soup", "is_mergeable", "map_tensors", "normalize_weights",
-    "uniform_soup", "weighted_average",
+    "ACC_DTYPE", "average_tensors", "check_compatible", "greedy_soup", "is_mergeable", "map_tensors",
+    "normalize_weights", "uniform_soup", "weighted_average",
 ]
 
 State = Mapping[str, Tensor]
@@ -161,7 +161,14 @@ def map_tensors(states: Sequence[State], rule: Callable[[str, list[Tensor]], Ten
     return out
 
 
-def _average_tensors(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+def average_tensors(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Weighted mean of one tensor across models, ``weights`` already summing to 1; float64 inside, first dtype out.
+
+    The per-tensor rule of :func:`weighted_average` (streaming merges call it tensor by tensor).
+
+    >>> average_tensors([torch.tensor([1.0]), torch.tensor([3.0])], [0.5, 0.5])
+    tensor([2.])
+    """
     # x_0 + sum_i w_i (x_i - x_0) rather than sum_i w_i x_i: with weights summing
     # to 1 both are the weighted mean, but this form returns x_0 bit for bit
     # when all models are equal (every difference is exactly 0), whereas
@@ -192,7 +199,7 @@ def weighted_average(states: Sequence[State], weights: Sequence[float] | None = 
     """
     check_compatible(states)
     w = normalize_weights(weights, len(states))
-    return map_tensors(states, lambda name, tensors: _average_tensors(tensors, w))
+    return map_tensors(states, lambda name, tensors: average_tensors(tensors, w))
 
 
 def uniform_soup(states: Sequence[State]) -> dict[str, Tensor]:
