@@ -7,6 +7,9 @@
 - ``tall``: TALL masks, task reconstruction, consensus merging and the storage they save.
 - ``streaming``: ``merge_files``, the same merges over safetensors files, one tensor per model in memory at a time.
 - ``recipe``: ``MergeRecipe``, a YAML merge recipe (``sparseforge merge --recipe``).
+- ``rebasin``: weight matching (Git Re-Basin) over the dependency analysis's channel groups, interpolation paths,
+  loss barriers and BatchNorm statistics reset.
+- ``sparse_soups``: sparse model soups (averages that keep the ingredients' shared mask) and the SMS prune-retrain loop.
 
 Example:
     >>> import torch, sparseforge.merge as sm
@@ -30,6 +33,16 @@ from sparseforge.merge.fisher import fisher_diagonal, fisher_merge
 from sparseforge.merge.regmean import GramMatrices, gram_matrices, regmean
 from sparseforge.merge.tall import consensus_masks, consensus_merge, reconstruct, storage_report, tall_masks
 from sparseforge.merge.recipe import MergeRecipe, load_recipe
+from sparseforge.merge.rebasin import (
+    apply_permutation,
+    interpolate,
+    interpolation_path,
+    loss_barrier,
+    random_permutation,
+    reset_bn_stats,
+    weight_matching,
+)
+from sparseforge.merge.sparse_soups import SoupCycle, check_shared_mask, sparse_model_soup, sparse_soup
 from sparseforge.merge.streaming import merge_files
 from sparseforge.merge.task_arithmetic import (
     PRESETS,
@@ -51,4 +64,8 @@ __all__ = [
     "is_mergeable", "map_tensors", "merge_task_arithmetic", "merge_tensors", "merged_task_vector",
     "normalize_weights", "preset", "reconstruct", "regmean", "storage_report", "tall_masks", "task_arithmetic",
     "task_vector", "ties", "uniform_soup", "weighted_average",
+]
+__all__ += [
+    "apply_permutation", "interpolate", "interpolation_path", "loss_barrier", "random_permutation", "reset_bn_stats",
+    "weight_matching", "SoupCycle", "check_shared_mask", "sparse_model_soup", "sparse_soup",
 ]
