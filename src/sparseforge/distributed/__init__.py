@@ -4,8 +4,30 @@
   DDP: :func:`mask_digest`, :func:`check_masks_identical`,
   :func:`broadcast_masks` (a :class:`~sparseforge.Sparsifier` syncs its masks
   by itself after every update; see its ``sync_masks`` argument).
+- :mod:`~sparseforge.distributed.dgc`: Deep Gradient Compression (Lin et al.,
+  ICLR 2018) as a DDP communication hook: :class:`DGCConfig`,
+  :func:`register_dgc` (returns a :class:`DGCState` whose ``stats()`` counts
+  the bytes sent), and the baselines with the same counters,
+  :func:`register_powersgd` (PyTorch's PowerSGD hook) and
+  :func:`register_allreduce_counter` (plain all-reduce).
 """
 
+from sparseforge.distributed.dgc import (
+    AllReduceState,
+    CommState,
+    DGCConfig,
+    DGCState,
+    PowerSGDCounterState,
+    dgc_hook,
+    register_allreduce_counter,
+    register_dgc,
+    register_powersgd,
+    warmup_density,
+)
 from sparseforge.distributed.masks import broadcast_masks, check_masks_identical, mask_digest
 
-__all__ = ["broadcast_masks", "check_masks_identical", "mask_digest"]
+__all__ = [
+    "AllReduceState", "CommState", "DGCConfig", "DGCState", "PowerSGDCounterState", "broadcast_masks",
+    "check_masks_identical", "dgc_hook", "mask_digest", "register_allreduce_counter", "register_dgc",
+    "register_powersgd", "warmup_density",
+]
