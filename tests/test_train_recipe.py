@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -276,3 +277,14 @@ def test_resume_refuses_a_folder_of_another_recipe(run_2, work, capsys):
     shutil.copytree(run_2 / "checkpoints", folder / "checkpoints")
     assert main(["train", str(other), "--out", str(folder), "--quiet"]) == 2
     assert "holds checkpoints of another recipe (differences in: train)" in capsys.readouterr().err
+
+
+def test_readme_recipe_is_valid(tmp_path):
+    """The recipe shown in the README's distributed-training section loads and fits 2 processes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Distributed training from a recipe", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1)
+    (tmp_path / "r.yaml").write_text(block)
+    recipe = load_recipe(tmp_path / "r.yaml")
+    recipe.check_launch(2)
+    assert recipe.method.name == "rigl" and recipe.train.batch_size == 128

@@ -192,15 +192,21 @@ class DistributedConfig:
     own), ``dgc`` (Deep Gradient Compression; ``dgc`` holds
     :class:`sparseforge.distributed.dgc.DGCConfig` fields, e.g. ``density: 0.001``;
     its ``momentum`` defaults to ``train.momentum``, which the optimizer then leaves
-    out) or ``powersgd`` (rank ``powersgd_rank``, 2). ``timeout_s``: collective timeout
-    (600 s). With one process and ``comm`` other than allreduce, a one-process group is
-    made so that the hook still shapes the training.
+    out) or ``powersgd`` (PowerSGD, "PowerSGD: Practical Low-Rank Gradient Compression
+    for Distributed Optimization", Vogels et al. 2019: rank ``powersgd_rank``, 2, after
+    ``powersgd_start_step`` steps of plain all-reduce; default null: 10% of the run, at
+    least 2). ``timeout_s``: collective timeout (600 s). With one process and ``comm``
+    other than allreduce, a one-process group is made so that the hook still shapes the
+    training. The hooks' own state (DGC's residuals and momentum, PowerSGD's error
+    feedback) is not checkpointed: a resumed run restarts it, so it stays close to the
+    uninterrupted run but does not equal it.
     """
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     comm: Literal["allreduce", "dgc", "powersgd"] = "allreduce"
     dgc: dict[str, Any] = field(default_factory=dict)
     powersgd_rank: int = 2
+    powersgd_start_step: int | None = None
     timeout_s: float = 600.0
 
     def resolved_backend(self) -> str:
@@ -315,6 +321,9 @@ class TrainRecipe:
         d = self.distributed
         if d.powersgd_rank < 1:
             raise SparseforgeError(f"distributed.powersgd_rank must be >= 1, got {d.powersgd_rank}")
+        if d.powersgd_start_step is not None and d.powersgd_start_step < 2:
+            raise SparseforgeError(f"distributed.powersgd_start_step must be >= 2 (DDP rebuilds its buckets at "
+                                   f"the first step), got {d.powersgd_start_step}")
         if not d.timeout_s > 0:
             raise SparseforgeError(f"distributed.timeout_s must be > 0, got {d.timeout_s}")
         if d.dgc and d.comm != "dgc":
@@ -359,7 +368,7 @@ class TrainRecipe:
         part = {k: m[k] for k in ("model", "data", "method", "train")}
         part["comm"] = self.distributed.comm
         part["dgc"] = m["distributed"]["dgc"]
-        part["powersgd_rank"] = self.distributed.powersgd_rank
+        part["powersgd"] = [self.distributed.powersgd_rank, self.distributed.powersgd_start_step]
         return part
 
 
@@ -538,7 +547,9 @@ def _register_comm(ddp_model: nn.Module, recipe: TrainRecipe) -> Any:
     if comm == "dgc":
         return dgc.register_dgc(ddp_model, recipe.distributed.dgc_config(recipe.train.momentum))
     if comm == "powersgd":
-        return dgc.register_powersgd(ddp_model, rank=recipe.distributed.powersgd_rank)
+        d = recipe.distributed
+        start = d.powersgd_start_step if d.powersgd_start_step is not None else max(2, recipe.total_steps() // 10)
+        return dgc.register_powersgd(ddp_model, rank=d.powersgd_rank, start_powerSGD_iter=start)
     return dgc.register_allreduce_counter(ddp_model)
 
 
