@@ -216,20 +216,11 @@ class DistributedConfig:
         return self.backend
 
     def dgc_config(self, momentum: float):
-        """The :class:`~sparseforge.distributed.dgc.DGCConfig` of ``dgc`` (momentum defaulting
-        to ``momentum``), validated; without the dgc module only ``density`` is checked."""
+        """The :class:`~sparseforge.distributed.dgc.DGCConfig` of ``dgc`` (its momentum defaulting
+        to ``momentum``), keys and types checked under the path ``distributed.dgc``, validated."""
+        from sparseforge.distributed.dgc import DGCConfig
+
         options = dict(self.dgc)
-        try:
-            from sparseforge.distributed.dgc import DGCConfig
-        except ImportError:
-            density = options.get("density")
-            if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
-                                        or not 0.0 < float(density) <= 1.0):
-                raise SparseforgeError(
-                    f"distributed.dgc.density must be in (0, 1] (the fraction of gradient entries sent), "
-                    f"got {density!r}"
-                ) from None
-            return None
         options.setdefault("momentum", momentum)
         config = from_mapping(DGCConfig, options, "recipe", "distributed.dgc")
         try:
@@ -535,15 +526,10 @@ def _init_world(recipe: TrainRecipe, device_backend: str) -> _World:
 
 
 def _register_comm(ddp_model: nn.Module, recipe: TrainRecipe) -> Any:
-    """Install the recipe's gradient communication hook; returns its state (with ``stats()``) or None."""
+    """Install the recipe's gradient communication hook (all-reduce is counted too); returns its state."""
+    from sparseforge.distributed import dgc
+
     comm = recipe.distributed.comm
-    try:
-        from sparseforge.distributed import dgc
-    except ImportError:
-        if comm != "allreduce":
-            raise SparseforgeError(f"distributed.comm {comm!r} needs sparseforge.distributed.dgc, "
-                                   "which this installation lacks: use comm: allreduce") from None
-        return None  # plain DDP all-reduce, not counted
     if comm == "dgc":
         return dgc.register_dgc(ddp_model, recipe.distributed.dgc_config(recipe.train.momentum))
     if comm == "powersgd":
