@@ -250,10 +250,11 @@ def test_killed_run_resumes_to_the_same_weights(run_2, killed, work):
 def test_two_process_checkpoint_resumes_on_one_process(run_2, killed, capsys):
     """Resumed on 1 process: the run ends at the same step with the recipe's exact sparsity.
 
-    The weights can differ slightly: one process sums each batch's gradient in
-    another order than two do, and a RigL update can turn such a difference
-    into another regrown weight. So the weights are compared loosely and the
-    masks by their overlap.
+    The weights differ by float rounding only (one process sums each batch's
+    gradient in another order than two do; measured: at most ~1e-8), but a
+    RigL update could turn such a difference into another regrown weight at a
+    near-tie. So the masks are compared by their overlap (> 99%) and the
+    weights tightly where the masks agree.
     """
     recipe, _, copy, last = killed
     assert main(["train", str(recipe), "--out", str(copy), "--quiet"]) == 0
@@ -264,9 +265,9 @@ def test_two_process_checkpoint_resumes_on_one_process(run_2, killed, capsys):
     assert zero_fraction(weights) == zero_fraction(straight)
     assert abs(zero_fraction(weights) - SPARSITY) < 1e-3
     for name in straight:
-        same_mask = ((weights[name] != 0) == (straight[name] != 0)).float().mean().item()
-        assert same_mask > 0.99, (name, same_mask)
-        torch.testing.assert_close(weights[name], straight[name], rtol=0, atol=1e-3)
+        agree = (weights[name] != 0) == (straight[name] != 0)
+        assert agree.float().mean().item() > 0.99, name
+        torch.testing.assert_close(weights[name][agree], straight[name][agree], rtol=0, atol=1e-5)
     assert last < STEPS
 
 

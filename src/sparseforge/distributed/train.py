@@ -17,7 +17,9 @@ The rules of a run (:func:`run`):
   rank's loss is the mean over its piece and DDP averages the gradients, so
   every step sees the mean gradient of the same global batch for any ``W``
   (up to the order of float summation). A checkpoint written by ``W`` ranks
-  therefore resumes on any other number of ranks that divides ``B``.
+  therefore resumes on any other number of ranks that divides ``B``. (Not
+  for BatchNorm: ``resnet20`` normalizes over each rank's piece, so its
+  training depends on ``W`` as it does under any plain DDP.)
 - **Masks.** The :class:`~sparseforge.Sparsifier` is attached to the plain
   model, after ``init_process_group`` and before the DDP wrapper (see
   :mod:`sparseforge.distributed.masks`): mask updates read DDP's averaged
@@ -582,7 +584,8 @@ def run(recipe: TrainRecipe, out_dir: str | os.PathLike[str] | None = None, resu
         out_dir: the run folder (default :func:`default_out_dir`).
         resume: continue from the newest checkpoint in ``out_dir`` if there is one
             (it must come from a recipe with the same model, data, method, train and
-            comm settings). ``False`` deletes the folder's checkpoints and starts over.
+            comm settings). ``False`` deletes the folder's checkpoints, metrics.json and
+            model.safetensors, and starts over.
         quiet: no progress output.
 
     Returns:
@@ -650,9 +653,9 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
     # -- resume (rank 0 picks the file, so every rank loads the same one).
     ckpt_dir = _checkpoint_dir(out)
     if not resume:
-        if lead and ckpt_dir.is_dir():
-            for _, p in _checkpoints(out):
-                p.unlink()
+        if lead:  # the old run's outputs too: a new run killed early must not leave them looking current
+            for p in [p for _, p in _checkpoints(out)] + [out / "metrics.json", out / "model.safetensors"]:
+                p.unlink(missing_ok=True)
         world.barrier()
     latest = latest_checkpoint(out) if resume and lead else None
     chosen = [str(latest) if latest is not None else None]
