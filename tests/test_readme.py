@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparseforge.zoo.data import DEFAULT_DATA_DIR
 
@@ -64,3 +65,21 @@ def test_readme_links_exist():
     root = README.parent
     for link in re.findall(r"\]\(([^)#:]+)\)", README.read_text()):
         assert (root / link).exists(), link
+
+
+def test_merging_example_streams_the_same_merge(tmp_path, monkeypatch, capsys):
+    # Found by content, not position, so sections added elsewhere do not shift it.
+    block = next(b for b in BLOCKS if "merge_files(" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md[merging]", "exec"), namespace)
+    from sparseforge.export.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(tmp_path / "merged.safetensors")
+    merged, base = namespace["merged"], namespace["base"].state_dict()
+    assert meta["arch"] == "lenet300" and meta["extra"]["merge"]["method"] == "ties"
+    assert all(torch.equal(model.state_dict()[k], merged[k]) for k in merged)   # "= merged, tensor for tensor"
+    assert not torch.equal(merged["fc1.weight"], base["fc1.weight"])
+    soup, states = namespace["soup"], namespace["states"]
+    assert torch.allclose(soup["fc1.weight"], (states[0]["fc1.weight"] + states[1]["fc1.weight"]) / 2)
+    assert "6 tensors" in capsys.readouterr().out
