@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float, default=0.2, help="TIES density (default 0.2)")
     parser.add_argument("--workdir", default=None, help="where the temporary checkpoints go (default: the system temp)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (default: glibc's dynamic one)")
 
 
 def _write_models(folder: Path, count: int, layers: int, dim: int, seed: int) -> tuple[Path, list[Path], int, int]:
@@ -104,8 +107,11 @@ def _write_models(folder: Path, count: int, layers: int, dim: int, seed: int) ->
     return base_path, paths, sum(sizes), max(sizes)
 
 
-def _measure(job: dict[str, Any]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(job)], capture_output=True, text=True)
+def _measure(job: dict[str, Any], mmap_threshold: int | None = None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if mmap_threshold is not None:  # glibc: allocations this large and larger get their own mmap, freed at once
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    done = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(job)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"merge worker failed ({job['mode']}, {job['method']}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     job = {"mode": mode, "method": method, "inputs": [str(p) for p in paths[:k]],
                            "base": None if method == "average" else str(base), "out": str(outs[mode]),
                            "density": args.density}
-                    m = _measure(job)
+                    m = _measure(job, args.malloc_mmap_threshold)
                     peak = m["after"]["VmHWM"] - m["before"]["VmRSS"]
                     rows.append({
                         "models": k, "method": method, "mode": mode,
@@ -171,5 +177,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "merge-memory", "quick": quick, "torch": torch.__version__,
         "layers": layers, "dim": dim, "dtype": "float32", "model_mb": round(model_mb, 2),
         "largest_tensor_mb": round(tensor_bytes / MB, 2), "density": args.density, "seed": args.seed,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "rows": rows,
     }

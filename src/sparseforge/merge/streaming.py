@@ -218,6 +218,24 @@ def _open_pread(path: Path, stack: contextlib.ExitStack):
         return None
 
 
+def _glibc_trim() -> Callable[[], None]:
+    """A function that hands freed heap memory back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    Merged tensors stay allocated while each tensor's temporaries are freed:
+    glibc keeps the freed holes between them resident (its mmap threshold
+    grows to the temporaries' size after the first free, so they come from the
+    heap), and measured peaks varied from 1.4x to 2.9x a model between
+    identical runs. Trimming after each tensor returns those pages.
+    """
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0) and None
+
+
 def _peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
@@ -314,6 +332,7 @@ def merge_files(
         carry_digests = reference.metadata.get("format") == CHECKPOINT_FORMAT
         merged: dict[str, Tensor] = {}
         digests: dict[str, str] = {}
+        trim = _glibc_trim()
         with _progress(progress, len(keys)) as bar:
             task = bar.add_task(out_path.name, total=len(keys)) if bar is not None else None
             for key in keys:
@@ -327,6 +346,7 @@ def merge_files(
                 merged[key] = result.contiguous()
                 if carry_digests:
                     digests[key] = tensor_digest(merged[key])
+                trim()
                 if bar is not None:
                     bar.advance(task)
 
