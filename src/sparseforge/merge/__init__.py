@@ -59,13 +59,11 @@ from sparseforge.merge.task_arithmetic import (
 )
 
 __all__ = [
-    "MergeRecipe", "load_recipe", "merge_files", "GramMatrices", "PRESETS", "TaskArithmetic", "average_tensors", "check_compatible", "combine_tensors",
-    "consensus_masks", "consensus_merge", "dare", "fisher_diagonal", "fisher_merge", "gram_matrices", "greedy_soup",
-    "is_mergeable", "map_tensors", "merge_task_arithmetic", "merge_tensors", "merged_task_vector",
-    "normalize_weights", "preset", "reconstruct", "regmean", "storage_report", "tall_masks", "task_arithmetic",
-    "task_vector", "ties", "uniform_soup", "weighted_average",
-]
-__all__ += [
-    "apply_permutation", "interpolate", "interpolation_path", "loss_barrier", "random_permutation", "reset_bn_stats",
-    "weight_matching", "SoupCycle", "check_shared_mask", "sparse_model_soup", "sparse_soup",
+    "GramMatrices", "MergeRecipe", "PRESETS", "SoupCycle", "TaskArithmetic", "apply_permutation", "average_tensors",
+    "check_compatible", "check_shared_mask", "combine_tensors", "consensus_masks", "consensus_merge", "dare",
+    "fisher_diagonal", "fisher_merge", "gram_matrices", "greedy_soup", "interpolate", "interpolation_path",
+    "is_mergeable", "load_recipe", "loss_barrier", "map_tensors", "merge_files", "merge_task_arithmetic",
+    "merge_tensors", "merged_task_vector", "normalize_weights", "preset", "random_permutation", "reconstruct",
+    "regmean", "reset_bn_stats", "sparse_model_soup", "sparse_soup", "storage_report", "tall_masks",
+    "task_arithmetic", "task_vector", "ties", "uniform_soup", "weight_matching", "weighted_average",
 ]
