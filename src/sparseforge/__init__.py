@@ -5,7 +5,7 @@ method is a composition of a Target, a Pattern, a Score, an Allocation, a
 Schedule and an Update.
 """
 
-from sparseforge import allocation, distributed, methods, patterns, peft, schedules, scores, targets, updates
+from sparseforge import allocation, distributed, merge, methods, patterns, peft, schedules, scores, targets, updates
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.compact import CompactReport, compact, load_compacted
@@ -33,5 +33,5 @@ __all__ = [
     "ChannelPruning", "CompactReport", "L1Norm", "L2Norm", "compact", "load_compacted", "prune_channels",
     "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
     "load", "save",
-    "peft",
+    "merge", "peft",
 ]
