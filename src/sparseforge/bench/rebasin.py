@@ -19,9 +19,10 @@ decay). Test loss and accuracy are measured at alpha in {0, 0.1, ..., 1} along
 (matched). Barrier = max over alpha of ``L(alpha) - ((1 - alpha) L(0) + alpha
 L(1))``; the reduction is ``1 - matched / naive``. Models with BatchNorm
 (``--models resnet20``) get their BatchNorm statistics recomputed at every
-point (as in the paper). Conv-4 is trained on the first 15000 training
-examples for 3 epochs and evaluated on the first 5000 test examples, to fit
-the time budget of a 2-core CPU; LeNet-300-100 uses the full sets, 10 epochs.
+point (as in the paper). Conv-4 is trained on the first 10000 training
+examples for 3 epochs and evaluated on the first 2000 test examples, to fit
+the time budget of a shared 2-core CPU; LeNet-300-100 uses the full sets,
+10 epochs.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ CLAIM_REDUCTION = 80.0  # percent of the naive barrier removed by weight matchin
 # Per-model defaults of a full run: (epochs, limit_train, limit_test). None = the whole set.
 FULL: dict[str, tuple[int, int | None, int | None]] = {
     "lenet300": (10, None, None),
-    "conv4": (3, 15000, 5000),
-    "resnet20": (3, 15000, 5000),
+    "conv4": (3, 10000, 2000),
+    "resnet20": (3, 10000, 2000),
 }
 QUICK = (1, 1024, 500)
 BN_BATCHES = 20  # training batches used to recompute BatchNorm statistics at each point
