@@ -1,25 +1,20 @@
 """Deep Gradient Compression as a DDP communication hook (sparseforge.distributed.dgc).
 
 The DDP scenarios share one spawn of two gloo processes on CPU (the harness of
-tests/test_distributed.py: FileStore, loopback, one thread each, timeouts).
+tests/ddp_harness.py: FileStore, loopback, one thread each, timeouts).
 Single-process tests call the hook directly on stand-in buckets (no process
 group: one rank, no collectives).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -33,13 +28,13 @@ from sparseforge.distributed import (
     register_powersgd,
     warmup_density,
 )
+
+from ddp_harness import WORLD, spawn
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-WORLD = 2
 STEPS = 8
 LR = 0.1
-SPAWN_TIMEOUT_S = 150.0
-COLLECTIVE_TIMEOUT_S = 60.0
 
 
 # -- single process: stand-in buckets --------------------------------------------------------------
@@ -222,44 +217,6 @@ def test_state_follows_parameters_when_ddp_rebuilds_its_buckets():
     assert torch.equal(state.last[1]["accumulated"], before["ra"] + 0.5 * before["ua"])
 
 
-# -- the harness (as in tests/test_distributed.py) ---------------------------------------------------
-
-
-def _entry(rank: int, fn_name: str, store_path: str, out_dir: str) -> None:
-    """Worker process: join the gloo group, run ``fn_name`` and write its result as JSON."""
-    torch.set_num_threads(1)
-    if Path("/sys/class/net/lo").exists():
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    )
-    try:
-        result = globals()[fn_name](rank, Path(out_dir))
-        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn_name: str, out_dir: Path) -> list[dict[str, Any]]:
-    """Run ``fn_name(rank, out_dir)`` on two ranks; return each rank's result (workers killed on timeout)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(fn_name, str(out_dir / "store"), str(out_dir)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{fn_name}: DDP workers still running after {SPAWN_TIMEOUT_S:.0f} s (a hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
 # -- two gloo ranks: the scenarios -------------------------------------------------------------------
 
 
@@ -389,7 +346,7 @@ def dgc_spawn(rank: int, out: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return _spawn("dgc_spawn", tmp_path_factory.mktemp("dgc"))
+    return spawn(dgc_spawn, tmp_path_factory.mktemp("dgc"))
 
 
 def test_density_one_equals_plain_allreduce_exactly(ranks):

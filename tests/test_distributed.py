@@ -1,10 +1,7 @@
 """The Sparsifier under torch.distributed DDP: two processes, gloo backend, CPU.
 
-Workers are spawned with ``torch.multiprocessing`` ("spawn"), meet through a
-FileStore in ``tmp_path`` and talk over loopback only (gloo bound to ``lo``,
-on ports it picks itself), each on one thread. Every collective has a timeout
-and the harness kills workers that outlive the test's, so a hang fails
-instead of blocking the suite. Workers return results as JSON files.
+Workers come from tests/ddp_harness.py (spawned processes, FileStore,
+loopback, one thread each, timeouts); they return results as JSON.
 
 Each spawn costs a few seconds (two fresh interpreters importing torch), so
 the scenarios share two spawns through module-scoped fixtures.
@@ -14,17 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
-import os
-import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,57 +24,15 @@ import sparseforge as sf
 from sparseforge.distributed import broadcast_masks, check_masks_identical, mask_digest
 from sparseforge.files import atomic_path
 
-WORLD = 2
+from ddp_harness import WORLD, spawn
+
 STEPS = 40
 HALF = 20
 FREQUENCY = 5
-SPAWN_TIMEOUT_S = 150.0
-COLLECTIVE_TIMEOUT_S = 60.0
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_rigl.py"
 EXAMPLE_ARGS = ["--synthetic", "--steps", "30", "--frequency", "5", "--limit-train", "1024"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-# -- the harness ------------------------------------------------------------------------
-
-
-def _entry(rank: int, fn_name: str, store_path: str, out_dir: str, kwargs: dict[str, Any]) -> None:
-    """Worker process: join the gloo group, run ``fn_name`` and write its result as JSON."""
-    torch.set_num_threads(1)
-    if Path("/sys/class/net/lo").exists():
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    )
-    try:
-        result = globals()[fn_name](rank, Path(out_dir), **kwargs)
-        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn_name: str, out_dir: Path, **kwargs: Any) -> list[dict[str, Any]]:
-    """Run ``fn_name(rank, out_dir, **kwargs)`` on two ranks; return each rank's result."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store_path = str(out_dir / "store")
-    ctx = mp.start_processes(
-        _entry, args=(fn_name, store_path, str(out_dir), kwargs), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        # join() raises with the worker's traceback when one fails (and ends the other).
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{fn_name}: DDP workers still running after {SPAWN_TIMEOUT_S:.0f} s (a hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 # -- what the workers train -------------------------------------------------------------
@@ -280,7 +230,7 @@ def first_spawn(rank: int, out: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ddp_first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("ddp_first")
-    return out, _spawn("first_spawn", out)
+    return out, spawn(first_spawn, out)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +242,7 @@ def ddp_scenarios(ddp_first) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ddp_resume(ddp_first, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
     first_dir, ranks = ddp_first
-    second = _spawn("resume_second", tmp_path_factory.mktemp("ddp_resume"), first=str(first_dir))
+    second = spawn(resume_second, tmp_path_factory.mktemp("ddp_resume"), first=str(first_dir))
     return [r["resume"] for r in ranks], second
 
 
