@@ -206,7 +206,8 @@ def test_state_follows_parameters_when_ddp_rebuilds_its_buckets():
     dgc_hook(state, FakeBucket([a, b], [ga, gb])).wait()  # one bucket [a, b]
     before = {"ra": state.residual(a).clone(), "rb": state.residual(b).clone(),
               "ua": state.momentum(a).clone(), "ub": state.momentum(b).clone()}
-    assert torch.count_nonzero(before["ra"]) + torch.count_nonzero(before["rb"]) == 10 - 2
+    # per parameter: ceil(0.2 * 6) + ceil(0.2 * 4) = 3 entries sent, the other 7 wait
+    assert torch.count_nonzero(before["ra"]) + torch.count_nonzero(before["rb"]) == 10 - 3
     # DDP's rebuild: now b alone in bucket 0 and a in bucket 1 (reverse order, as DDP does).
     zeros_b, zeros_a = torch.zeros(4), torch.zeros(6)
     state.keep_last = True
@@ -299,7 +300,7 @@ def dgc_spawn(rank: int, out: Path) -> dict[str, Any]:
         for step in range(STEPS):
             _step(ddp, opt, rank, step)
             counts.append([state.last[i]["indices"].numel() for i in sorted(state.last)])
-            numels.append([state.last[i]["accumulated"].numel() for i in sorted(state.last)])
+            numels.append([state.last[i]["param_numels"] for i in sorted(state.last)])
             for last in state.last.values():
                 rebuilt = last["residual"].clone()
                 rebuilt[last["indices"]] += last["values"]
@@ -378,9 +379,10 @@ def test_sent_counts_per_bucket(ranks):
     for r in ranks:
         exact, sampled = r["sparse_exact"], r["sparse_sampled"]
         assert len(exact["numels"][-1]) >= 2, "the test model should span several buckets"
+        # k = ceil(density * numel) per parameter tensor, summed over the bucket's parameters
         for counts, numels in zip(exact["counts"], exact["numels"]):
-            assert counts == [math.ceil(0.05 * n) for n in numels]
-        ks = [math.ceil(0.05 * n) for step in sampled["numels"] for n in step]
+            assert counts == [sum(math.ceil(0.05 * n) for n in bucket) for bucket in numels]
+        ks = [sum(math.ceil(0.05 * n) for n in bucket) for step in sampled["numels"] for bucket in step]
         sent = [c for step in sampled["counts"] for c in step]
         assert all(0 <= c <= k for c, k in zip(sent, ks))
         assert sum(sent) >= 0.4 * sum(ks)
@@ -388,7 +390,7 @@ def test_sent_counts_per_bucket(ranks):
 
 def test_bytes_accounting(ranks):
     r0, r1 = ranks
-    total = sum(r0["sparse_exact"]["numels"][0])
+    total = sum(sum(bucket) for bucket in r0["sparse_exact"]["numels"][0])
     for r in ranks:
         s = r["sparse_exact"]["stats"]
         assert s["dense_bytes"] == 4 * total * STEPS and s["steps"] == STEPS

@@ -289,3 +289,40 @@ def test_readme_recipe_is_valid(tmp_path):
     recipe = load_recipe(tmp_path / "r.yaml")
     recipe.check_launch(2)
     assert recipe.method.name == "rigl" and recipe.train.batch_size == 128
+
+
+@needs_data
+def test_dgc_run_resumes_exactly_with_its_hook_state(tmp_path):
+    """DGC's unsent residuals, momentum and warm-up position travel in the checkpoints: a run resumed
+    from a mid-run checkpoint ends with the uninterrupted run's weights (one process, in this process:
+    a one-process group carries the hook). Without that state the resumed run ends elsewhere."""
+    from sparseforge.distributed.train import run
+
+    recipe = load_recipe(write_recipe(tmp_path / "dgc.yaml", distributed={
+        "backend": "gloo", "comm": "dgc", "dgc": {"density": 0.05, "warmup_steps": 6}}))
+    full = tmp_path / "full"
+    run(recipe, full, quiet=True)
+    saved = checkpoint(full, 6)["hook_states"]
+    assert len(saved) == 1 and saved[0]["step"] == 6
+    assert any(v.abs().sum() > 0 for v in saved[0]["v"])  # a residual was waiting to be sent
+
+    def resume_from_step_6(name: str, drop_hook_state: bool) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        shutil.copytree(full, out)
+        for step, path in _checkpoints(out):
+            if step > 6:
+                path.unlink()
+        (out / "model.safetensors").unlink()
+        if drop_hook_state:
+            path = out / "checkpoints" / f"step-{6:08d}.pt"
+            state = torch.load(path, weights_only=False)
+            state["hook_states"] = None
+            torch.save(state, path)
+        run(recipe, out, quiet=True)
+        return final_weights(out)
+
+    expected = final_weights(full)
+    resumed = resume_from_step_6("resumed", drop_hook_state=False)
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    restarted = resume_from_step_6("restarted", drop_hook_state=True)
+    assert not all(torch.equal(restarted[k], expected[k]) for k in expected)

@@ -15,8 +15,11 @@ rest locally until they have grown large enough to be sent. Per DDP bucket
    (Nesterov: ``u = m * (u + g)`` and ``v = v + u + g``): the *velocity*
    is accumulated, not the gradient, so that a delayed entry arrives with the
    momentum it would have had.
-3. Sparsification: select ``k = ceil(density * numel)`` entries of largest
-   ``|v|``; by default the threshold is estimated from a random sample of
+3. Sparsification, per parameter tensor of the bucket (as the authors'
+   implementation compresses each tensor, and so that training does not
+   depend on how DDP groups parameters into buckets: that grouping changes
+   after DDP's first step and on every restart): select
+   ``k = ceil(density * numel)`` entries of largest ``|v|``; by default the threshold is estimated from a random sample of
    ``|v|`` (``sample_fraction`` of the entries: the k-th largest of the sample
    scaled to the sample's size), and when more than ``k`` entries pass it,
    the exact top-k among those is taken (the paper's hierarchical selection:
@@ -71,6 +74,7 @@ overlapping communication with the rest of the backward pass.
 # (``bucket: dist.GradBucket`` and the Future return type) as objects, not strings.
 import dataclasses
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +137,7 @@ class DGCConfig:
     """Settings of Deep Gradient Compression (Lin et al., ICLR 2018); see the module docstring for the rule.
 
     Attributes:
-        density: fraction of each bucket's entries sent per step, in (0, 1]
+        density: fraction of each parameter tensor's entries sent per step, in (0, 1]
             (default 0.001, the paper's 99.9% sparsity).
         momentum: momentum ``m`` of the momentum correction (default 0.9). The
             optimizer must then use momentum 0 (see :meth:`DGCState.check_optimizer`).
@@ -155,7 +159,8 @@ class DGCConfig:
             so that it goes through the momentum correction as it would
             through SGD's momentum (what the authors' code does); the optimizer
             must then use weight decay 0. Default 0.
-        seed: seed of each rank's sampling generator (``seed + rank``; default 0).
+        seed: seed of the threshold sampling, drawn per (seed, rank, parameter, step) so that a
+            resumed run samples what the uninterrupted one would have (default 0).
     """
 
     density: float = 0.001
@@ -455,22 +460,71 @@ class DGCState(CommState):
 
     Set ``keep_last = True`` to record, per bucket index, the last step's
     ``accumulated`` ``v`` before selection, the ``indices`` and ``values``
-    sent and the ``residual`` after (clones; for tests and debugging).
+    sent, the ``residual`` after (clones) and the bucket's ``param_numels``
+    (for tests and debugging).
     """
 
     def __init__(self, config: DGCConfig | None = None, process_group: dist.ProcessGroup | None = None) -> None:
         super().__init__(process_group)
         self.config = config if config is not None else DGCConfig()
         self.config.validate()
-        self.generator = torch.Generator().manual_seed(self.config.seed + self.rank)
+        self.generator = torch.Generator()
+        self._param_index: dict[int, int] = {}  # id(param) -> its position in the model
         self._slots: dict[int, _Slot] = {}
         self._owner: dict[int, _Slot] = {}
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # restored u, v by id(param)
+        self.step_offset = 0  # steps taken before a resume: the warm-up continues, the byte counters restart
         self.keep_last = False
         self.last: dict[int, dict[str, torch.Tensor]] = {}
 
     def current_density(self) -> float:
         """The density of the current step under the warm-up (:func:`warmup_density`)."""
-        return warmup_density(self.steps, self.config.density, self.config.warmup_steps)
+        return warmup_density(self.step_offset + self.steps, self.config.density, self.config.warmup_steps)
+
+    def state_dict(self, params: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """This rank's momentum ``u`` and residual ``v`` per parameter (in the order of ``params``), the
+        step (warm-up position): what a resumed run needs to continue exactly.
+
+        ``params`` are the model's parameters (``list(model.parameters())``), the
+        same list on save and load, so the state does not depend on DDP's bucket layout.
+        """
+        return {
+            "step": self.step_offset + self.steps,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "u": [self.momentum(p).detach().clone().cpu() for p in params],
+            "v": [self.residual(p).detach().clone().cpu() for p in params],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], params: Sequence[torch.Tensor], *,
+                        residuals: bool = True) -> None:
+        """Continue from :meth:`state_dict`: the warm-up position always; with ``residuals``, also ``u``
+        and ``v`` (only meaningful on the same rank of the same world size: each rank
+        accumulates its own unsent gradient). Call before the first backward pass.
+        """
+        self.step_offset = int(state["step"])
+        if not residuals:
+            return
+        if len(state["u"]) != len(params) or len(state["v"]) != len(params):
+            raise SparseforgeError(f"the saved DGC state holds {len(state['u'])} parameters, the model {len(params)}: "
+                                   "it comes from another model")
+        for p, u, v in zip(params, state["u"], state["v"]):
+            if u.shape != p.shape or v.shape != p.shape:
+                raise SparseforgeError(f"the saved DGC state has a {tuple(u.shape)} entry for a {tuple(p.shape)} "
+                                       "parameter: it comes from another model")
+            self._pending[id(p)] = (u.to(p.device, p.dtype), v.to(p.device, p.dtype))
+
+    def index_parameters(self, params: Iterable[torch.Tensor]) -> None:
+        """Number the model's parameters (their order in ``model.parameters()``): the threshold sampling
+        of each is seeded by its number, not by where DDP's buckets put it. :func:`register_dgc` calls it."""
+        self._param_index = {id(p): i for i, p in enumerate(params)}
+
+    def sampling_generator(self, param: torch.Tensor) -> torch.Generator:
+        """The generator of ``param``'s threshold sample at the current step, seeded by (seed, rank, parameter, step)."""
+        index = self._param_index.setdefault(id(param), len(self._param_index))
+        step = self.step_offset + self.steps
+        mixed = ((self.config.seed * 1_000_003 + self.rank) * 1_000_003 + index) * 1_000_003 + step
+        return self.generator.manual_seed(mixed % (2**63 - 1))
 
     def slot(self, bucket: Any) -> _Slot:
         """The bucket's ``u``/``v`` storage, moved from the previous layout when DDP rebuilt its buckets."""
@@ -485,6 +539,10 @@ class DGCState(CommState):
             if old is not None:  # this parameter's momentum and residual from its former bucket
                 new.view(new.u, id(p)).copy_(old.view(old.u, id(p)))
                 new.view(new.v, id(p)).copy_(old.view(old.v, id(p)))
+            elif id(p) in self._pending:  # restored from a checkpoint (load_state_dict)
+                u, v = self._pending.pop(id(p))
+                new.view(new.u, id(p)).copy_(u.reshape(-1))
+                new.view(new.v, id(p)).copy_(v.reshape(-1))
             self._owner[id(p)] = new
         self._slots[index] = new
         return new
@@ -492,12 +550,16 @@ class DGCState(CommState):
     def residual(self, param: torch.Tensor) -> torch.Tensor:
         """The accumulated, not yet sent ``v`` of ``param`` (a view shaped like it; zeros before its first step)."""
         slot = self._owner.get(id(param))
-        return slot.view(slot.v, id(param)).view_as(param) if slot is not None else torch.zeros_like(param)
+        if slot is None:
+            return self._pending[id(param)][1] if id(param) in self._pending else torch.zeros_like(param)
+        return slot.view(slot.v, id(param)).view_as(param)
 
     def momentum(self, param: torch.Tensor) -> torch.Tensor:
         """The momentum-correction velocity ``u`` of ``param`` (a view shaped like it)."""
         slot = self._owner.get(id(param))
-        return slot.view(slot.u, id(param)).view_as(param) if slot is not None else torch.zeros_like(param)
+        if slot is None:
+            return self._pending[id(param)][0] if id(param) in self._pending else torch.zeros_like(param)
+        return slot.view(slot.u, id(param)).view_as(param)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise if ``optimizer`` would apply momentum or weight decay that this hook already applies."""
@@ -512,8 +574,11 @@ class DGCState(CommState):
                     f"DGC adds weight decay {self.config.weight_decay} to the gradient itself, but the optimizer's "
                     f"param group {i} has weight_decay {group['weight_decay']}: set one of them to 0")
 
-    def select(self, v: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices (int64) of at most ``k`` entries of largest ``|v|`` (exactly ``k`` when exact or ``k >= numel``)."""
+    def select(self, v: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Indices (int64) of at most ``k`` entries of largest ``|v|`` (exactly ``k`` when exact or ``k >= numel``).
+
+        ``generator`` draws the threshold sample (default: the state's generator as it is).
+        """
         numel = v.numel()
         if k >= numel:
             return torch.arange(numel)
@@ -521,7 +586,7 @@ class DGCState(CommState):
         samples = math.ceil(self.config.sample_fraction * numel)
         if self.config.exact_topk or samples >= numel:
             return torch.topk(magnitude, k, sorted=False).indices
-        picks = torch.randint(numel, (samples,), generator=self.generator)
+        picks = torch.randint(numel, (samples,), generator=generator if generator is not None else self.generator)
         sample_k = min(samples, max(1, math.ceil(k * samples / numel)))
         threshold = torch.topk(magnitude[picks], sample_k, sorted=False).values.min()
         chosen = torch.nonzero(magnitude >= threshold).view(-1)
@@ -595,9 +660,14 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         u.mul_(cfg.momentum).add_(g)
         v.add_(u)
     density = state.current_density()
-    k = min(buffer.numel(), math.ceil(density * buffer.numel()))
     accumulated = v.clone() if state.keep_last else None
-    indices = state.select(v, k)
+    parts, k = [], 0
+    for p in bucket.parameters():  # per parameter tensor: see step 3 of the module docstring
+        start, numel = slot.spans[id(p)]
+        k_p = min(numel, math.ceil(density * numel))
+        parts.append(state.select(v[start:start + numel], k_p, state.sampling_generator(p)) + start)
+        k += k_p
+    indices = torch.cat(parts)
     values = v[indices]
     v[indices] = 0  # the residual keeps every entry that was not sent
     if cfg.momentum_masking:
@@ -612,7 +682,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     buffer.copy_(out)
     if state.keep_last:
         state.last[bucket.index()] = {"accumulated": accumulated, "indices": indices.clone(),
-                                      "values": values.clone(), "residual": v.clone()}
+                                      "values": values.clone(), "residual": v.clone(),
+                                      "param_numels": [p.numel() for p in bucket.parameters()]}
     state._record(bucket, sent_bytes=sent_bytes, sent_entries=indices.numel())
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(buffer)
@@ -632,5 +703,6 @@ def register_dgc(ddp_model: nn.parallel.DistributedDataParallel, config: DGCConf
     if not (dist.is_available() and dist.is_initialized()):
         raise SparseforgeError("register_dgc needs torch.distributed: call init_process_group() first")
     state = DGCState(config, process_group)
+    state.index_parameters(ddp_model.module.parameters())
     ddp_model.register_comm_hook(state, dgc_hook)
     return state

@@ -199,8 +199,11 @@ class DistributedConfig:
     ``powersgd_start_step`` steps of plain all-reduce; default null: 10% of the run, at
     least 2). ``timeout_s``: collective timeout (600 s). With one process and ``comm``
     other than allreduce, a one-process group is made so that the hook still shapes the
-    training. The hooks' own state (DGC's residuals and momentum, PowerSGD's error
-    feedback) is not checkpointed: a resumed run restarts it, so it stays close to the
+    training. Checkpoints keep every rank's DGC state (momentum, unsent residual,
+    warm-up position, sampling generator): resumed on the same number of processes a
+    DGC run continues exactly; on another number only the warm-up position carries
+    over (each rank's residual is its own). PowerSGD's error feedback is not
+    checkpointed: a resumed PowerSGD run restarts it, so it stays close to the
     uninterrupted run but does not equal it.
     """
 
@@ -662,6 +665,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
     if world.distributed and W > 1:
         dist.broadcast_object_list(chosen, src=0)
     step, history, seconds_before, sums = 0, [], 0.0, [0.0, 0.0, 0.0]
+    hook_states, hook_world = None, W
     comm_before: list[dict[str, Any]] = []
     if chosen[0] is not None:
         state = _load_state(Path(chosen[0]), device)
@@ -682,6 +686,8 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
         history = list(state["history"])
         seconds_before = float(state["seconds"])
         comm_before = list(state.get("comm", []))
+        hook_states = state.get("hook_states")
+        hook_world = int(state["world_size"])
         if lead:
             sums = list(state["epoch_sums"])  # the epoch's global sums so far, counted once (on rank 0)
         if state["world_size"] == W:
@@ -705,12 +711,19 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
         comm_state = _register_comm(net, recipe)
         if dgc_on and hasattr(comm_state, "check_optimizer"):
             comm_state.check_optimizer(opt)
+        if hook_states is not None and hasattr(comm_state, "load_state_dict"):
+            # Each rank's own unsent residual and momentum on the same world size; on another
+            # one only the warm-up position carries over (no rank's residual belongs to the new ranks).
+            same = hook_world == W and len(hook_states) == W
+            comm_state.load_state_dict(hook_states[rank if same else 0], list(model.parameters()), residuals=same)
 
     def save(epoch: int, batch: int) -> None:
         """Every rank joins (RNG states and loss sums are gathered); rank 0 writes, the others wait."""
         rngs = _gather(world, _rng_state(device))
         global_sums = _all_sum(world, sums, device) if W > 1 else list(sums)
         stats = _gather(world, comm_state.stats() if comm_state is not None else None)
+        hooks = (_gather(world, comm_state.state_dict(list(model.parameters())))
+                 if hasattr(comm_state, "state_dict") else None)
         if lead:
             payload = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
@@ -720,6 +733,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                 "recipe": to_mapping(recipe), "history": history, "epoch_sums": global_sums,
                 "seconds": seconds_before + time.perf_counter() - started,
                 "comm": comm_before + [s for s in stats if s is not None][:1],
+                "hook_states": hooks,
             }
             with atomic_path(ckpt_dir / f"step-{step:08d}.pt") as tmp:
                 torch.save(payload, tmp)
