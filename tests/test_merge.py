@@ -73,7 +73,7 @@ def test_check_compatible_names_missing_extra_and_shape_problems():
     b = dict(a)
     del b["lin.bias"]
     b["extra.weight"] = torch.zeros(1)
-    with pytest.raises(SparseforgeError, match=r"b does not match a: .*missing 1 key\(s\) 'lin.bias'.*extra.*'extra.weight'"):
+    with pytest.raises(SparseforgeError, match=r"b does not match a: it lacks 1 key\(s\) 'lin.bias'.*extra.*'extra.weight'"):
         check_compatible([a, b], names=["a", "b"])
     c = dict(a, **{"lin.weight": torch.zeros(5, 6)})
     with pytest.raises(SparseforgeError, match=r"model 1 .*shape differs for 'lin.weight' \(\[5, 6\] vs \[6, 5\]\)"):

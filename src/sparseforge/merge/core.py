@@ -95,11 +95,11 @@ def check_compatible(states: Sequence[State], names: Sequence[str] | None = None
         if missing or extra:
             parts = []
             if missing:
-                parts.append(f"missing {len(missing)} key(s) {_preview(missing)}")
+                parts.append(f"lacks {len(missing)} key(s) {_preview(missing)}")
             if extra:
                 parts.append(f"has {len(extra)} extra key(s) {_preview(extra)}")
             raise SparseforgeError(
-                f"{label} does not match {ref_label}: it is {' and '.join(parts)}; "
+                f"{label} does not match {ref_label}: it {' and '.join(parts)}; "
                 "merge only models of the same architecture (same state_dict keys)"
             )
         problems = []
