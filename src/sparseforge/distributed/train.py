@@ -200,11 +200,11 @@ class DistributedConfig:
     least 2). ``timeout_s``: collective timeout (600 s). With one process and ``comm``
     other than allreduce, a one-process group is made so that the hook still shapes the
     training. Checkpoints keep every rank's DGC state (momentum, unsent residual,
-    warm-up position, sampling generator): resumed on the same number of processes a
-    DGC run continues exactly; on another number only the warm-up position carries
-    over (each rank's residual is its own). PowerSGD's error feedback is not
-    checkpointed: a resumed PowerSGD run restarts it, so it stays close to the
-    uninterrupted run but does not equal it.
+    warm-up position; the threshold sampling is seeded by the step): resumed on the
+    same number of processes a DGC run continues exactly; on another number only the
+    warm-up position carries over (each rank's residual is its own). PowerSGD's error
+    feedback is not checkpointed: a resumed PowerSGD run restarts it, so it stays
+    close to the uninterrupted run but does not equal it.
     """
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
