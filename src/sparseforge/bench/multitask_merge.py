@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseforge.bench.common import print_table, summarize
+from sparseforge.bench.common import RunConfig, make_optimizer, print_table, summarize
 from sparseforge.errors import SparseforgeError
-from sparseforge.zoo.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TensorLoader, load_fashion_mnist
+from sparseforge.zoo.data import TensorLoader, load_fashion_mnist, normalize_images
 from sparseforge.zoo.models import build_model
 from sparseforge.zoo.training import evaluate, train_epoch
 
@@ -91,8 +91,7 @@ def _images(images: torch.Tensor, transform: str) -> torch.Tensor:
         images = torch.rot90(images, 1, dims=(1, 2))
     elif transform == "negative":
         images = 255 - images
-    x = images.to(torch.float32).div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
-    return x.unsqueeze(1)
+    return normalize_images(images)
 
 
 def task_data(task: Task | tuple[str, tuple[int, ...], str], data_dir: str | None, seed: int,
@@ -122,10 +121,10 @@ def task_data(task: Task | tuple[str, tuple[int, ...], str], data_dir: str | Non
 # -- models ------------------------------------------------------------------------
 
 
-def _train(model: nn.Module, loader: TensorLoader, epochs: int, lr: float, params=None) -> None:
-    params = list(model.parameters()) if params is None else params
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
+def _train(model: nn.Module, loader: TensorLoader, epochs: int, lr: float) -> None:
+    """The reproductions' optimizer (SGD, Nesterov 0.9, weight decay 5e-4, cosine); frozen parameters
+    (``requires_grad=False``) get no gradient, so SGD leaves them untouched."""
+    opt, sched = make_optimizer(model, RunConfig(lr=lr), epochs * len(loader))
     for _ in range(epochs):
         train_epoch(model, loader, opt, sched.step)
 
@@ -134,7 +133,7 @@ def _with_head(body: Mapping[str, torch.Tensor], head_model: nn.Module) -> nn.Mo
     """A copy of ``head_model`` whose body tensors are replaced by ``body``."""
     model = copy.deepcopy(head_model)
     state = model.state_dict()
-    state.update({k: v for k, v in body.items()})
+    state.update(body)
     model.load_state_dict(state)
     return model
 
@@ -152,7 +151,7 @@ def _linear_probe(base: nn.Module, task: Task, train: TensorLoader, epochs: int,
         p.requires_grad_(False)
     for p in head.parameters():
         p.requires_grad_(True)
-    _train(model, train, epochs, 0.05, list(head.parameters()))
+    _train(model, train, epochs, 0.05)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -45,6 +45,7 @@ __all__ = [
     "TensorLoader",
     "fashion_mnist",
     "load_fashion_mnist",
+    "normalize_images",
     "resolve_data_dir",
     "write_idx_gz",
 ]
@@ -472,7 +473,10 @@ def _check_limit(name: str, value: int | None) -> None:
         raise SparseforgeError(f"{name} must be a positive integer or None, got {value!r}")
 
 
-def _normalize(images: torch.Tensor, flatten: bool) -> torch.Tensor:
+def normalize_images(images: torch.Tensor, flatten: bool = False) -> torch.Tensor:
+    """uint8 images ``[N, 28, 28]`` as float32 scaled to [0, 1] and standardized with the training-set
+    statistics, ``(x / 255 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD``: ``[N, 1, 28, 28]``, or ``[N, 784]``
+    with ``flatten``."""
     x = images.to(torch.float32).div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
     return x.reshape(x.shape[0], -1) if flatten else x.unsqueeze(1)
 
@@ -516,7 +520,7 @@ def fashion_mnist(
             images, labels = images[:limit], labels[:limit]
         loaders.append(
             TensorLoader(
-                _normalize(images, flatten),
+                normalize_images(images, flatten),
                 labels,
                 batch_size=batch_size,
                 shuffle=shuffle,
