@@ -140,14 +140,13 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(arg, value, where, path)
-            except SparseforgeError as e:
-                errors.append(e)
+            except SparseforgeError:
+                continue  # the message below names every accepted type
         names = " or ".join(_type_name(a) for a in args)
         raise SparseforgeError(f"{where}: {path} must be {names}, got {_describe(value)}")
     if origin is typing.Literal:
