@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.merge.core import ACC_DTYPE, average_tensors, check_compatible, map_tensors, normalize_weights
+from sparseforge.oneshot.calibration import capture_inputs
 
 __all__ = ["GramMatrices", "gram_matrices", "regmean"]
 
@@ -46,8 +47,9 @@ def gram_matrices(
     """Gram matrices ``G = X^T X`` of the inputs of every ``nn.Linear`` (or of the named ones), for RegMean.
 
     From "Dataless Knowledge Fusion by Merging Weights of Language Models"
-    (Jin et al., ICLR 2023). Inputs are captured with forward pre-hooks (removed
-    afterwards), leading dimensions flattened (``[B, T, in]`` -> ``[B*T, in]``)
+    (Jin et al., ICLR 2023). Inputs are captured in one pass by the shared
+    calibration capture (:func:`sparseforge.oneshot.calibration.capture_inputs`,
+    hooks removed afterwards), leading dimensions flattened (``[B, T, in]`` -> ``[B*T, in]``)
     and accumulated in float64: ``G`` is the sum over all rows, not the mean,
     so a model seen on more data weighs more in the merge, as in the
     least-squares objective.
@@ -55,7 +57,7 @@ def gram_matrices(
     Args:
         model: the fine-tuned model, run in eval mode under ``no_grad`` (its mode is restored).
         batches: iterable of batches; a tuple/list batch passes its first item to the model,
-            anything else is passed as is.
+            a dict its keyword arguments, anything else is passed as is.
         names: module names of the Linear layers to capture (default: every ``nn.Linear``).
         max_batches: use at most this many batches (default all).
 
@@ -77,33 +79,12 @@ def gram_matrices(
         if not_linear:
             raise SparseforgeError(f"modules {not_linear[:5]} are not nn.Linear; RegMean merges Linear weights")
         selected = {n: modules[n] for n in names}
-    grams = {n: torch.zeros(m.in_features, m.in_features, dtype=ACC_DTYPE, device=m.weight.device)
-             for n, m in selected.items()}
-    counts = dict.fromkeys(selected, 0)
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(ACC_DTYPE)
-            grams[name].addmm_(x.T, x)
-            counts[name] += x.shape[0]
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in selected.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for index, batch in enumerate(batches):
-                if max_batches is not None and index >= max_batches:
-                    break
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    unused = [n for n, c in counts.items() if c == 0]
+    stats = capture_inputs(model, batches, selected, gram_dtype=ACC_DTYPE, max_batches=max_batches)
+    unused = [n for n, st in stats.items() if st.rows == 0]
     if unused:
         raise SparseforgeError(f"no inputs reached {unused[:5]}; was batches empty, or are these layers unused?")
+    grams = {n: st.gram for n, st in stats.items()}
+    counts = {n: st.rows for n, st in stats.items()}
     return GramMatrices(grams, counts)
 
 

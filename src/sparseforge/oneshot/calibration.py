@@ -37,6 +37,10 @@ when the forward calls them first (an input projection), after them
 otherwise (a BERT pooler, a classifier head).
 
 Every hook is removed when capture ends, also on error.
+
+:func:`capture_inputs` collects the same statistics for every layer in one
+pass over the data, without processing anything in between (RegMean's Gram
+matrices, :mod:`sparseforge.merge.regmean`).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from torch import nn
 from sparseforge.errors import SparseforgeError
 
 __all__ = [
-    "LayerStats", "ProcessFn", "find_blocks", "input_matrix", "is_linear_like", "run_model", "sequential", "set_weight_matrix",
+    "LayerStats", "ProcessFn", "capture_inputs", "find_blocks", "input_matrix", "is_linear_like", "run_model", "sequential", "set_weight_matrix",
     "weight_matrix",
 ]
 
@@ -108,7 +112,8 @@ class LayerStats:
     Attributes:
         rows: input rows seen (tokens, or conv patches).
         sq_sum: ``sum_t x_tj^2`` per input feature ``j`` (float64).
-        gram: ``sum_t x_t x_t^T`` ``[fan_in, fan_in]`` (float32), when asked for.
+        gram: ``sum_t x_t x_t^T`` ``[fan_in, fan_in]`` (float32, or the capture's ``gram_dtype``),
+            when asked for.
     """
 
     rows: int = 0
@@ -181,8 +186,9 @@ class _Stop(Exception):
 class _Capture:
     """Forward hooks that add each targeted layer's input to its :class:`LayerStats`."""
 
-    def __init__(self, layers: dict[str, nn.Module], want_gram: bool) -> None:
+    def __init__(self, layers: dict[str, nn.Module], want_gram: bool, gram_dtype: torch.dtype = torch.float32) -> None:
         self.want_gram = want_gram
+        self.gram_dtype = gram_dtype
         self.stats = {n: LayerStats(want_gram=want_gram) for n in layers}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
         # q, k and v projections read one tensor: its sums are computed once, keyed by the tensor object
@@ -195,7 +201,8 @@ class _Capture:
                 if isinstance(module, nn.Conv2d) else None
             if self._last is None or self._last[0] is not x or self._last[1] != geometry:
                 m = input_matrix(module, x.detach())
-                sums = (m.shape[0], m.to(torch.float64).square().sum(0), m.t() @ m if self.want_gram else None)
+                g = m.to(self.gram_dtype)
+                sums = (m.shape[0], m.to(torch.float64).square().sum(0), g.t() @ g if self.want_gram else None)
                 self._last = (x, geometry, sums)
             self.stats[name].add_sums(*self._last[2])
         return hook
@@ -205,6 +212,44 @@ class _Capture:
             h.remove()
         self.handles = []
         self._last = None
+
+
+def capture_inputs(
+    model: nn.Module,
+    batches: Iterable[Any],
+    layers: dict[str, nn.Module],
+    *,
+    gram: bool = True,
+    gram_dtype: torch.dtype = torch.float32,
+    max_batches: int | None = None,
+) -> dict[str, LayerStats]:
+    """Every layer's input statistics on ``batches``, all layers in one pass, nothing processed in between.
+
+    Args:
+        model: run in eval mode under ``no_grad`` (its mode is restored).
+        batches: batches in the forms :func:`run_model` takes.
+        layers: ``{name: module}`` (Linear, Conv2d, transformers Conv1D).
+        gram: collect ``X^T X`` (default True).
+        gram_dtype: dtype the Gram matrices are computed and summed in (default float32,
+            as SparseGPT/GPTQ; float64 for RegMean's solve).
+        max_batches: use at most this many batches (default all).
+
+    Returns:
+        ``{name: LayerStats}``; a layer no input reached has ``rows == 0``.
+    """
+    capture = _Capture(layers, gram, gram_dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                if max_batches is not None and index >= max_batches:
+                    break
+                run_model(model, batch)
+    finally:
+        capture.remove()
+        model.train(was_training)
+    return capture.stats
 
 
 def _progress(enabled: bool, total: int, description: str):
