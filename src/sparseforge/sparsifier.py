@@ -51,7 +51,11 @@ class Sparsifier:
     schedule, updates the masks when the schedule says so, and re-applies them.
     :meth:`finalize` leaves a plain model with exact zeros and no hooks or
     buffers. :meth:`state_dict` holds the masks, the step and the RNG state of
-    the method's random parts, so that a resumed run equals an uninterrupted one.
+    the method's random parts, so that a resumed run equals an uninterrupted one,
+    whichever is built first: the Sparsifier (then load the model, optimizer and
+    Sparsifier states) or the model and optimizer states (then build the
+    Sparsifier on them and load its state, which undoes what the method's
+    step-0 update did to them at construction).
 
     Args:
         model: the model to sparsify (modified in place).
@@ -170,14 +174,21 @@ class Sparsifier:
         else:
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.weight.register_post_accumulate_grad_hook(self._grad_hook(i)))
+        # What the mask update at step 0 is about to change, kept until the first step so
+        # that load_state_dict can undo it (see _ConstructionUndo).
+        self._undo: _ConstructionUndo | None = None
         try:
             if self.schedule.should_update(0):
+                self._undo = _ConstructionUndo.before(self._weights, optimizer)
                 self._update(0)
             self.apply_masks()
         except Exception:
             # E.g. a gradient score with no gradient yet at step 0: leave the model clean.
+            self._undo = None
             self._detach()
             raise
+        if self._undo is not None:
+            self._undo.seal()
 
     # -- masks ---------------------------------------------------------------
 
@@ -235,10 +246,32 @@ class Sparsifier:
 
         return hook
 
-    @torch.no_grad()
-    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if self._finalized:
-            return
+            return None
+        # args are step()'s positional arguments, the optimizer itself first.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._mask_grads()
+            return None
+        if self._dense is not None:
+            raise SparseforgeError(
+                f"{self.method.update} trains dense weights through masked ones and cannot follow an "
+                "optimizer.step(closure): compute the loss and backward before optimizer.step()"
+            )
+
+        # The closure computes the gradients inside step(), after this hook: mask them as it
+        # returns (every call: LBFGS evaluates it several times), or a zero-preserving
+        # optimizer would write the pruned weights.
+        def masked_closure() -> Any:
+            loss = closure()
+            self._mask_grads()
+            return loss
+
+        return tuple(args[:1]), dict(kwargs, closure=masked_closure)
+
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
         if self._dense is not None:
             # Straight-through: the gradient of the masked weight updates the dense one.
             progress = self.schedule.progress(self._step)
@@ -281,6 +314,7 @@ class Sparsifier:
         during its step; the masks are applied here only when they changed.
         """
         self._check_live()
+        self._undo = None  # from now on the weights are this run's own
         self._step += 1
         if self.schedule.should_update(self._step):
             self._update(self._step)
@@ -366,6 +400,7 @@ class Sparsifier:
         self._detach()
         self._finalized = True
         self._dense = None
+        self._undo = None
         return self.model
 
     def _detach(self) -> None:
@@ -411,6 +446,13 @@ class Sparsifier:
                 f"Sparsifier state version {state.get('version')!r} is not {STATE_VERSION}; "
                 "it was written by another sparseforge version"
             )
+        for layer, w in zip(self.layers, self._weights):
+            if getattr(layer.module, layer.param_name) is not w:
+                raise SparseforgeError(
+                    f"{layer.name}.{layer.param_name} is no longer the tensor this Sparsifier masks (was it "
+                    "replaced, e.g. by load_state_dict(..., assign=True)?): build the Sparsifier after "
+                    "loading the model, or load without assign=True"
+                )
         masks = state["masks"]
         names = [layer.name for layer in self.layers]
         if sorted(masks) != sorted(names):
@@ -423,14 +465,76 @@ class Sparsifier:
                 raise SparseforgeError(
                     f"mask of {layer.name} has shape {tuple(mask.shape)}, the weight {tuple(layer.shape)}"
                 )
-            self._mask(i).copy_(mask)
+        dense = state.get("dense")
+        if self._dense is not None and dense is None:
+            raise SparseforgeError("this Sparsifier trains dense shadow weights but the state has none")
+        if self._undo is not None:
+            # Built on the checkpoint's weights (and optimizer state) and resumed before any
+            # step: undo what the fresh mask update at construction did to them, so that
+            # both orders of resuming give the same, uninterrupted run.
+            self._undo.restore()
+            self._undo = None
+        for i, layer in enumerate(self.layers):
+            self._mask(i).copy_(masks[layer.name])
         if self._dense is not None:
-            dense = state.get("dense")
-            if dense is None:
-                raise SparseforgeError("this Sparsifier trains dense shadow weights but the state has none")
             for layer, d in zip(self.layers, self._dense):
                 d.copy_(dense[layer.name])
         self._step = int(state["step"])
         self.method.score.load_state_dict(state.get("score", {}))
         self.method.update.load_state_dict(state.get("update", {}))
         self.apply_masks()
+
+
+class _ConstructionUndo:
+    """What a Sparsifier's mask update at construction changed, to undo it when a state is loaded.
+
+    Building a Sparsifier runs the method's update at step 0 (RigL and SET draw
+    their initial masks, ISS-P shrinks, GMP at step 0 prunes), which zeroes or
+    rescales weights and masks the optimizer's state in place. When the
+    Sparsifier is built on a checkpoint's weights and its own state is loaded
+    next, that update destroyed weights the checkpoint's masks keep. Kept:
+    copies of the targeted weights and of their same-shape optimizer state
+    from just before the update, and each tensor's version counter just after
+    construction. :meth:`restore` copies back only the tensors nothing has
+    written since (a ``model.load_state_dict`` after construction bumps the
+    weights' versions; ``optimizer.load_state_dict`` replaces its state
+    tensors), so the documented order (build, then load everything) is
+    unchanged. Held until the first :meth:`Sparsifier.step`: at most one copy
+    of the targeted weights plus their optimizer state, freed then.
+    """
+
+    def __init__(self, weights: list[torch.Tensor], saved: list[torch.Tensor],
+                 optimizer: torch.optim.Optimizer | None,
+                 state: list[tuple[torch.Tensor, str, torch.Tensor, torch.Tensor]]) -> None:
+        self.weights = weights
+        self.saved = saved
+        self.optimizer = optimizer
+        self.state = state  # (weight, state key, the state tensor now, its copy)
+        self.versions: list[int] = []
+        self.state_versions: list[int] = []
+
+    @classmethod
+    @torch.no_grad()
+    def before(cls, weights: list[torch.Tensor], optimizer: torch.optim.Optimizer | None) -> _ConstructionUndo:
+        state = []
+        if optimizer is not None:
+            for w in weights:
+                for key, value in optimizer.state.get(w, {}).items():
+                    if isinstance(value, torch.Tensor) and value.shape == w.shape:
+                        state.append((w, key, value, value.clone()))
+        return cls(list(weights), [w.detach().clone() for w in weights], optimizer, state)
+
+    def seal(self) -> None:
+        """Record the versions the tensors have once construction is done."""
+        self.versions = [w._version for w in self.weights]
+        self.state_versions = [t._version for _, _, t, _ in self.state]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for w, saved, version in zip(self.weights, self.saved, self.versions):
+            if w._version == version:
+                w.copy_(saved)
+        for (w, key, tensor, saved), version in zip(self.state, self.state_versions):
+            # optimizer.load_state_dict replaces the state dict and its tensors: then it is not ours to undo
+            if self.optimizer.state.get(w, {}).get(key) is tensor and tensor._version == version:
+                tensor.copy_(saved)

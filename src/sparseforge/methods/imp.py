@@ -168,7 +168,12 @@ class Ticket:
     def sparsifier(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, total_steps: int | None = None
     ) -> Sparsifier:
-        """:meth:`apply` the ticket to ``model`` and attach a Sparsifier that keeps its mask."""
+        """:meth:`apply` the ticket to ``model`` and attach a Sparsifier that keeps its mask.
+
+        This starts a round: the model is rewound. To resume a round from a checkpoint, attach
+        ``Sparsifier(model, ticket.method(), ...)`` and load the model, optimizer and Sparsifier
+        states (in either order) instead.
+        """
         from sparseforge.sparsifier import Sparsifier  # late: the sparsifier imports the methods package
 
         self.apply(model)

@@ -262,14 +262,30 @@ class MaskLLM:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from self._logits.items()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The logits by layer name (detached copies), to save or resume a run."""
-        return {n: p.detach().clone() for n, p in self._logits.items()}
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue bit for bit: the logits by layer name (detached
+        copies), the temperature and scale, and the state of the Gumbel noise generator."""
+        return {"logits": {n: p.detach().clone() for n, p in self._logits.items()},
+                "tau": self._state.tau, "kappa": self._state.kappa,
+                "generator": self._state.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (or a bare ``{layer name: logits}`` dict, which
+        restores the logits only); the layer names and shapes must match."""
+        logits = state["logits"] if "logits" in state else state
+        missing = sorted(set(self._logits) - set(logits))
+        if missing:
+            raise SparseforgeError(f"MaskLLM state has no logits for {missing[:3]}: it belongs to another model")
+        for n, p in self._logits.items():
+            if tuple(logits[n].shape) != tuple(p.shape):
+                raise SparseforgeError(f"MaskLLM logits of {n} have shape {tuple(logits[n].shape)}, "
+                                       f"this model's {tuple(p.shape)}")
         with torch.no_grad():
             for n, p in self._logits.items():
-                p.copy_(state[n])
+                p.copy_(logits[n])
+        if "logits" in state:
+            self.set_temperature(float(state["tau"]), float(state["kappa"]))
+            self._state.generator.set_state(state["generator"])
 
     def set_temperature(self, tau: float, kappa: float | None = None) -> None:
         """Set the Gumbel-softmax temperature ``tau`` and (when given) the logit scale ``kappa``."""
