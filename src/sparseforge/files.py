@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "atomic_dir", "atomic_path", "remove_stale_temporaries", "safetensors_dtype", "temporary_name",
+    "atomic_dir", "atomic_path", "atomic_paths", "remove_stale_temporaries", "safetensors_dtype", "temporary_name",
     "write_json_atomic", "write_safetensors",
 ]
 
@@ -139,20 +139,40 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     in place (do not replace it with another file).
     Raises :class:`SparseforgeError` when ``path`` is a folder.
     """
-    target = Path(path)
-    _check_target(target, want_dir=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent, target.name)
-    tmp = target.parent / temporary_name(target.name)
-    # O_EXCL: the name is new; mode 0666 less the umask, as open() gives (mkstemp's 0600 would stay).
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
-    try:
+    with atomic_paths(path) as (tmp,):
         yield tmp
-        _fsync(tmp)
-        os.replace(tmp, target)
-        _fsync(target.parent, directory=True)  # makes the rename itself durable
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together: all are written, flushed, then renamed in order.
+
+    A failure before the renames leaves every earlier file as it was; only a
+    crash between the renames (microseconds, after everything is on disk)
+    leaves the first files new and the others old, so a reader must check
+    that they belong together (the adapter's JSON lists its tensors' digests).
+    """
+    targets = [Path(p) for p in paths]
+    for target in targets:
+        _check_target(target, want_dir=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target.parent, target.name)
+    tmps: list[Path] = []
+    try:
+        for target in targets:
+            tmps.append(target.parent / temporary_name(target.name))
+            # O_EXCL: the name is new; mode 0666 less the umask, as open() gives (mkstemp's 0600 would stay).
+            os.close(os.open(tmps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        yield list(tmps)
+        for tmp in tmps:
+            _fsync(tmp)
+        for tmp, target in zip(tmps, targets):
+            os.replace(tmp, target)
+        for folder in dict.fromkeys(target.parent for target in targets):
+            _fsync(folder, directory=True)  # makes the renames themselves durable
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -277,7 +297,8 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(
-    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+    *, in_place: bool = False,
 ) -> Path:
     """Write ``tensors`` to a safetensors file at ``path``, atomically, one tensor at a time.
 
@@ -286,10 +307,13 @@ def write_safetensors(
     ``shape``, ``data_offsets``) padded with spaces to a multiple of 8, then
     the tensors' bytes. Byte for byte what ``safetensors.torch.save``
     writes for the same tensors (same order: wider dtypes first, then by
-    name), but each tensor is copied to the file on its own (no second copy
+    name; metadata entries sorted, where safetensors writes them in hash
+    order), but each tensor is copied to the file on its own (no second copy
     of the model in memory) and into :func:`atomic_path`'s temporary file
     (no temporary file of its own). Tensors may share memory (tied weights
     are written twice). Little-endian hosts only, as torch itself.
+    ``in_place=True`` writes straight into ``path``: a temporary file of
+    :func:`atomic_path` or :func:`atomic_paths` that the caller renames.
     """
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata maps str to str")
@@ -305,7 +329,7 @@ def write_safetensors(
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    with atomic_path(path) as tmp, open(tmp, "r+b") as f:
+    with contextlib.nullcontext(Path(path)) if in_place else atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name in order:

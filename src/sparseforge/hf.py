@@ -48,6 +48,7 @@ HF_HINT = "install the Hugging Face extra: pip install 'sparseforge[hf]'"
 METADATA_FILE = "sparseforge.json"
 #: the checksums of a folder's files, in the format of ``sha256sum`` (``sha256sum -c SHA256SUMS`` checks them)
 CHECKSUM_FILE = "SHA256SUMS"
+_SUMS_HEAD = "# SHA-256 of the files sparseforge wrote here; check them with: sha256sum -c SHA256SUMS"
 
 
 def _transformers():
@@ -86,10 +87,14 @@ def _file_digest(path: Path) -> str:
 
 
 def _write_checksums(folder: Path) -> None:
-    """Write :data:`CHECKSUM_FILE` listing every file under ``folder`` (relative paths, sorted)."""
+    """Write :data:`CHECKSUM_FILE` listing every file under ``folder`` (relative paths, sorted).
+
+    ``sha256sum``'s format, between two comment lines (which ``sha256sum -c``
+    skips): the last one counts the files, so that a truncated list is an error.
+    """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
     lines = [f"{_file_digest(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
-    (folder / CHECKSUM_FILE).write_text("".join(lines))
+    (folder / CHECKSUM_FILE).write_text(f"{_SUMS_HEAD}\n{''.join(lines)}# {len(lines)} files\n")
 
 
 def verify_checksums(path: str | os.PathLike[str]) -> bool:
@@ -97,17 +102,22 @@ def verify_checksums(path: str | os.PathLike[str]) -> bool:
 
     Raises :class:`SparseforgeError` naming the first file that is missing
     or does not match (a corrupted file, or one changed after the folder was
-    written), or when the checksum file itself is malformed.
+    written), or when the checksum file itself is malformed or truncated.
+    Files not listed (added later) are not checked.
     """
     folder = Path(path)
     sums = folder / CHECKSUM_FILE
     if not sums.is_file():
         return False
     try:
-        lines = sums.read_text().splitlines()
+        text = sums.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise SparseforgeError(f"{sums} cannot be read ({e}): the folder is corrupted") from None
-    for line in lines:
+    lines = [line for line in text.splitlines() if not line.startswith("# SHA-256 ")]
+    if not text.endswith("\n") or not lines or lines[-1] != f"# {len(lines) - 1} files":
+        raise SparseforgeError(f"{sums} is truncated or corrupted (its last line must count the files listed); "
+                               "write the folder again")
+    for line in lines[:-1]:
         digest, sep, name = line.partition("  ")
         if not sep or len(digest) != 64 or not name or name.startswith("/") or ".." in Path(name).parts:
             raise SparseforgeError(f"{sums} is corrupted: malformed line {line[:80]!r}")

@@ -1,7 +1,7 @@
 """Saving an adapter alone and loading it onto a fresh base model.
 
-An adapter folder holds two files, each written atomically (temporary file
-and rename, :mod:`sparseforge.files`):
+An adapter folder holds two files, written together (both to temporary
+files, flushed, then renamed one after the other: :func:`sparseforge.files.atomic_paths`):
 
 * ``adapter.safetensors``: the trained tensors, named ``<layer>.<tensor>``
   (PaCA ``partial`` ``[out, r]``; LoRA ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``);
@@ -30,7 +30,7 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.export.checkpoint import tensor_digest
-from sparseforge.files import write_json_atomic, write_safetensors
+from sparseforge.files import atomic_paths, write_safetensors
 from sparseforge.peft.config import config_from_dict
 from sparseforge.peft.model import PeftReport, _select, adapter_layers, apply
 
@@ -70,10 +70,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             for short, t in stored.items()}}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "config": next(iter(layers.values())).config.to_dict(), "layers": records}
-    write_json_atomic(folder / CONFIG_FILE, {**meta, _DIGEST: json_digest(meta)})
+    # Both files written before either is renamed: a failure or a kill while writing leaves the old pair.
+    with atomic_paths(folder / WEIGHTS_FILE, folder / CONFIG_FILE) as (weights, config):
+        write_safetensors(weights, tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)}, in_place=True)
+        config.write_text(json.dumps({**meta, _DIGEST: json_digest(meta)}, indent=2) + "\n")
     return folder
 
 
