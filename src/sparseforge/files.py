@@ -317,7 +317,10 @@ def write_safetensors(
     """
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata maps str to str")
-    order = sorted(tensors, key=lambda k: (-_ST_DTYPES.get(str(tensors[k].dtype).removeprefix("torch."), ("", 0))[1], k))
+    def rank(name: str) -> int:
+        return _ST_DTYPES.get(str(tensors[name].dtype).removeprefix("torch."), ("", 0))[1]
+
+    order = sorted(tensors, key=lambda k: (-rank(k), k))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))

@@ -182,7 +182,7 @@ def truncation_points(name: str, data: bytes) -> list[int]:
 
 
 def flip_offsets(name: str, data: bytes, rng: random.Random) -> list[tuple[str, int, int]]:
-    """(region, byte offset, bit) of the flips for one file: header and data of a safetensors file, or the whole file."""
+    """(region, byte offset, bit) of the flips in one file: its header and data (safetensors), or anywhere (text)."""
     if name.endswith((".safetensors", ".sfz")):
         n, _ = _layout(data)
         header = [("header", rng.randrange(8 + n), rng.randrange(8)) for _ in range(HEADER_FLIPS)]

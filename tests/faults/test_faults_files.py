@@ -183,7 +183,8 @@ def test_failed_write_leaves_the_old_file_and_nothing_else(tmp_path) -> None:
     with pytest.raises(SparseforgeError, match="file exists and is not a folder"):
         with atomic_dir(tmp_path / "file"):
             pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "m.json"] and not any((tmp_path / "dir").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "m.json"]
+    assert not any((tmp_path / "dir").iterdir())
 
 
 def test_the_file_is_on_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch) -> None:

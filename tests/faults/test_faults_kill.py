@@ -279,7 +279,9 @@ print("finished", flush=True)
 
 def test_killed_trainer_checkpoint_resumes_and_leaves_nothing(tmp_path: Path) -> None:
     mode = "mid-write"  # (before-rename is the same atomic_path as every writer above; one trainer run is enough)
-    from sparseforge.distributed.train import TrainRecipe, _checkpoints, _load_state, from_mapping, latest_checkpoint, run
+    from sparseforge.distributed.train import (
+        TrainRecipe, _checkpoints, _load_state, from_mapping, latest_checkpoint, run,
+    )
     from sparseforge.zoo.data import load_fashion_mnist
 
     try:

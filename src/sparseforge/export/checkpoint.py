@@ -133,7 +133,9 @@ def foreign_format(path: str | os.PathLike[str]) -> str | None:
             head = f.read(1 << 16)
     except OSError:
         return None
-    if not (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))):
+    zipped = head.startswith(b"PK\x03\x04")  # torch.save since torch 1.6
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # the legacy format
+    if not (zipped or pickled):
         return None
     from sparseforge.distributed.train import CHECKPOINT_FORMAT
 

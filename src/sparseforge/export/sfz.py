@@ -326,8 +326,9 @@ def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
                         )
                     stored[part] = t
     except SafetensorError as e:
-        raise SparseforgeError(foreign_format(p) or
-                               f"{p} is not a readable sfz file (truncated, corrupted or another format?): {e}") from None
+        raise SparseforgeError(
+            foreign_format(p) or f"{p} is not a readable sfz file (truncated, corrupted or another format?): {e}"
+        ) from None
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         if isinstance(e, SparseforgeError):
             raise
