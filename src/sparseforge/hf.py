@@ -7,7 +7,9 @@ the pruned model leaves here in either of two forms:
 
 - :func:`save_pretrained`: a ``save_pretrained`` folder (dense tensors with
   exact zeros) that ``transformers`` loads as usual, written atomically, with
-  a ``sparseforge.json`` beside it saying what was done;
+  a ``sparseforge.json`` beside it saying what was done and a ``SHA256SUMS``
+  of every file (``sha256sum -c SHA256SUMS`` checks it; so does
+  :func:`load_pretrained`);
 - sparseforge's checkpoint and ``.sfz`` files: the model's class and config
   travel in the file's metadata (:func:`arch_kwargs`), so ``sf.load(path)``,
   ``load_checkpoint`` and the CLI rebuild it without being given the model,
@@ -19,10 +21,9 @@ Install with ``pip install 'sparseforge[hf]'``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import shutil
-import tempfile
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.transformer import is_hf_model
+from sparseforge.files import atomic_dir
 
 __all__ = [
     "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "is_causal_lm", "is_pretrained_dir", "load_pretrained",
@@ -44,6 +46,9 @@ __all__ = [
 ARCH = "hf"
 HF_HINT = "install the Hugging Face extra: pip install 'sparseforge[hf]'"
 METADATA_FILE = "sparseforge.json"
+#: the checksums of a folder's files, in the format of ``sha256sum`` (``sha256sum -c SHA256SUMS`` checks them)
+CHECKSUM_FILE = "SHA256SUMS"
+_SUMS_HEAD = "# SHA-256 of the files sparseforge wrote here; check them with: sha256sum -c SHA256SUMS"
 
 
 def _transformers():
@@ -73,6 +78,58 @@ def is_pretrained_dir(path: str | os.PathLike[str]) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    """Write :data:`CHECKSUM_FILE` listing every file under ``folder`` (relative paths, sorted).
+
+    ``sha256sum``'s format, between two comment lines (which ``sha256sum -c``
+    skips): the last one counts the files, so that a truncated list is an error.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+    lines = [f"{_file_digest(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    (folder / CHECKSUM_FILE).write_text(f"{_SUMS_HEAD}\n{''.join(lines)}# {len(lines)} files\n")
+
+
+def verify_checksums(path: str | os.PathLike[str]) -> bool:
+    """Check the files of a folder against its :data:`CHECKSUM_FILE`; False when it has none (other writers).
+
+    Raises :class:`SparseforgeError` naming the first file that is missing
+    or does not match (a corrupted file, or one changed after the folder was
+    written), or when the checksum file itself is malformed or truncated.
+    Files not listed (added later) are not checked.
+    """
+    folder = Path(path)
+    sums = folder / CHECKSUM_FILE
+    if not sums.is_file():
+        return False
+    try:
+        text = sums.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SparseforgeError(f"{sums} cannot be read ({e}): the folder is corrupted") from None
+    lines = [line for line in text.splitlines() if not line.startswith("# SHA-256 ")]
+    if not text.endswith("\n") or not lines or lines[-1] != f"# {len(lines) - 1} files":
+        raise SparseforgeError(f"{sums} is truncated or corrupted (its last line must count the files listed); "
+                               "write the folder again")
+    for line in lines[:-1]:
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or not name or name.startswith("/") or ".." in Path(name).parts:
+            raise SparseforgeError(f"{sums} is corrupted: malformed line {line[:80]!r}")
+        target = folder / name
+        if not target.is_file():
+            raise SparseforgeError(f"{target} is missing: {CHECKSUM_FILE} lists it; write the folder again")
+        if _file_digest(target) != digest:
+            raise SparseforgeError(f"{target} does not match its checksum in {CHECKSUM_FILE}: the file is corrupted "
+                                   f"(or was changed after sparseforge wrote it; then delete {CHECKSUM_FILE})")
+    return True
+
+
 def _model_class(transformers: Any, config: Any) -> Any:
     """The class named first in the config's ``architectures``; ``AutoModel`` when none is named."""
     for name in getattr(config, "architectures", None) or ():
@@ -95,6 +152,7 @@ def load_pretrained(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
         raise SparseforgeError(f"model folder {p} does not exist")
     if not is_pretrained_dir(p):
         raise SparseforgeError(f"{p} is not a Hugging Face model folder (no config.json in it)")
+    verify_checksums(p)
     transformers = _transformers()
     config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
     cls = _model_class(transformers, config)
@@ -121,9 +179,10 @@ def save_pretrained(
     """Write ``model`` (and ``tokenizer``) with ``save_pretrained`` into ``out_dir``, atomically.
 
     The folder is written beside ``out_dir`` under a temporary name and
-    renamed into place, so a crash leaves any earlier folder whole.
+    swapped into place (:func:`sparseforge.files.atomic_dir`), so a crash
+    leaves any earlier folder whole, and its files get the user's umask.
     ``metadata`` (e.g. the pruning report) goes to ``metadata_file``
-    (default ``sparseforge.json``).
+    (default ``sparseforge.json``), the files' SHA-256 to ``SHA256SUMS``.
     Weights are dense safetensors with exact zeros. A model whose layers
     :func:`sparseforge.compact` resized cannot be described by its config
     (sizes differ per layer): that is an error pointing to
@@ -135,27 +194,13 @@ def save_pretrained(
         raise SparseforgeError("a compacted transformers model has per-layer sizes its config cannot state: "
                                "save it with sparseforge.save (or save_checkpoint) instead")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SparseforgeError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    old = out.parent / f".{out.name}.old"
-    try:
+    with atomic_dir(out) as tmp:
         with _quiet_progress():
             model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / metadata_file).write_text(json.dumps(metadata or {}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_checksums(tmp)
     return out
 
 

@@ -613,7 +613,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
 
     from sparseforge.distributed.masks import check_masks_identical
     from sparseforge.export.checkpoint import save_checkpoint
-    from sparseforge.files import atomic_path, write_json_atomic
+    from sparseforge.files import atomic_path, remove_stale_temporaries, write_json_atomic
     from sparseforge.report import report
     from sparseforge.sparsifier import Sparsifier
     from sparseforge.zoo.data import fashion_mnist
@@ -739,6 +739,9 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                 torch.save(payload, tmp)
             for _, old in _checkpoints(out)[:-recipe.checkpoint.keep]:
                 old.unlink(missing_ok=True)
+            # Each checkpoint has a new name, so atomic_path's cleanup (same name) never meets the
+            # temporary file of a write that was killed: remove those of every dead writer here.
+            remove_stale_temporaries(ckpt_dir)
         world.barrier()
 
     bar = _Progress(progress_on, total, step)

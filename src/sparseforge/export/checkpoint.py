@@ -2,9 +2,11 @@
 
 The file holds every tensor of ``model.state_dict()`` plus metadata: the zoo
 architecture name and its arguments (so that ``sparseforge prune`` and
-``inspect`` can rebuild the model from the file alone), a format version, and
-a SHA-256 per tensor so that a corrupted file is detected and the tensor
-named. Writes are atomic. (The compressed format, with bitmasks and packed
+``inspect`` can rebuild the model from the file alone), a format version, a SHA-256 per tensor so that a corrupted file is detected
+and the tensor named, and a SHA-256 of the header (every metadata entry and
+every tensor's name, dtype and shape: ``header_sha256``) so that a flipped
+byte in the metadata is detected too (files written before it still load).
+Writes are atomic (:func:`sparseforge.files.write_safetensors`). (The compressed format, with bitmasks and packed
 values, builds on this one; see DESIGN.md, "save/load".)
 """
 
@@ -14,19 +16,24 @@ import hashlib
 import inspect
 import json
 import os
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.files import atomic_path
+from sparseforge.files import safetensors_dtype, write_safetensors
 
 FORMAT = "sparseforge-checkpoint"
 FORMAT_VERSION = 1
+#: the metadata entry holding the SHA-256 of the rest of the header (see :func:`header_digest`)
+HEADER_DIGEST = "header_sha256"
+# The metadata entries that checkpoints written before the header digest hold: a file
+# without the digest but with another entry has had a byte of an entry's name flipped.
+LEGACY_KEYS = frozenset({"format", "format_version", "arch", "arch_kwargs", "sha256", "extra", "compact"})
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -49,6 +56,98 @@ def verify_tensor(path: str | os.PathLike[str], name: str, tensor: torch.Tensor,
     """
     if name in digests and tensor_digest(tensor) != digests[name]:
         raise SparseforgeError(f"{path} is corrupted: tensor {name!r} does not match its checksum")
+
+
+def header_digest(metadata: Mapping[str, str], table: Mapping[str, tuple[str, Sequence[int]]]) -> str:
+    """SHA-256 (hex) of a safetensors header: its metadata (less this digest) and each tensor's dtype and shape.
+
+    ``table`` maps tensor names to (safetensors dtype name, shape). The
+    tensors' bytes have digests of their own (:func:`tensor_digest`); this
+    one covers what the reader takes from the header, so that a flipped byte
+    there (a name, an architecture argument, a recorded report) is an error
+    and not a silently different model or report.
+    """
+    canonical = {
+        "metadata": {k: v for k, v in metadata.items() if k != HEADER_DIGEST},
+        "tensors": {k: [dtype, [int(n) for n in shape]] for k, (dtype, shape) in table.items()},
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_metadata(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``metadata`` with its :data:`HEADER_DIGEST` entry (re)computed for a file holding ``tensors``."""
+    table = {k: (safetensors_dtype(t), list(t.shape)) for k, t in tensors.items()}
+    plain = {k: v for k, v in metadata.items() if k != HEADER_DIGEST}
+    return {**plain, HEADER_DIGEST: header_digest(plain, table)}
+
+
+def check_header(
+    path: str | os.PathLike[str], handle: Any, metadata: Mapping[str, str], legacy_keys: Collection[str],
+    max_version: int,
+) -> None:
+    """Raise :class:`SparseforgeError` when an open safetensors file's header does not match its digest.
+
+    ``handle`` is the file opened with ``safetensors.safe_open``. A file
+    without a :data:`HEADER_DIGEST` entry was written before there was one:
+    it passes when its metadata holds only ``legacy_keys`` (an entry whose
+    name a flipped byte changed is corrupted). A mismatch in a file that
+    says it has a format version above ``max_version`` is reported as a
+    newer file (a later version may compute the digest otherwise).
+    """
+    stored = metadata.get(HEADER_DIGEST)
+    if stored is None:
+        unknown = sorted(set(metadata) - set(legacy_keys))
+        if unknown:
+            raise SparseforgeError(f"{path} is corrupted: its metadata holds entries no sparseforge writes "
+                                   f"({', '.join(repr(k) for k in unknown[:3])}); write the file again")
+        return
+    table = {}
+    for k in handle.keys():
+        piece = handle.get_slice(k)
+        table[k] = (piece.get_dtype(), piece.get_shape())
+    if header_digest(metadata, table) != stored:
+        try:
+            newer = int(metadata.get("format_version", "0")) > max_version
+        except ValueError:
+            newer = False
+        if newer:
+            raise SparseforgeError(f"{path} was written by a newer sparseforge (format version "
+                                   f"{metadata['format_version']}, this one reads up to {max_version}): "
+                                   "upgrade sparseforge to read it")
+        raise SparseforgeError(f"{path} is corrupted: its metadata does not match its checksum; write the file again")
+
+
+def foreign_format(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a safetensors file, when its first bytes say what it is instead; None otherwise.
+
+    Recognised: PyTorch files (``torch.save``: a zip archive, or a pickle in
+    the legacy format), naming a training checkpoint of ``sparseforge train``
+    as such and pointing to the run's ``model.safetensors``. The file is not
+    unpickled (that would run code from it): a training checkpoint is told
+    by its format name in the first bytes of its pickle, which torch.save
+    stores uncompressed.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    zipped = head.startswith(b"PK\x03\x04")  # torch.save since torch 1.6
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # the legacy format
+    if not (zipped or pickled):
+        return None
+    from sparseforge.distributed.train import CHECKPOINT_FORMAT
+
+    if CHECKPOINT_FORMAT.encode() in head:
+        run_model = p.parent.parent / "model.safetensors"
+        where = (f" ({run_model})" if run_model.is_file() else
+                 " (written when the run finishes; until then resume the run with sparseforge train)")
+        return (f"{p} is a training checkpoint written by `sparseforge train` (a torch.save file for resuming "
+                f"the run), not a model file: pass the run folder's model.safetensors instead{where}")
+    return (f"{p} is a PyTorch file written by torch.save, not a sparseforge model file: pass a "
+            "sparseforge checkpoint (.safetensors) or .sfz file instead (from Python, load the model and "
+            "write one with sparseforge.save_checkpoint)")
 
 
 def arch_of(model: nn.Module) -> str | None:
@@ -134,7 +233,8 @@ def save_checkpoint(
     Returns the path written.
     """
     arch, arch_kwargs = arch_metadata(model, arch, arch_kwargs)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    # No copy of the model: the writer copies one tensor at a time into the file.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -146,17 +246,17 @@ def save_checkpoint(
     compacted = getattr(model, "sparseforge_compact", None)
     if compacted:  # sizes of the modules compact() shrank, so that loading rebuilds them
         meta["compact"] = json.dumps(compacted)
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return Path(path)
+    return write_safetensors(path, state, seal_metadata(meta, state))
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify a checkpoint: returns (state dict, metadata).
 
     Raises :class:`SparseforgeError` when the file is missing, is not a
-    sparseforge checkpoint, was written by a newer format version, is
-    truncated, or a tensor's checksum does not match (naming the tensor).
+    sparseforge checkpoint (a training checkpoint of ``sparseforge train`` is
+    named as such), was written by a newer format version, is truncated, its
+    header does not match its digest, or a tensor's checksum does not match
+    (naming the tensor).
     """
     p = Path(path)
     if not p.is_file():
@@ -165,24 +265,27 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         with safe_open(str(p), framework="pt") as f:
             raw_meta = f.metadata() or {}
             keys = list(f.keys())
+            if HEADER_DIGEST in raw_meta or raw_meta.get("format") == FORMAT:
+                check_header(p, f, raw_meta, LEGACY_KEYS, FORMAT_VERSION)
             if raw_meta.get("format") != FORMAT:
                 raise SparseforgeError(
                     f"{p} is a safetensors file but not a sparseforge checkpoint (no '{FORMAT}' metadata)"
                 )
-            version = int(raw_meta.get("format_version", "0"))
+            version = _version(p, raw_meta)
             if version > FORMAT_VERSION:
                 raise SparseforgeError(
                     f"{p} was written by a newer sparseforge (format version {version}, this one reads "
                     f"up to {FORMAT_VERSION}); upgrade sparseforge to read it"
                 )
-            digests = stored_digests(raw_meta)
+            digests = _json_entry(p, raw_meta, "sha256")
             state = {}
             for k in keys:
                 t = f.get_tensor(k)
                 verify_tensor(p, k, t, digests)
                 state[k] = t
     except SafetensorError as e:
-        raise SparseforgeError(f"{p} is not a readable checkpoint (truncated or corrupted?): {e}") from None
+        raise SparseforgeError(foreign_format(p) or
+                               f"{p} is not a readable checkpoint (truncated or corrupted?): {e}") from None
     except OSError as e:
         raise SparseforgeError(f"cannot read checkpoint {p}: {e}") from None
     missing = sorted(set(digests) - set(state))
@@ -191,11 +294,30 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     meta = {
         "format_version": version,
         "arch": raw_meta.get("arch") or None,
-        "arch_kwargs": json.loads(raw_meta.get("arch_kwargs", "{}")),
-        "extra": json.loads(raw_meta.get("extra", "{}")),
-        "compact": json.loads(raw_meta.get("compact", "{}")),
+        "arch_kwargs": _json_entry(p, raw_meta, "arch_kwargs"),
+        "extra": _json_entry(p, raw_meta, "extra"),
+        "compact": _json_entry(p, raw_meta, "compact"),
     }
     return state, meta
+
+
+def _version(path: Path, raw_meta: Mapping[str, str]) -> int:
+    try:
+        return int(raw_meta.get("format_version", "0"))
+    except ValueError:
+        raise SparseforgeError(f"{path} is corrupted: its format version {raw_meta['format_version']!r} is not "
+                               "a number") from None
+
+
+def _json_entry(path: Path, raw_meta: Mapping[str, str], key: str) -> dict[str, Any]:
+    """The JSON object in metadata entry ``key`` (``{}`` when absent); corrupted when it is not one."""
+    try:
+        value = json.loads(raw_meta.get(key, "{}"))
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise SparseforgeError(f"{path} is corrupted: its {key!r} metadata is not a JSON object; write the file again")
+    return value
 
 
 def load_checkpoint(

@@ -36,7 +36,10 @@ Per tensor the metadata holds its shape, dtype, encoding, value encoding,
 number of nonzeros, zero pattern when recognised (``unstructured``,
 ``N:M``, ``channel``), quantization (bits, group size) and the SHA-256 of
 the bytes of each stored part, so that a corrupted part is detected and
-named. Writes are atomic. The entropy bound that the size benchmark
+named; the raw metadata also holds ``header_sha256``, the SHA-256 of the
+whole header (:func:`sparseforge.export.checkpoint.header_digest`), so that
+a flipped byte in the metadata is detected too (files written before it
+still load). Writes are atomic (:func:`sparseforge.files.write_safetensors`). The entropy bound that the size benchmark
 (``python -m sparseforge.bench size``) compares with is ``n H(density)``
 bits for the mask plus the value bits of the nonzeros; with fp16 values
 this format stays within 1.3x of it at 90% sparsity.
@@ -53,12 +56,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import arch_metadata, model_for, tensor_digest
-from sparseforge.files import atomic_path
+from sparseforge.export.checkpoint import (
+    HEADER_DIGEST, arch_metadata, check_header, foreign_format, model_for, seal_metadata, tensor_digest,
+)
+from sparseforge.files import write_safetensors
 from sparseforge.quant.rtn import (
     QUANT_ATTR, QuantizedTensor, dequantize, pack_int4, quantization_of, quantize_weight, unpack_int4,
 )
@@ -73,6 +77,9 @@ _FLOAT = {"fp32": torch.float32, "fp16": torch.float16}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool)}
+_ENCODINGS = ("raw", "bitmask", "dense")  # every encoding any version wrote
+# The raw metadata entries of files written before the header digest (see checkpoint.check_header).
+_LEGACY_KEYS = frozenset({"format", "format_version", "sfz"})
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -215,9 +222,7 @@ def save(
         "tensors": tensors,
     }
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "sfz": json.dumps(header, separators=(",", ":"))}
-    with atomic_path(path) as tmp:
-        save_file(stored, str(tmp), metadata=meta)
-    return Path(path)
+    return write_safetensors(path, stored, seal_metadata(meta, stored))
 
 
 def is_sfz(path: str | os.PathLike[str]) -> bool:
@@ -233,10 +238,16 @@ def _decode(p: Path, name: str, info: dict[str, Any], parts: dict[str, torch.Ten
     shape = tuple(info["shape"])
     dtype = _DTYPES.get(info["dtype"])
     if dtype is None:
-        raise SparseforgeError(f"{p}: tensor {name!r} has an unknown dtype {info['dtype']!r}")
+        raise SparseforgeError(f"{p} is corrupted: tensor {name!r} has an unknown dtype {info['dtype']!r}")
     n = math.prod(shape)
-    vals = parts[f"{name}#values"]
     enc, venc = info.get("encoding"), info.get("values")
+    # No version wrote other names (a newer version was refused before): a changed byte made this one.
+    if enc not in _ENCODINGS:
+        raise SparseforgeError(f"{p} is corrupted: tensor {name!r} has an unknown encoding {enc!r}; "
+                               "write the file again")
+    if venc not in VALUES:
+        raise SparseforgeError(f"{p} is corrupted: tensor {name!r} has unknown values {venc!r}; write the file again")
+    vals = parts[f"{name}#values"]
     if enc == "bitmask":
         bits = np.unpackbits(parts[f"{name}#mask"].numpy(), count=n).astype(bool)
         mask = torch.from_numpy(bits)
@@ -244,18 +255,13 @@ def _decode(p: Path, name: str, info: dict[str, Any], parts: dict[str, torch.Ten
         if nnz != info.get("nnz", nnz):
             raise SparseforgeError(f"{p} is corrupted: the mask of tensor {name!r} has {nnz} nonzeros, "
                                    f"its metadata says {info['nnz']}")
-    elif enc == "dense":
-        mask, nnz = None, n
     else:
-        raise SparseforgeError(f"{p}: tensor {name!r} has an unknown encoding {enc!r}; upgrade sparseforge")
+        mask, nnz = None, n
     qt = None
     if venc in _FLOAT:
         flat_vals = vals
-    elif venc in ("int8", "int4"):
-        codes = unpack_int4(vals, nnz) if venc == "int4" else vals
-        flat_vals = codes
     else:
-        raise SparseforgeError(f"{p}: tensor {name!r} has unknown values {venc!r}; upgrade sparseforge")
+        flat_vals = unpack_int4(vals, nnz) if venc == "int4" else vals
     if flat_vals.numel() != nnz:
         raise SparseforgeError(f"{p} is corrupted: tensor {name!r} stores {flat_vals.numel()} values for {nnz} nonzeros")
     if mask is None:
@@ -280,9 +286,10 @@ def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
     values, nnz, pattern, quant, sha256, bytes) and ``file_bytes``.
 
     Raises :class:`SparseforgeError`, naming the tensor where there is one,
-    when the file is missing, not an sfz file, written by a newer format
-    version, truncated, missing a tensor, or a stored part does not match its
-    checksum.
+    when the file is missing, not an sfz file (a training checkpoint of
+    ``sparseforge train`` is named as such), written by a newer format
+    version, truncated, missing a tensor, its header does not match its
+    digest, or a stored part does not match its checksum.
     """
     p = Path(path)
     if not p.is_file():
@@ -290,6 +297,8 @@ def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
     try:
         with safe_open(str(p), framework="pt") as f:
             raw = f.metadata() or {}
+            if HEADER_DIGEST in raw or raw.get("format") == FORMAT:
+                check_header(p, f, raw, _LEGACY_KEYS, FORMAT_VERSION)
             if raw.get("format") != FORMAT:
                 what = ("a plain sparseforge checkpoint (use load_checkpoint, or `sparseforge export` to convert it)"
                         if raw.get("format") == "sparseforge-checkpoint" else f"no '{FORMAT}' metadata")
@@ -317,23 +326,33 @@ def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
                         )
                     stored[part] = t
     except SafetensorError as e:
-        raise SparseforgeError(f"{p} is not a readable sfz file (truncated, corrupted or another format?): {e}") from None
-    except (KeyError, ValueError, TypeError) as e:
+        raise SparseforgeError(
+            foreign_format(p) or f"{p} is not a readable sfz file (truncated, corrupted or another format?): {e}"
+        ) from None
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         if isinstance(e, SparseforgeError):
             raise
-        raise SparseforgeError(f"{p} has malformed sfz metadata ({type(e).__name__}: {e})") from None
+        raise SparseforgeError(f"{p} is corrupted: malformed sfz metadata ({type(e).__name__}: {e})") from None
     except OSError as e:
         raise SparseforgeError(f"cannot read sfz file {p}: {e}") from None
     state: dict[str, torch.Tensor] = {}
     quant: dict[str, QuantizedTensor] = {}
-    for name, info in header["tensors"].items():
-        if info["encoding"] == "raw":
-            state[name] = stored[name]
-            continue
-        parts = {k: stored[k] for k in info["sha256"]}
-        state[name], qt = _decode(p, name, info, parts)
-        if qt is not None:
-            quant[name] = qt
+    try:
+        for name, info in header["tensors"].items():
+            if info["encoding"] == "raw" and name in stored:
+                state[name] = stored[name]
+                continue
+            parts = {k: stored[k] for k in info["sha256"]}
+            state[name], qt = _decode(p, name, info, parts)
+            if qt is not None:
+                quant[name] = qt
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+        # Only a file without a header digest (written before there was one) gets here with
+        # metadata that does not describe its tensors: the digest catches every changed byte.
+        if isinstance(e, SparseforgeError):
+            raise
+        raise SparseforgeError(f"{p} is corrupted: its sfz metadata does not describe its tensors "
+                               f"({type(e).__name__}: {e}); write the file again") from None
     meta = {k: header.get(k) for k in ("arch", "arch_kwargs", "compact", "extra", "tensors")}
     meta |= {"format_version": version, "file_bytes": p.stat().st_size}
     meta["arch_kwargs"] = meta["arch_kwargs"] or {}

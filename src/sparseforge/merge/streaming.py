@@ -10,7 +10,7 @@ only the merged result and drops the inputs before reading the next key. The
 result equals the in-memory merge of the fully loaded state dicts bit for bit.
 
 Peak memory is about one model (the merged result, which
-``safetensors.torch.save_file`` writes in one call) plus one tensor per input
+:func:`sparseforge.files.write_safetensors` writes one tensor at a time) plus one tensor per input
 and the rule's float64 temporaries for that tensor, instead of K models.
 Tensors are read with safetensors' ``pread`` backend where it has one (0.6
 and later): each tensor is copied into memory the merge owns and freed when
@@ -40,13 +40,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.export.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from sparseforge.export.checkpoint import stored_digests, tensor_digest, verify_tensor
-from sparseforge.files import atomic_path
+from sparseforge.export.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
+from sparseforge.export.checkpoint import (
+    HEADER_DIGEST, LEGACY_KEYS, check_header, foreign_format, seal_metadata, stored_digests, tensor_digest,
+    verify_tensor,
+)
+from sparseforge.files import write_safetensors
 from sparseforge.merge.core import check_compatible, is_mergeable, normalize_weights, weighted_average
 from sparseforge.merge.task_arithmetic import PRESETS, merge_tensors, preset
 
@@ -172,9 +175,13 @@ class _Source:
                         raise SparseforgeError(f"{role} {path}: tensor {key!r} has dtype {dtype}, which torch cannot hold")
                     # Meta tensors: shape and dtype without data, so core.check_compatible checks headers.
                     self.meta_state[key] = torch.empty(piece.get_shape(), dtype=_DTYPES[dtype], device="meta")
+                if HEADER_DIGEST in self.metadata or self.metadata.get("format") == CHECKPOINT_FORMAT:
+                    # A sparseforge checkpoint's header digest: the metadata carried into the output is intact.
+                    check_header(f"{role} {path}", f, self.metadata, LEGACY_KEYS, CHECKPOINT_VERSION)
         except SafetensorError as e:
-            raise SparseforgeError(f"{role} {path} is not a safetensors file or is corrupted (its header cannot be "
-                                   f"read: {e})") from None
+            hint = foreign_format(path)
+            raise SparseforgeError(f"{role} {hint}" if hint else f"{role} {path} is not a safetensors file or is "
+                                   f"corrupted (its header cannot be read: {e})") from None
         except OSError as e:
             raise SparseforgeError(f"cannot read {role} {path}: {e}") from None
         fmt = self.metadata.get("format", "")
@@ -364,8 +371,8 @@ def merge_files(
             "lambda": lam, "seed": seed if name in _SEEDED else None,
         }
         metadata["extra"] = json.dumps(extra)
-    with atomic_path(out_path) as tmp:
-        save_file(merged, str(tmp), metadata=metadata or None)
+        metadata = seal_metadata(metadata, merged)
+    write_safetensors(out_path, merged, metadata or None)
     return {
         "method": name,
         "inputs": [str(p) for p in paths],

@@ -1,7 +1,7 @@
 """Saving an adapter alone and loading it onto a fresh base model.
 
-An adapter folder holds two files, each written atomically (temporary file
-and rename, :mod:`sparseforge.files`):
+An adapter folder holds two files, written together (both to temporary
+files, flushed, then renamed one after the other: :func:`sparseforge.files.atomic_paths`):
 
 * ``adapter.safetensors``: the trained tensors, named ``<layer>.<tensor>``
   (PaCA ``partial`` ``[out, r]``; LoRA ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``);
@@ -9,11 +9,15 @@ and rename, :mod:`sparseforge.files`):
   (``method``, ``rank``, ``targets``, ``exclude``, ``seed``, ...), and per
   layer the base's ``in_features``/``out_features``, PaCA's selected column
   ``indices``, and each tensor's shape and SHA-256, so that a corrupted or
-  mismatched pair of files is an error that names the tensor.
+  mismatched pair of files is an error that names the tensor; and
+  ``sha256``, the SHA-256 of the rest of the JSON (:func:`json_digest`), so
+  that a changed byte in the configuration is an error too (files written
+  before it still load).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,12 +25,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.export.checkpoint import tensor_digest
-from sparseforge.files import atomic_path, write_json_atomic
+from sparseforge.files import atomic_paths, write_safetensors
 from sparseforge.peft.config import config_from_dict
 from sparseforge.peft.model import PeftReport, _select, adapter_layers, apply
 
@@ -34,6 +38,14 @@ FORMAT = "sparseforge-adapter"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter.json"
+_DIGEST = "sha256"  # the entry of adapter.json holding the digest of the rest
+_LEGACY_KEYS = frozenset({"format", "format_version", "config", "layers"})  # adapter.json before the digest
+
+
+def json_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a JSON object less its ``sha256`` entry, in a canonical form (sorted keys, no spaces)."""
+    rest = {k: v for k, v in payload.items() if k != _DIGEST}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -58,11 +70,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             for short, t in stored.items()}}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    write_json_atomic(folder / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                             "config": next(iter(layers.values())).config.to_dict(),
-                                             "layers": records})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "config": next(iter(layers.values())).config.to_dict(), "layers": records}
+    # Both files written before either is renamed: a failure or a kill while writing leaves the old pair.
+    with atomic_paths(folder / WEIGHTS_FILE, folder / CONFIG_FILE) as (weights, config):
+        write_safetensors(weights, tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)}, in_place=True)
+        config.write_text(json.dumps({**meta, _DIGEST: json_digest(meta)}, indent=2) + "\n")
     return folder
 
 
@@ -77,6 +90,13 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SparseforgeError(f"{meta_path} is not valid JSON ({e}): the file is corrupted") from None
+    if isinstance(meta, dict) and _DIGEST in meta:
+        if meta[_DIGEST] != json_digest(meta):
+            raise SparseforgeError(f"{meta_path} is corrupted: its content does not match its checksum; "
+                                   "save the adapter again")
+    elif isinstance(meta, dict) and meta.get("format") == FORMAT and set(meta) - _LEGACY_KEYS:
+        raise SparseforgeError(f"{meta_path} is corrupted: it holds entries no sparseforge writes "
+                               f"({', '.join(sorted(set(meta) - _LEGACY_KEYS)[:3])}); save the adapter again")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SparseforgeError(f"{meta_path} is not a sparseforge adapter file")
     if meta.get("format_version") != FORMAT_VERSION:

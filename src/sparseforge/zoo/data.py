@@ -346,8 +346,11 @@ def write_idx_gz(
         raise DataError(f"IDX {kind} header needs {_IDX_NDIM[kind]} dims, got {header_dims}")
     header = struct.pack(f">i{len(header_dims)}I", _IDX_MAGIC[kind], *header_dims)
     out = Path(path)
-    # mtime=0 keeps the output byte-identical across runs.
-    out.write_bytes(gzip.compress(header + np.ascontiguousarray(array).tobytes(), mtime=0))
+    from sparseforge.files import atomic_path
+
+    with atomic_path(out) as tmp:
+        # mtime=0 keeps the output byte-identical across runs.
+        tmp.write_bytes(gzip.compress(header + np.ascontiguousarray(array).tobytes(), mtime=0))
     return out
 
 
