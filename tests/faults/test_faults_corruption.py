@@ -15,7 +15,8 @@ time and read back by the project's own reader:
 Formats: checkpoint ``.safetensors``; ``.sfz`` with fp32, fp16, int8 and int4
 values and with recorded int4 codes (group size 4, ``quantize_``); a merged
 checkpoint (``merge_files``); an adapter folder (``adapter.safetensors`` and
-``adapter.json``); a Hugging Face folder from ``save_pretrained`` (tiny
+``adapter.json``); a training checkpoint as ``sparseforge train`` writes it
+(``torch.save`` zip with the content digest); a Hugging Face folder from ``save_pretrained`` (tiny
 Llama built from a config, no download; skipped without transformers). Files
 written before the header digest (built here as the old code wrote them)
 still load, and are checked for the wording of their errors.
@@ -51,6 +52,7 @@ from sparseforge.zoo import build_model
 HEADER_FLIPS = 24  # per safetensors file: bits flipped at random offsets of the header
 DATA_FLIPS = 12  # per safetensors file: bits flipped at random offsets of the tensor data
 JSON_FLIPS = 12  # per JSON/text file of a folder format
+PT_FLIPS = 64  # per training checkpoint (torch.save zip)
 SEED = 20
 
 
@@ -128,6 +130,7 @@ def _write_formats(root: Path) -> list[Format]:
             p.add_(torch.randn_like(p))  # trained adapters are not the initial ones
     sf.peft.save_adapter(model, root / "adapter")
     formats.append(Format("adapter", root / "adapter", ["adapter.safetensors", "adapter.json"], _adapter_read))
+    formats.append(_training_checkpoint(root / "train"))
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -143,6 +146,28 @@ def _write_formats(root: Path) -> list[Format]:
     return formats
 
 
+def _training_checkpoint(folder: Path) -> Format:
+    """A training checkpoint as `sparseforge train` writes it (torch.save of the payload with its digest)."""
+    from sparseforge.distributed.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _load_state, state_digest
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = sf.Sparsifier(model, sf.methods.RigL(0.8, frequency=1, seed=2), total_steps=4, optimizer=opt)
+    for _ in range(2):
+        model(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
+               "optimizer": opt.state_dict(), "sparsifier": sp.state_dict(), "step": 2,
+               "rng": [{"torch": torch.get_rng_state()}], "history": [{"epoch": 1, "loss": 0.5}]}
+    payload["sha256"] = state_digest(payload)
+    folder.mkdir(parents=True)
+    torch.save(payload, folder / "step-00000002.pt")
+    return Format("training-checkpoint", folder, ["step-00000002.pt"],
+                  lambda f: _load_state(f / "step-00000002.pt", torch.device("cpu")))
+
+
 @pytest.fixture(scope="module")
 def formats(tmp_path_factory) -> dict[str, Format]:
     torch.set_num_threads(1)  # tiny models: a contended pool only slows them
@@ -150,7 +175,7 @@ def formats(tmp_path_factory) -> dict[str, Format]:
 
 
 FORMAT_NAMES = ["checkpoint", "sfz-fp32", "sfz-fp16", "sfz-int8", "sfz-int4", "sfz-quantized", "merged", "adapter",
-                "hf-folder"]
+                "training-checkpoint", "hf-folder"]
 
 
 def _format(formats: dict[str, Format], name: str) -> Format:
@@ -188,6 +213,8 @@ def flip_offsets(name: str, data: bytes, rng: random.Random) -> list[tuple[str, 
         header = [("header", rng.randrange(8 + n), rng.randrange(8)) for _ in range(HEADER_FLIPS)]
         body = [("data", rng.randrange(8 + n, len(data)), rng.randrange(8)) for _ in range(DATA_FLIPS)]
         return header + body
+    if name.endswith(".pt"):  # a zip of a pickle and the tensors' storages, no header of ours
+        return [("zip", rng.randrange(len(data)), rng.randrange(8)) for _ in range(PT_FLIPS)]
     return [("text", rng.randrange(len(data)), rng.randrange(8)) for _ in range(JSON_FLIPS)]
 
 

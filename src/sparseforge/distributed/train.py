@@ -52,6 +52,7 @@ The rules of a run (:func:`run`):
 from __future__ import annotations
 
 import difflib
+import hashlib
 import inspect
 import math
 import os
@@ -94,7 +95,9 @@ TRAIN_EXAMPLES = 60000
 """Examples in the Fashion-MNIST training split (``data.limit_train`` keeps the first ones)."""
 
 CHECKPOINT_FORMAT = "sparseforge-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+#: Versions this trainer resumes from: 1 was written without the content digest.
+READABLE_CHECKPOINT_VERSIONS = (1, 2)
 _CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -454,12 +457,56 @@ def _load_state(path: Path, device: torch.device, mmap: bool = False) -> dict[st
     # weights_only=False: the file holds plain Python data besides tensors (the recipe, the
     # metrics, the methods' RNG states) and is one this trainer wrote into its own run folder.
     # mmap: a cheap readability check that does not read the tensors.
-    state = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    try:
+        state = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    except OSError as e:
+        raise SparseforgeError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged zip or pickle fails in many ways, all of them "unreadable"
+        raise SparseforgeError(f"{path} is not a readable training checkpoint (truncated or corrupted: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise SparseforgeError(f"{path} is not a sparseforge training checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise SparseforgeError(f"{path} has checkpoint version {state.get('version')!r}, not {CHECKPOINT_VERSION}")
+    version = state.get("version")
+    if version not in READABLE_CHECKPOINT_VERSIONS:
+        raise SparseforgeError(f"{path} has checkpoint version {version!r}; this sparseforge reads "
+                               f"{', '.join(map(str, READABLE_CHECKPOINT_VERSIONS))}")
+    if version >= 2:
+        # torch.load does not check the zip's CRCs: a flipped byte in a tensor loads silently.
+        digest = state.pop("sha256", None)
+        if digest is None or digest != state_digest(state):
+            raise SparseforgeError(f"{path} is corrupted: its content does not match its checksum")
     return state
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 over a nested checkpoint payload: its structure, every tensor's dtype, shape and
+    bytes, every array's bytes and every other leaf's ``repr``. Keys named ``sha256`` are left
+    out, so the digest can be stored in the payload it covers."""
+    h = hashlib.sha256()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+        elif isinstance(obj, np.ndarray):
+            h.update(f"A{obj.dtype}{obj.shape}".encode())
+            h.update(np.ascontiguousarray(obj).tobytes())
+        elif isinstance(obj, dict):
+            h.update(f"D{len(obj)}".encode())
+            for key in obj:
+                if key != "sha256":
+                    h.update(repr(key).encode())
+                    visit(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"{type(obj).__name__}{len(obj)}".encode())
+            for item in obj:
+                visit(item)
+        else:
+            h.update(repr(obj).encode())
+
+    visit(state)
+    return h.hexdigest()
 
 
 # -- the worker ------------------------------------------------------------------------
@@ -735,6 +782,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                 "comm": comm_before + [s for s in stats if s is not None][:1],
                 "hook_states": hooks,
             }
+            payload["sha256"] = state_digest(payload)
             with atomic_path(ckpt_dir / f"step-{step:08d}.pt") as tmp:
                 torch.save(payload, tmp)
             for _, old in _checkpoints(out)[:-recipe.checkpoint.keep]:

@@ -1,7 +1,10 @@
 """Saving an adapter alone and loading it onto a fresh base model.
 
-An adapter folder holds two files, written together (both to temporary
-files, flushed, then renamed one after the other: :func:`sparseforge.files.atomic_paths`):
+An adapter folder holds two files, written together: a folder holding only
+the adapter is written beside it and swapped in whole
+(:func:`sparseforge.files.atomic_dir`); in a folder with other files both
+files go to temporary files, are flushed, then renamed one after the other
+(:func:`sparseforge.files.atomic_paths`):
 
 * ``adapter.safetensors``: the trained tensors, named ``<layer>.<tensor>``
   (PaCA ``partial`` ``[out, r]``; LoRA ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``);
@@ -30,7 +33,7 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.export.checkpoint import tensor_digest
-from sparseforge.files import atomic_paths, write_safetensors
+from sparseforge.files import atomic_dir, atomic_paths, write_safetensors
 from sparseforge.peft.config import config_from_dict
 from sparseforge.peft.model import PeftReport, _select, adapter_layers, apply
 
@@ -69,13 +72,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             short: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sha256": tensor_digest(t)}
             for short, t in stored.items()}}
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "config": next(iter(layers.values())).config.to_dict(), "layers": records}
-    # Both files written before either is renamed: a failure or a kill while writing leaves the old pair.
-    with atomic_paths(folder / WEIGHTS_FILE, folder / CONFIG_FILE) as (weights, config):
+
+    def write(weights: Path, config: Path) -> None:
         write_safetensors(weights, tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)}, in_place=True)
         config.write_text(json.dumps({**meta, _DIGEST: json_digest(meta)}, indent=2) + "\n")
+
+    ours = {WEIGHTS_FILE, CONFIG_FILE}
+    if not folder.exists() or (folder.is_dir() and {p.name for p in folder.iterdir()} <= ours):
+        # A folder of the adapter alone is swapped whole: readers see the old pair or the new one.
+        with atomic_dir(folder) as tmp:
+            write(tmp / WEIGHTS_FILE, tmp / CONFIG_FILE)
+        return folder
+    # Other files live beside it: both files are written before either is renamed, so only a crash
+    # in the microseconds between the renames mixes the pair (the reader detects that).
+    with atomic_paths(folder / WEIGHTS_FILE, folder / CONFIG_FILE) as (weights, config):
+        write(weights, config)
     return folder
 
 
