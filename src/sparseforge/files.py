@@ -9,7 +9,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from sparseforge.oserrors import reports_write_errors
 
+
+@reports_write_errors  # a full disk or read-only folder: one line naming the path, not a traceback
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.

@@ -735,8 +735,8 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                 "comm": comm_before + [s for s in stats if s is not None][:1],
                 "hook_states": hooks,
             }
-            with atomic_path(ckpt_dir / f"step-{step:08d}.pt") as tmp:
-                torch.save(payload, tmp)
+            with atomic_path(ckpt_dir / f"step-{step:08d}.pt") as tmp, open(tmp, "wb") as f:
+                torch.save(payload, f)  # a file object: a full disk raises OSError(ENOSPC), not torch's RuntimeError
             for _, old in _checkpoints(out)[:-recipe.checkpoint.keep]:
                 old.unlink(missing_ok=True)
         world.barrier()
