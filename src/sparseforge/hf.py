@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.transformer import is_hf_model
+from sparseforge.oserrors import write_errors
 
 __all__ = [
     "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "is_causal_lm", "is_pretrained_dir", "load_pretrained",
@@ -82,13 +84,31 @@ def _model_class(transformers: Any, config: Any) -> Any:
     return transformers.AutoModel
 
 
+def _read_config(transformers: Any, folder: Path) -> Any:
+    """The folder's config, or a :class:`SparseforgeError` saying what is wrong with ``config.json``."""
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SparseforgeError(f"{path} is not valid JSON (truncated or corrupted?): {e}; restore it from "
+                               "where the model came from") from None
+    except OSError as e:
+        raise SparseforgeError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise SparseforgeError(f"{path} must hold a JSON object (the model's config), got {type(data).__name__}")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SparseforgeError(f"{path} does not describe a transformers model: {e}") from None
+
+
 def load_pretrained(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     """Load a ``save_pretrained`` folder offline: (model in eval mode, float32; tokenizer or None).
 
     The model class is the first of the config's ``architectures`` (so a
     causal LM keeps its LM head), else ``AutoModel``. Raises
-    :class:`SparseforgeError` when the folder does not exist or holds no
-    ``config.json``.
+    :class:`SparseforgeError` when the folder does not exist, holds no
+    ``config.json`` or a broken one, or its weights cannot be read.
     """
     p = Path(path)
     if not p.exists():
@@ -96,13 +116,14 @@ def load_pretrained(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     if not is_pretrained_dir(p):
         raise SparseforgeError(f"{p} is not a Hugging Face model folder (no config.json in it)")
     transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    config = _read_config(transformers, p)
     cls = _model_class(transformers, config)
     try:
         with _quiet_progress():
             model = cls.from_pretrained(str(p), local_files_only=True, dtype="float32")
-    except OSError as e:
-        raise SparseforgeError(f"cannot load the model in {p}: {e}") from None
+    except (OSError, SafetensorError) as e:
+        raise SparseforgeError(f"cannot load the model in {p} (a weights file missing, truncated or "
+                               f"corrupted?): {e}") from None
     tokenizer = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
@@ -137,6 +158,17 @@ def save_pretrained(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SparseforgeError(f"{out} exists and is not a folder")
+    if out.is_dir() and not is_pretrained_dir(out) and any(out.iterdir()):
+        # Replacing it would delete whatever the folder holds (a home folder, a project).
+        raise SparseforgeError(f"{out} is a folder that holds other files, not a model folder: give the name of "
+                               "a new folder (an earlier model folder there is replaced whole)")
+    with write_errors(out):
+        _write_pretrained(model, out, tokenizer, metadata, metadata_file)
+    return out
+
+
+def _write_pretrained(model: nn.Module, out: Path, tokenizer: Any, metadata: dict[str, Any] | None,
+                      metadata_file: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -156,7 +188,6 @@ def save_pretrained(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def arch_kwargs(model: nn.Module) -> dict[str, Any]:
