@@ -264,11 +264,15 @@ def _check_out(out: str, suffixes: Sequence[str], what: str, folder: bool = Fals
         check_writable(p, "file", f"--out {out}")
         return "file"
     if folder and (p.is_dir() or p.suffix.lower() not in _FILE_LIKE):
+        from sparseforge.hf import check_output_folder
+
+        check_output_folder(p)  # not a folder of other files, which replacing it would delete
         check_writable(p, "folder", f"--out {out}")
         check_writable(p.parent, "folder", f"--out {out}")  # the folder is replaced by a rename there
         return "folder"
     names = " or ".join(f"'NAME{x}'" for x in suffixes)
-    raise SparseforgeError(f"--out {out}: {what}; give a {'folder name or a ' if folder else ''}file name like {names}")
+    wanted = " or a ".join(w for w in ("folder name" if folder else "", f"file name like {names}" if names else "") if w)
+    raise SparseforgeError(f"--out {out}: {what}; give a {wanted}")
 
 
 def _print_report(rep, as_json: bool) -> None:

@@ -38,8 +38,8 @@ from sparseforge.export.transformer import is_hf_model
 from sparseforge.oserrors import write_errors
 
 __all__ = [
-    "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "is_causal_lm", "is_pretrained_dir", "load_pretrained",
-    "perplexity", "quality", "save_pretrained", "sentence_embeddings",
+    "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_causal_lm",
+    "is_pretrained_dir", "load_pretrained", "perplexity", "quality", "save_pretrained", "sentence_embeddings",
 ]
 
 #: the ``arch`` name sparseforge files give a transformers model
@@ -132,6 +132,24 @@ def load_pretrained(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
+def check_output_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """Refuse an ``out_dir`` that a command line should not hand to :func:`save_pretrained`; returns it.
+
+    :func:`save_pretrained` replaces ``out_dir`` whole, whatever it holds (its
+    callers decide). A user's ``--out`` may be missing, empty, or a model
+    folder (one with ``config.json``); a file, or a folder holding other
+    files, is a :class:`SparseforgeError`: replacing it would delete what it
+    holds (``--out .`` or ``--out ~``).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SparseforgeError(f"{out} exists and is not a folder")
+    if out.is_dir() and not is_pretrained_dir(out) and any(out.iterdir()):
+        raise SparseforgeError(f"{out} is a folder that holds other files, not a model folder: give the name of "
+                               "a new folder (an earlier model folder there is replaced whole)")
+    return out
+
+
 def save_pretrained(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -158,10 +176,6 @@ def save_pretrained(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SparseforgeError(f"{out} exists and is not a folder")
-    if out.is_dir() and not is_pretrained_dir(out) and any(out.iterdir()):
-        # Replacing it would delete whatever the folder holds (a home folder, a project).
-        raise SparseforgeError(f"{out} is a folder that holds other files, not a model folder: give the name of "
-                               "a new folder (an earlier model folder there is replaced whole)")
     with write_errors(out):
         _write_pretrained(model, out, tokenizer, metadata, metadata_file)
     return out
