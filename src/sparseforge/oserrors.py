@@ -15,7 +15,7 @@ goes to exists or can be created, is a folder, and can be written to.
 
 >>> import errno
 >>> write_failure_reason(OSError(errno.ENOSPC, "No space left on device"))
-'no space left on device'
+'no space left on device: free some space or write elsewhere'
 >>> write_failure_reason(OSError(errno.ENOENT, "No such file or directory")) is None
 True
 """
@@ -77,7 +77,7 @@ def _errno_of(exc: BaseException) -> int | None:
 
 
 def write_failure_reason(exc: BaseException) -> str | None:
-    """The reason, in words, when ``exc`` is a file-system failure a user can act on; None otherwise.
+    """The reason and what to do, in words, when ``exc`` is a file-system failure a user can act on; else None.
 
     ``exc`` is an ``OSError`` or a safetensors ``SafetensorError`` that wraps
     one; the errno must be one of :data:`REASONS` (a missing file, for
