@@ -371,9 +371,6 @@ def test_cli_fault(c: Case, inputs: Path, tmp_path: Path, request, capsys, monke
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("sparseforge: error: "), err
     assert c.message in lines[0], lines[0]
-    if os.environ.get("SHOW_LINES"):
-        with open(os.environ["SHOW_LINES"], "a") as f:
-            f.write(f"{' '.join(c.argv)} [{c.where}]\n    {lines[0]}\n")
     after = snapshot(tmp_path, inputs)
     allowed = {str(out / d) for d in c.new_dirs}
     new = {p: v for p, v in after.items() if p not in before and not (p in allowed and v == "folder")}
