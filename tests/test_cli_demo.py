@@ -125,11 +125,11 @@ def test_cli_prune_nm_pattern(checkpoint, tmp_path, capsys):
     "argv, message",
     [
         (["inspect", "/nonexistent/model.safetensors"], "does not exist"),
-        (["prune", "{ckpt}", "--sparsity", "1.0", "--out", "{tmp}/x"], "sparsity must be in [0, 1)"),
-        (["prune", "{ckpt}", "--sparsity", "0.5", "--pattern", "3:7", "--out", "{tmp}/x"], "divisible by 7"),
-        (["prune", "{ckpt}", "--sparsity", "0.5", "--include", "nope*", "--out", "{tmp}/x"], "'nope*' matches no"),
-        (["prune", "{ckpt}", "--sparsity", "0.5", "--pattern", "zigzag", "--out", "{tmp}/x"], "unknown pattern"),
-        (["prune", "{ckpt}", "--sparsity", "0.5", "--score", "vibes", "--out", "{tmp}/x"], "unknown score"),
+        (["prune", "{ckpt}", "--sparsity", "1.0", "--out", "{tmp}/x.safetensors"], "sparsity must be in [0, 1)"),
+        (["prune", "{ckpt}", "--sparsity", "0.5", "--pattern", "3:7", "--out", "{tmp}/x.safetensors"], "divisible by 7"),
+        (["prune", "{ckpt}", "--sparsity", "0.5", "--include", "nope*", "--out", "{tmp}/x.safetensors"], "'nope*' matches no"),
+        (["prune", "{ckpt}", "--sparsity", "0.5", "--pattern", "zigzag", "--out", "{tmp}/x.safetensors"], "unknown pattern"),
+        (["prune", "{ckpt}", "--sparsity", "0.5", "--score", "vibes", "--out", "{tmp}/x.safetensors"], "unknown score"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, message, checkpoint, tmp_path, capsys):

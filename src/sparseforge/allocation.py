@@ -349,6 +349,30 @@ class OWL(Allocation):
     lam: float = 0.08
     needs_scores: bool = field(default=True, init=False, repr=False)
 
+    @staticmethod
+    def check_blocks(names: Sequence[str]) -> None:
+        """Refuse layers OWL cannot weigh: ones outside any repeated block, or a single block.
+
+        OWL compares the outlier ratios of a model's repeated blocks (a
+        transformer's layers). A layer whose name has no block index (LeNet's
+        ``fc1``) would be a "block" of its own, of any size, which moves the
+        model's sparsity off the target; one block alone has nothing to be
+        compared with, so OWL would silently equal ``uniform``.
+        """
+        outside = [n for n in names if block_of(n) == n]
+        if outside:
+            shown = ", ".join(outside[:5]) + (", ..." if len(outside) > 5 else "")
+            raise SparseforgeError(
+                f"OWL weighs a model's repeated blocks (layers named like 'layers.3.mlp.fc1') against each other, "
+                f"but these targeted layers are in no repeated block: {shown}; use another allocation (uniform, "
+                "global, erk, lamp), or target only the layers inside the blocks")
+        blocks = sorted({block_of(n) for n in names})
+        if len(blocks) < 2:
+            raise SparseforgeError(
+                f"OWL weighs a model's repeated blocks against each other, but the targeted layers form "
+                f"{'one block (' + blocks[0] + ')' if blocks else 'no block'}: OWL would equal uniform; target "
+                "two or more blocks, or use --allocation uniform")
+
     def outlier_ratios(self, names: Sequence[str], scores: Sequence[torch.Tensor]) -> dict[str, float]:
         """``D_l`` per block, in first-appearance order."""
         blocks: dict[str, list[torch.Tensor]] = {}
@@ -367,6 +391,7 @@ class OWL(Allocation):
                                    "sparseforge.oneshot.prune_calibrated, or pass scores")
         if not 0.0 <= self.lam < 1.0 or self.m <= 0:
             raise SparseforgeError(f"OWL needs m > 0 and 0 <= lam < 1, got m={self.m}, lam={self.lam}")
+        self.check_blocks(names)
         ratios = self.outlier_ratios(names, scores)
         d = torch.tensor(list(ratios.values()), dtype=torch.float64)
         spread = float(d.max() - d.min())

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
 
@@ -152,7 +154,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
-    p.add_argument("--out", required=True, help="where to write the result")
+    p.add_argument("--out", required=True,
+                   help="where to write: a .sfz or .safetensors file (as --format), or a folder for --format hf")
     p.add_argument("--format", default="sfz", choices=("sfz", "safetensors", "hf"),
                    help="(default sfz); hf: a save_pretrained folder (transformers models)")
     p.add_argument("--values", default="fp16", choices=("fp16", "fp32", "int8", "int4"),
@@ -167,12 +170,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
             "Quantize every Linear/Conv weight of a checkpoint (symmetric, scales over the kept weights, zeros "
             "stay zero; see sparseforge.quant): int8/int4 round to nearest, gptq-int8/gptq-int4 correct each "
             "column's rounding error with the Hessian of the layer inputs on Fashion-MNIST calibration images. "
-            "An --out ending in .sfz stores the codes (int4 packed two per byte); any other name a plain "
-            "checkpoint of the dequantized weights."
+            "An --out ending in .sfz stores the codes (int4 packed two per byte); one ending in .safetensors a "
+            "plain checkpoint of the dequantized weights."
         ),
     )
     p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
-    p.add_argument("--out", required=True, help="where to write the quantized checkpoint (.sfz: compressed)")
+    p.add_argument("--out", required=True, help="where to write: .sfz (compressed codes) or .safetensors (dequantized weights)")
     p.add_argument("--scheme", default="int8", choices=("int8", "int4", "gptq-int8", "gptq-int4"),
                    help="(default int8)")
     p.add_argument("--group-size", type=int, nargs="?", const=128, default=None, metavar="G",
@@ -215,8 +218,17 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress bar, no report)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: one line, ``sparseforge: error: ...``, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        command = self.prog.removeprefix("sparseforge").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"sparseforge: error: {where}{' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparseforge",
         description="Make neural networks sparse and small: prune, train sparse, inspect.",
         epilog=EPILOG,
@@ -237,6 +249,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Names that are files, not folders: an --out like these is a mistake where a folder would be written.
+_FILE_LIKE = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy", ".h5", ".onnx", ".gguf", ".json",
+              ".yaml", ".yml", ".txt", ".csv", ".log", ".md", ".zip", ".tar", ".gz", ".tgz", ".safetensor"}
+
+
+def _check_out(out: str, suffixes: Sequence[str], what: str, folder: bool = False) -> str:
+    """Check ``--out`` before any work: its name (one of ``suffixes``, or a folder when ``folder``) and that
+    it can be written. Returns ``"file"`` or ``"folder"``; ``what`` says what the command writes there."""
+    from sparseforge.oserrors import check_writable
+
+    p = Path(out)
+    if any(p.name.endswith(x) and len(p.name) > len(x) for x in suffixes):
+        check_writable(p, "file", f"--out {out}")
+        return "file"
+    if folder and (p.is_dir() or p.suffix.lower() not in _FILE_LIKE):
+        from sparseforge.hf import check_output_folder
+
+        check_output_folder(p)  # not a folder of other files, which replacing it would delete
+        check_writable(p, "folder", f"--out {out}")
+        check_writable(p.parent, "folder", f"--out {out}")  # the folder is replaced by a rename there
+        return "folder"
+    names = " or ".join(f"'NAME{x}'" for x in suffixes)
+    wanted = " or a ".join(w for w in ("folder name" if folder else "", f"file name like {names}" if names else "") if w)
+    raise SparseforgeError(f"--out {out}: {what}; give a {wanted}")
+
+
 def _print_report(rep, as_json: bool) -> None:
     if as_json:
         print(json.dumps(rep.to_dict(), indent=2))
@@ -252,6 +290,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_dir=args.data_dir, runs_dir=args.runs_dir,
         name=args.name, limit_train=args.limit_train, limit_test=args.limit_test,
     )
+    from sparseforge.oserrors import check_writable
+
+    # Before minutes of training, not after: the run folder goes into --runs-dir.
+    check_writable(Path(args.runs_dir) / args.name if args.name else args.runs_dir, "folder")
     run_demo(cfg, quiet=args.quiet)
     return 0
 
@@ -271,16 +313,21 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise SparseforgeError(f"{args.model} does not exist: pass a Hugging Face model folder (with config.json) "
                                "or a sparseforge checkpoint")
+    if is_pretrained_dir(args.model):
+        _prune_out(args.out, "hf")  # before loading and pruning: a bad --out fails in a second, not after
     if args.method is not None or is_pretrained_dir(args.model):
         return _prune_calibrated(args)
     import torch
 
-    from sparseforge.export.checkpoint import load_checkpoint, save_checkpoint
     from sparseforge.oneshot.prune import prune
     from sparseforge.scores import Random, as_score
     from sparseforge.targets import Target
 
-    model, meta = load_checkpoint(args.model)
+    if str(args.allocation).strip().lower() == "owl":
+        raise SparseforgeError("--allocation owl weighs blocks by Wanda's activation-aware scores on calibration "
+                               "data: add --method wanda (or sparsegpt, magnitude), or use another allocation")
+    model, meta = _load_any(args.model)
+    _prune_out(args.out, meta["arch"])
     score = Random(seed=args.seed) if str(args.score).lower() == "random" else as_score(args.score)
     calibration = None
     if score.needs_grad:
@@ -295,11 +342,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         "pruned": {"score": str(score), "sparsity": rep.sparsity, "pattern": args.pattern,
                    "allocation": args.allocation, "source": str(args.model)}
     }
-    save_checkpoint(model, args.out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    _save_pruned(model, None, args.out, meta, {}, extra)
     _print_report(rep, args.json)
     if not args.json:
         print(f"wrote {args.out}")
     return 0
+
+
+def _prune_out(out: str, arch: str | None) -> None:
+    """Refuse an --out that prune cannot write for a model of ``arch``, before the pruning."""
+    if arch == "hf":
+        _check_out(out, (".safetensors", ".sfz"), "prune writes a Hugging Face model to a folder, a .safetensors "
+                   "checkpoint or a compressed .sfz file", folder=True)
+    else:
+        _check_out(out, (".safetensors", ".sfz"), "prune writes a .safetensors checkpoint or a compressed .sfz file")
 
 
 def _target(args: argparse.Namespace):
@@ -321,6 +377,7 @@ def _prune_calibrated(args: argparse.Namespace) -> int:
     if method == "maskllm" and ":" not in str(args.pattern):
         raise SparseforgeError(f"--method maskllm learns N:M masks, not {args.pattern}: pass --pattern 2:4 (or 4:8)")
     model, meta = _load_any(args.model)
+    _prune_out(args.out, meta["arch"])
     tokenizer = meta.get("tokenizer")
     hf = meta["arch"] == ARCH
     if hf:
@@ -367,7 +424,8 @@ def _text_calibration(args: argparse.Namespace, meta: dict) -> tuple:
         except (OSError, ValueError) as e:
             raise SparseforgeError(f"cannot load a tokenizer from {args.tokenizer}: {e}") from None
     if tokenizer is None:
-        raise SparseforgeError(f"{args.model if hasattr(args, 'model') else args.checkpoint} has no tokenizer: "
+        why = " (GPTQ calibrates on text; int8/int4 round to nearest and need none)" if hasattr(args, "scheme") else ""
+        raise SparseforgeError(f"{args.model if hasattr(args, 'model') else args.checkpoint} has no tokenizer{why}: "
                                "pass --tokenizer <folder of the model's tokenizer>")
     for name, value in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--eval-texts", args.eval_texts)):
         if int(value) < 1:
@@ -388,11 +446,12 @@ def _add_text_calibration(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--eval-texts", type=int, default=256, help="held-out texts for the quality report (default 256)")
 
 
-def _save_pruned(model, tokenizer, out: str, meta: dict, result: dict) -> None:
+def _save_pruned(model, tokenizer, out: str, meta: dict, result: dict, extra: dict | None = None) -> None:
     from sparseforge.export.checkpoint import save_checkpoint
     from sparseforge.export.sfz import save
 
-    extra = dict(meta.get("extra") or {}) | {"pruned": {k: v for k, v in result.items() if k != "layers"}}
+    if extra is None:
+        extra = dict(meta.get("extra") or {}) | {"pruned": {k: v for k, v in result.items() if k != "layers"}}
     if out.endswith(".sfz"):
         save(model, out, values="fp32", arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
     elif out.endswith(".safetensors"):
@@ -411,14 +470,17 @@ def _calibrated_table(result: dict) -> str:
     from rich.console import Console
     from rich.table import Table
 
+    from sparseforge.report import table_width
+
     t = Table(title=f"{result['method']} {result['pattern']}: {result['achieved']:.2%} of "
                     f"{len(result['layers'])} layers' weights pruned in {result['seconds']:.1f} s")
-    for col in ("layer", "sparsity", "weights"):
-        t.add_column(col, justify="left" if col == "layer" else "right")
+    for col in ("layer", "sparsity", "weights"):  # names wrap, never truncate (q/k/v must stay apart)
+        t.add_column(col, justify="left" if col == "layer" else "right",
+                     overflow="fold" if col == "layer" else "ellipsis")
     for name, v in result["layers"].items():
         t.add_row(name, f"{v['zeros'] / v['numel']:.2%}", f"{int(v['numel']):,}")
     buf = io.StringIO()
-    console = Console(file=buf, width=110, force_terminal=False, color_system=None)
+    console = Console(file=buf, width=table_width(), force_terminal=False, color_system=None)
     console.print(t)
     q = result.get("quality")
     if q:
@@ -459,16 +521,19 @@ def _sfz_table(meta: dict) -> str:
     from rich.console import Console
     from rich.table import Table
 
+    from sparseforge.report import table_width
+
     t = Table(title=f"sfz format version {meta['format_version']}: {meta['file_bytes']:,} bytes on disk")
     for col in ("tensor", "shape", "encoding", "values", "pattern", "nonzeros", "bytes"):
-        t.add_column(col, justify="right" if col in ("nonzeros", "bytes") else "left")
+        t.add_column(col, justify="right" if col in ("nonzeros", "bytes") else "left",
+                     overflow="fold" if col == "tensor" else "ellipsis")
     for name, info in meta["tensors"].items():
         q = info.get("quant")
         values = info.get("values", info["dtype"]) + (f" g{q['group_size']}" if q and q.get("group_size") else "")
         t.add_row(name, "x".join(map(str, info["shape"])), info["encoding"], values, info.get("pattern", "-"),
                   f"{info['nnz']:,}" if "nnz" in info else "-", f"{info['bytes']:,}")
     buf = io.StringIO()
-    Console(file=buf, width=120, force_terminal=False, color_system=None).print(t)
+    Console(file=buf, width=table_width(), force_terminal=False, color_system=None).print(t)
     return buf.getvalue()
 
 
@@ -516,6 +581,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         p = Path(path)
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
+    if args.format == "hf":
+        _check_out(args.out, (), "export --format hf writes a Hugging Face model folder", folder=True)
+    else:
+        _check_out(args.out, (f".{args.format}",), f"export --format {args.format} writes a .{args.format} file")
     model, meta = _load_any(args.checkpoint)
     _write(model, args.out, meta, args.format, args.values, dict(meta["extra"]))
     print(f"wrote {args.out} ({args.format}{', ' + args.values + ' values' if args.format == 'sfz' else ''}, "
@@ -525,14 +594,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from sparseforge.hf import ARCH, quality
-    from sparseforge.quant.rtn import quantize_
+    from sparseforge.quant.rtn import quantize_, rounded_to_zero
     from sparseforge.report import report
 
     scheme = str(args.scheme).lower()
+    _check_out(args.out, (".sfz", ".safetensors"), "quantize writes a compressed .sfz file (the codes) or a "
+               ".safetensors checkpoint (the dequantized weights)")
+    fmt = "sfz" if args.out.endswith(".sfz") else "safetensors"
     model, meta = _load_any(args.checkpoint)
     hf = meta["arch"] == ARCH
     held_out: list[str] = []
-    if hf:
+    # Text is needed for GPTQ's calibration and for the quality report; round-to-nearest itself needs
+    # none, so a model without a tokenizer (an .sfz written by prune) is quantized without the report.
+    measure = hf and (scheme.startswith("gptq") or meta.get("tokenizer") is not None or bool(args.tokenizer))
+    if measure:
         tokenizer, batches, held_out = _text_calibration(args, meta)
         before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
     if scheme.startswith("gptq"):
@@ -547,18 +622,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         gptq_(model, calibration, scheme, args.group_size, act_order=args.act_order, progress=not args.json)
     else:
         quantize_(model, scheme, group_size=args.group_size)
-    if hf:
+    zeroed = rounded_to_zero(model)
+    if measure:
         after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
         meta["extra"] = dict(meta["extra"]) | {"quality": {"dense": before.to_dict(), "quantized": after.to_dict()}}
     extra = dict(meta["extra"]) | {"quantized": {"scheme": scheme, "group_size": args.group_size,
-                                                 "source": str(args.checkpoint)}}
-    fmt = "sfz" if str(args.out).endswith(".sfz") else "safetensors"
+                                                 "source": str(args.checkpoint), "rounded_to_zero": zeroed}}
     _write(model, args.out, meta, fmt, scheme.removeprefix("gptq-"), extra)
-    _print_report(report(model), args.json)
-    if hf and not args.json:
+    rep = report(model)
+    if args.json:
+        print(json.dumps(rep.to_dict() | {"scheme": scheme, "rounded_to_zero": zeroed}, indent=2))
+    else:
+        _print_report(rep, False)
+        print(f"{zeroed:,} kept weights rounded to exactly zero (smaller than half a quantization step; "
+              "zeros stay zero)")
+    if measure and not args.json:
         print(f"quality on {after.texts} held-out texts: " + ", ".join(
             f"{k} dense {before.to_dict()[k]:.4g} -> quantized {v:.4g}" if k in before.to_dict() else f"{k} {v:.4g}"
             for k, v in after.to_dict().items() if k != "texts"))
+    elif hf and not args.json:
+        print(f"no quality report: {args.checkpoint} has no tokenizer (pass --tokenizer DIR to measure it)")
     if not args.json:
         print(f"wrote {args.out} ({scheme}, {'per channel' if args.group_size is None else f'groups of {args.group_size}'}, {fmt})")
     return 0
@@ -568,6 +651,8 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     from sparseforge.export.checkpoint import save_checkpoint
     from sparseforge.export.compact import compact
 
+    _check_out(args.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes travel "
+               "in its metadata)")
     model, meta = _load_any(args.checkpoint)
     rep = compact(model)
     extra = dict(meta["extra"]) | {"compacted": {"source": str(args.checkpoint), "params_before": rep.params_before,
@@ -596,6 +681,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                                "or --recipe FILE")
     else:
         recipe = MergeRecipe(**given)
+    recipe.validate()  # options first, then the output: both before any file is read
+    _check_out(recipe.out, (".safetensors",), "merge writes a .safetensors file")
     rep = recipe.run(progress=not args.quiet and sys.stderr.isatty())
     if not args.quiet:
         base = f", base {rep['base']}" if rep["base"] else ""
@@ -614,7 +701,10 @@ COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "prune": _cmd_prune, "inspec
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparseforge`` command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (its line already printed)
+        return e.code if isinstance(e.code, int) else 0
     try:
         return COMMANDS[args.command](args)
     except SparseforgeError as e:

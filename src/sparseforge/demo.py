@@ -10,6 +10,7 @@ training, per-layer sparsity) and the final sparse checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -221,10 +222,17 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "torch": torch.__version__,
     }
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(sparse, run_dir / "model.safetensors", extra={"test_accuracy": sparse_eval["accuracy"]})
-    _plot(run_dir / "training.png", history, layer_rows, cfg)
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    try:
+        save_checkpoint(sparse, run_dir / "model.safetensors", extra={"test_accuracy": sparse_eval["accuracy"]})
+        _plot(run_dir / "training.png", history, layer_rows, cfg)
+        write_json_atomic(run_dir / "metrics.json", metrics)
+    except BaseException:
+        if created:  # a full disk on the first file: no empty run folder left behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
 
     if not quiet:
         from rich.table import Table

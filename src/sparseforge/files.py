@@ -126,7 +126,10 @@ def _check_target(target: Path, want_dir: bool) -> None:
     if not want_dir and target.is_dir():
         raise SparseforgeError(f"{target} is a folder; give the name of a file to write")
 
+from sparseforge.oserrors import reports_write_errors
 
+
+@reports_write_errors  # a full disk or read-only folder: one line naming the path, not a traceback
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success flush it to disk and rename it over ``path``.

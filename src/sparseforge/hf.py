@@ -31,15 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.transformer import is_hf_model
 from sparseforge.files import atomic_dir
+from sparseforge.oserrors import write_errors
 
 __all__ = [
-    "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "is_causal_lm", "is_pretrained_dir", "load_pretrained",
-    "perplexity", "quality", "save_pretrained", "sentence_embeddings",
+    "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_causal_lm",
+    "is_pretrained_dir", "load_pretrained", "perplexity", "quality", "save_pretrained", "sentence_embeddings",
 ]
 
 #: the ``arch`` name sparseforge files give a transformers model
@@ -139,13 +141,31 @@ def _model_class(transformers: Any, config: Any) -> Any:
     return transformers.AutoModel
 
 
+def _read_config(transformers: Any, folder: Path) -> Any:
+    """The folder's config, or a :class:`SparseforgeError` saying what is wrong with ``config.json``."""
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SparseforgeError(f"{path} is not valid JSON (truncated or corrupted?): {e}; restore it from "
+                               "where the model came from") from None
+    except OSError as e:
+        raise SparseforgeError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise SparseforgeError(f"{path} must hold a JSON object (the model's config), got {type(data).__name__}")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SparseforgeError(f"{path} does not describe a transformers model: {e}") from None
+
+
 def load_pretrained(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     """Load a ``save_pretrained`` folder offline: (model in eval mode, float32; tokenizer or None).
 
     The model class is the first of the config's ``architectures`` (so a
     causal LM keeps its LM head), else ``AutoModel``. Raises
-    :class:`SparseforgeError` when the folder does not exist or holds no
-    ``config.json``.
+    :class:`SparseforgeError` when the folder does not exist, holds no
+    ``config.json`` or a broken one, or its weights cannot be read.
     """
     p = Path(path)
     if not p.exists():
@@ -154,19 +174,38 @@ def load_pretrained(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
         raise SparseforgeError(f"{p} is not a Hugging Face model folder (no config.json in it)")
     verify_checksums(p)
     transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    config = _read_config(transformers, p)
     cls = _model_class(transformers, config)
     try:
         with _quiet_progress():
             model = cls.from_pretrained(str(p), local_files_only=True, dtype="float32")
-    except OSError as e:
-        raise SparseforgeError(f"cannot load the model in {p}: {e}") from None
+    except (OSError, SafetensorError) as e:
+        raise SparseforgeError(f"cannot load the model in {p} (a weights file missing, truncated or "
+                               f"corrupted?): {e}") from None
     tokenizer = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, TypeError):  # a folder without tokenizer files: fine for weights-only use
         tokenizer = None
     return model.eval(), tokenizer
+
+
+def check_output_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """Refuse an ``out_dir`` that a command line should not hand to :func:`save_pretrained`; returns it.
+
+    :func:`save_pretrained` replaces ``out_dir`` whole, whatever it holds (its
+    callers decide). A user's ``--out`` may be missing, empty, or a model
+    folder (one with ``config.json``); a file, or a folder holding other
+    files, is a :class:`SparseforgeError`: replacing it would delete what it
+    holds (``--out .`` or ``--out ~``).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SparseforgeError(f"{out} exists and is not a folder")
+    if out.is_dir() and not is_pretrained_dir(out) and any(out.iterdir()):
+        raise SparseforgeError(f"{out} is a folder that holds other files, not a model folder: give the name of "
+                               "a new folder (an earlier model folder there is replaced whole)")
+    return out
 
 
 def save_pretrained(
@@ -194,7 +233,9 @@ def save_pretrained(
         raise SparseforgeError("a compacted transformers model has per-layer sizes its config cannot state: "
                                "save it with sparseforge.save (or save_checkpoint) instead")
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    if out.exists() and not out.is_dir():
+        raise SparseforgeError(f"{out} exists and is not a folder")
+    with write_errors(out), atomic_dir(out) as tmp:
         with _quiet_progress():
             model.save_pretrained(str(tmp))
         if tokenizer is not None:

@@ -47,7 +47,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         SparseforgeError: the file is missing, is not valid YAML (with the
-            line and column of the problem), or is not a mapping.
+            line and column of the problem), is empty (only comments or blank
+            lines: an explicit ``{}`` asks for all defaults), or is not a mapping.
     """
     p = Path(path)
     if not p.is_file():
@@ -59,8 +60,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SparseforgeError(f"recipe {p} is not valid YAML{where}: {problem}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file, or only comments: most likely the wrong file, so no default run
+        raise SparseforgeError(f"recipe {p} is empty (no keys, only comments or blank lines): write the recipe's "
+                               "keys into it (an explicit '{}' means all defaults)")
     if not isinstance(data, dict):
         raise SparseforgeError(f"recipe {p} must be a YAML mapping (key: value lines), got {type(data).__name__}")
     return data

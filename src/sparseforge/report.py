@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,7 +98,10 @@ class SparsityReport:
 
         t = Table(title=title)
         for col in ("layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs dense", "FLOPs sparse"):
-            t.add_column(col, justify="left" if col in ("layer", "type", "shape") else "right")
+            # A layer name that does not fit wraps onto the next line ("fold"), never ends in "...":
+            # truncated, attention.self.query/key/value would all read the same.
+            t.add_column(col, justify="left" if col in ("layer", "type", "shape") else "right",
+                         overflow="fold" if col == "layer" else "ellipsis")
         for r in self.layers:
             t.add_row(
                 r.name, r.kind, "x".join(map(str, r.shape)), fmt(r.params), fmt(r.nonzeros),
@@ -118,8 +122,13 @@ class SparsityReport:
         from rich.console import Console
 
         buf = io.StringIO()
-        Console(file=buf, width=120, force_terminal=False, color_system=None).print(self.table())
+        Console(file=buf, width=table_width(), force_terminal=False, color_system=None).print(self.table())
         return buf.getvalue()
+
+
+def table_width() -> int:
+    """Width for printed tables: the terminal's (``$COLUMNS`` when set), at least 120 characters."""
+    return max(120, shutil.get_terminal_size((120, 24)).columns)
 
 
 def _example_input(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,17 +1,20 @@
 """The torchrun entry point of ``sparseforge train``: one rank of a recipe's run.
 
-``sparseforge train RECIPE --nproc N`` (N > 1) runs::
+``sparseforge train RECIPE --nproc N`` (N > 1) runs torchrun (``--print-command`` prints it)::
 
     python -m torch.distributed.run --standalone --nproc_per_node N \\
         -m sparseforge.distributed.launch RECIPE --out DIR [--no-resume] [--quiet]
 
+(through :mod:`sparseforge.distributed.torchrun`, with the same arguments)
 and every process it starts calls :func:`sparseforge.distributed.train.run`,
 which joins the group from torchrun's environment (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT). Run it yourself under any torchrun setup (several
 nodes, another rendezvous) with the same arguments.
 
 Bad input exits with status 2 and one ``sparseforge: error: ...`` line (from
-every rank: each checks the recipe before joining the group).
+every rank: each checks the recipe before joining the group). ``sparseforge
+train`` runs torchrun through :mod:`sparseforge.distributed.torchrun`, which
+prints the first failing rank's line once instead of torchrun's report.
 """
 
 from __future__ import annotations
@@ -73,9 +76,13 @@ def launch(recipe_path: str | os.PathLike[str], nproc: int = 1, out: str | os.Pa
     """
     from sparseforge.distributed.train import default_out_dir, load_recipe, run
 
+    from sparseforge.oserrors import check_writable
+
     recipe = load_recipe(recipe_path)
     recipe.check_launch(nproc)
     run_dir = out if out is not None else default_out_dir(recipe, recipe_path)
+    if not print_command:  # a read-only --out fails now, not at the first checkpoint
+        check_writable(run_dir, "folder", f"the run folder {run_dir}")
     if nproc == 1 and not print_command:
         run(recipe, run_dir, resume=resume, quiet=quiet)
         return 0
@@ -91,6 +98,9 @@ def launch(recipe_path: str | os.PathLike[str], nproc: int = 1, out: str | os.Pa
     if "OMP_NUM_THREADS" not in env:  # what each worker uses anyway; also silences torchrun's notice
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc)
                                      if hasattr(os, "sched_getaffinity") else 1)
+    # The same torchrun, through sparseforge's wrapper: a worker's bad input ends in its own one line
+    # (sparseforge.distributed.torchrun), not in torchrun's ChildFailedError report.
+    cmd = [sys.executable, "-m", "sparseforge.distributed.torchrun", *cmd[3:]]
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
@@ -126,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out if args.out is not None else default_out_dir(recipe, args.recipe)
         run(recipe, out, resume=not args.no_resume, quiet=args.quiet)
     except SparseforgeError as e:
-        print(f"sparseforge: error: {e}", file=sys.stderr)
+        from sparseforge.distributed.torchrun import report_error
+
+        report_error(f"sparseforge: error: {e}")  # under sparseforge train: to the agent, which prints it once
         return 2
     return 0
 

@@ -783,8 +783,8 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                 "hook_states": hooks,
             }
             payload["sha256"] = state_digest(payload)
-            with atomic_path(ckpt_dir / f"step-{step:08d}.pt") as tmp:
-                torch.save(payload, tmp)
+            with atomic_path(ckpt_dir / f"step-{step:08d}.pt") as tmp, open(tmp, "wb") as f:
+                torch.save(payload, f)  # a file object: a full disk raises OSError(ENOSPC), not torch's RuntimeError
             for _, old in _checkpoints(out)[:-recipe.checkpoint.keep]:
                 old.unlink(missing_ok=True)
             # Each checkpoint has a new name, so atomic_path's cleanup (same name) never meets the

@@ -14,7 +14,7 @@ stored (its *encoding*):
     the weight's dtype);
   - ``"int8"``: integer codes and float32 scales by the rule of
     :mod:`sparseforge.quant.rtn` (symmetric, per output channel, scales over
-    the kept weights, zeros stay zero and kept weights stay nonzero). A layer
+    the kept weights, zeros stay zero; a kept weight under half a step rounds to zero). A layer
     quantized with :func:`sparseforge.quant.quantize_` is stored with the
     codes recorded there (its bits and group size: int4 codes are packed two
     per byte), so loading gives exactly its fake-quantized weight; other

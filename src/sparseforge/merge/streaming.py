@@ -132,6 +132,10 @@ def merge_rule(
                                    f"({', '.join(TASK_METHODS)})")
         if lam != 1.0:
             raise SparseforgeError(f"lambda scales task vectors ({', '.join(TASK_METHODS)}); average takes none, got {lam}")
+        if count == 1:
+            raise SparseforgeError("the average of one model is that model: list two or more model files to "
+                                   "merge (to scale one fine-tuned model's change, use task_arithmetic with --base "
+                                   "and --lambda)")
         normalize_weights(weights, count)  # the weights' rules live in core; raises on bad ones
 
         def average(key: str, base_tensor: Tensor | None, tensors: list[Tensor]) -> Tensor:
@@ -148,7 +152,12 @@ def merge_rule(
     if name in _SEEDED:
         options["seed"] = seed
     spec = preset(name, **options)
-    spec.task_weights(count)  # one weight per task model
+    scales = spec.task_weights(count)  # one weight per task model
+    if count == 1 and name == "task_arithmetic" and lam * float(scales[0]) == 1.0:
+        # base + 1 * (model - base) is the model: a merge that changes nothing is a mistake, not a result.
+        raise SparseforgeError("task_arithmetic of one model with lambda 1 gives that model back unchanged: list "
+                               "two or more fine-tuned models, or scale the task vector with a lambda other than 1 "
+                               "(ties and dare also sparsify a single task vector)")
 
     def task_vector_merge(key: str, base_tensor: Tensor | None, tensors: list[Tensor]) -> Tensor:
         return merge_tensors(base_tensor, tensors, spec, name=key)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseforge.allocation import Allocation, Uniform, as_allocation
+from sparseforge.allocation import OWL, Allocation, Uniform, as_allocation
 from sparseforge.errors import SparseforgeError
 from sparseforge.oneshot.calibration import (
     LayerStats, find_blocks, is_linear_like, sequential, set_weight_matrix, weight_matrix,
@@ -185,6 +185,8 @@ def prune_calibrated(
         total = 1.0 - pat.n / pat.m
     else:
         total = check_sparsity(sparsity if sparsity is not None else 0.5)
+        if isinstance(alloc, OWL):
+            alloc.check_blocks(names)  # before the calibration pass, not after it
     batches = list(calibration)
     start = time.perf_counter()
     if not isinstance(pat, NM):

@@ -41,7 +41,8 @@ GPTQ_SCHEMES = {f"gptq-{k}": v for k, v in SCHEMES.items()}
 
 @dataclass
 class GPTQReport:
-    """Per layer: the OBS estimate of the added reconstruction error and the damping used."""
+    """Per layer: the OBS estimate of the added reconstruction error, the damping used, and how many
+    kept weights became exact zeros (``rounded_to_zero``)."""
 
     scheme: str
     group_size: int | None
@@ -112,13 +113,16 @@ def gptq_(
 
     def process(name: str, module: nn.Module, stats: LayerStats) -> None:
         w = weight_matrix(module)
-        res = obs_compress(w, stats.hessian, keep=w != 0, bits=bits, group_size=group_size,
+        kept = w != 0
+        res = obs_compress(w, stats.hessian, keep=kept, bits=bits, group_size=group_size,
                            block_size=block_size, damp=damp, act_order=act_order)
+        zeroed = int((kept & (res.codes.reshape(kept.shape) == 0)).sum())  # kept weights now exactly 0
         set_weight_matrix(module, res.weight)
         shape = tuple(module.weight.shape)
         setattr(module, QUANT_ATTR, QuantizedTensor(res.codes.reshape(shape), res.scale, bits, group_size, shape,
-                                                     "gptq"))
-        rep.layers[name] = {"error": res.error, "damp": res.damp, "rows": float(stats.rows)}
+                                                     "gptq", rounded_to_zero=zeroed))
+        rep.layers[name] = {"error": res.error, "damp": res.damp, "rows": float(stats.rows),
+                            "rounded_to_zero": float(zeroed)}
 
     sequential(model, calibration, layers, process, gram=True, progress=progress, description=f"GPTQ {key}")
     return rep

@@ -41,7 +41,7 @@ from sparseforge.errors import SparseforgeError
 
 __all__ = [
     "DEFAULT_GROUP_SIZE", "QUANT_ATTR", "SCHEMES", "QuantizedTensor", "dequantize", "pack_int4",
-    "quantization_of", "quantize_", "quantize_weight", "unpack_int4",
+    "quantization_of", "quantize_", "quantize_weight", "rounded_to_zero", "unpack_int4",
 ]
 
 QUANT_ATTR = "sparseforge_quant"
@@ -64,6 +64,8 @@ class QuantizedTensor:
         method: how the codes were chosen: ``"rtn"`` (round-to-nearest,
             :func:`quantize_weight`) or ``"gptq"`` (:mod:`sparseforge.quant.gptq`);
             the grid, and so dequantization, is the same.
+        rounded_to_zero: how many weights that were nonzero got code 0 (kept
+            weights smaller than half a step: quantization made them exact zeros).
     """
 
     q: torch.Tensor
@@ -72,6 +74,7 @@ class QuantizedTensor:
     group_size: int | None
     shape: tuple[int, ...]
     method: str = "rtn"
+    rounded_to_zero: int = 0
 
     def dequantize(self) -> torch.Tensor:
         """``q * scale`` in float32, of the weight's shape (see :func:`dequantize`)."""
@@ -136,8 +139,8 @@ def quantize_weight(
 
     Example:
         >>> qt = quantize_weight(torch.tensor([[0.0, 1.0, -0.5, 0.001]]), bits=8)
-        >>> qt.q.tolist(), qt.dequantize()[0, 0].item()
-        ([[0, 127, -64, 0]], 0.0)
+        >>> qt.q.tolist(), qt.dequantize()[0, 0].item(), qt.rounded_to_zero
+        ([[0, 127, -64, 0]], 0.0, 1)
     """
     shape = tuple(w.shape)
     g = _check(bits, group_size, shape, name)
@@ -150,7 +153,8 @@ def quantize_weight(
     scale = amax / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(2)
     q = torch.clamp(torch.round(x / safe), -qmax, qmax)
-    return QuantizedTensor(q.to(torch.int8).reshape(shape), scale, bits, group_size, shape)
+    zeroed = int(((x != 0) & (q == 0)).sum())
+    return QuantizedTensor(q.to(torch.int8).reshape(shape), scale, bits, group_size, shape, rounded_to_zero=zeroed)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -208,7 +212,9 @@ def quantize_(
     zeros staying exactly zero, and the codes
     are recorded on the module (``module.sparseforge_quant``) so that
     ``sf.save(model, path, values="int8")`` stores them exactly. All layers
-    are checked before any is changed.
+    are checked before any is changed. Kept weights smaller than half a
+    step become exact zeros (round to nearest): :func:`rounded_to_zero`
+    counts them.
     """
     key = str(scheme).lower()
     if key.startswith("gptq"):
@@ -226,3 +232,15 @@ def quantize_(
         m.weight.copy_(qt.dequantize().to(m.weight.dtype))
         setattr(m, QUANT_ATTR, qt)
     return model
+
+
+def rounded_to_zero(model: nn.Module) -> int:
+    """How many kept (nonzero) weights quantization turned into exact zeros, over ``model``'s quantized layers.
+
+    The sum of :attr:`QuantizedTensor.rounded_to_zero` over the layers whose
+    record still describes their weight (:func:`quantization_of`), after
+    :func:`quantize_` or :func:`sparseforge.quant.gptq_`. Round to nearest
+    maps a weight smaller than half a step to 0, so a quantized model can
+    have more zeros than the pruned one.
+    """
+    return sum(qt.rounded_to_zero for m in model.modules() if (qt := quantization_of(m)) is not None)
