@@ -265,7 +265,12 @@ def save(obj, f, *args, **kwargs):
         import io
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
-        open(f, "wb").write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        half = buf.getvalue()[: len(buf.getvalue()) // 2]
+        if hasattr(f, "write"):  # the trainer hands torch.save an open file
+            f.write(half)
+            f.flush()
+        else:
+            open(f, "wb").write(half)
         stop()
     real_save(obj, f, *args, **kwargs)
     if len(saves) == 3 and mode == "before-rename":
