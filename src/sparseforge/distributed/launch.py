@@ -87,11 +87,10 @@ def launch(recipe_path: str | os.PathLike[str], nproc: int = 1, out: str | os.Pa
     if print_command:
         print(shlex.join(cmd))
         return 0
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:  # what each worker uses anyway; also silences torchrun's notice
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc)
-                                     if hasattr(os, "sched_getaffinity") else 1)
-    proc = subprocess.Popen(cmd, env=env)
+    from sparseforge.threads import worker_env
+
+    # The user's OMP_NUM_THREADS as it is; else the idle cores shared among the workers.
+    proc = subprocess.Popen(cmd, env=worker_env(nproc))
     try:
         return proc.wait()
     except KeyboardInterrupt:
