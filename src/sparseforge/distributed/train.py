@@ -747,8 +747,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                     sums[0] += float(loss.detach()) * yb.shape[0]
                     sums[1] += float((logits.argmax(1) == yb).sum())
                     sums[2] += yb.shape[0]
-                bar.advance(description=f"train (epoch {epoch + 1}/{t.epochs}): steps",
-                            info=f"loss {float(loss.detach()):.3f}")
+                bar.advance(info=f"epoch {epoch + 1}/{t.epochs}, loss {float(loss.detach()):.3f}")
                 if recipe.debug.step_delay_s:
                     time.sleep(recipe.debug.step_delay_s)
                 if every is not None and step % every == 0 and step < total and step % spe:
