@@ -15,14 +15,15 @@ with the seconds since the reporter started, at a modest rate:
 
 - a phase or task prints a line when it starts and one when it ends, with
   the seconds it took;
-- while work goes on, a line at most every ``interval_s`` (default 10 s),
-  and at least that often: a counted task's ``k/N`` and time left, or a
+- while work goes on and nothing was printed for ``interval_s`` (default
+  10 s), a status line: a counted task's ``k/N`` and time left, or a
   phase's time so far, so a log shows that something is happening even
-  during one long step;
-- nothing is shown during a reporter's first ``hold_s`` (default 5 s): a
-  command that ends or fails sooner shows only its result or its one-line
-  error, and one that runs longer gets the held lines then (with the times
-  at which they happened) and the rest as they happen.
+  during one long step, without a line per step;
+- nothing is shown during a reporter's first ``hold_s`` (default 10 s, the
+  interval: a log is never silent longer while work goes on): a command
+  that ends or fails sooner shows only its result or its one-line error,
+  and one that runs longer gets the held lines then (with the times at
+  which they happened) and the rest as they happen.
 
 Library functions take ``progress: bool | Progress = False`` and pass it to
 :func:`using`; the command line turns it on (one :class:`Progress` per
@@ -43,7 +44,7 @@ from typing import Any, TextIO
 __all__ = ["HOLD_S", "INTERVAL_S", "Progress", "Task", "using"]
 
 #: seconds of silence at the start of a plain-line reporter (see the module docstring)
-HOLD_S = 5.0
+HOLD_S = 10.0
 #: seconds between plain progress lines while work goes on
 INTERVAL_S = 10.0
 #: how often the plain-line reporter's thread looks at the clock
