@@ -9,10 +9,11 @@ import argparse
 import json
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.progress import Progress
 
 EPILOG = """examples:
   sparseforge demo                                   # train, prune to 90% with GMP, compare (about a minute)
@@ -116,6 +117,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for a zoo model's calibration")
     p.add_argument("--seed", type=int, default=0, help="seed of random scores and calibration samples (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_quiet(p)
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -141,6 +143,7 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="where to write the compacted checkpoint (.safetensors)")
     p.add_argument("--json", action="store_true", help="print the compaction report as JSON")
+    _add_quiet(p)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -160,6 +163,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="(default sfz); hf: a save_pretrained folder (transformers models)")
     p.add_argument("--values", default="fp16", choices=("fp16", "fp32", "int8", "int4"),
                    help="sfz weight values: fp16 (default), fp32 (exact), int8/int4 (codes + per-channel scales)")
+    _add_quiet(p)
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -187,6 +191,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for GPTQ calibration")
     p.add_argument("--seed", type=int, default=0, help="GPTQ: which calibration images (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_quiet(p)
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -225,6 +230,30 @@ class _Parser(argparse.ArgumentParser):
         command = self.prog.removeprefix("sparseforge").strip()
         where = f"{command}: " if command else ""
         self.exit(2, f"sparseforge: error: {where}{' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (default: a bar on a terminal, plain lines in a log)")
+
+
+def _with_progress(command: Callable[[argparse.Namespace, Progress], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``command(args, progress)`` with the CPU threads chosen and a progress reporter on stderr.
+
+    Threads: ``OMP_NUM_THREADS`` when set, else the idle cores (:func:`sparseforge.threads.set_threads`);
+    progress (:mod:`sparseforge.progress`) is off with ``--quiet`` and closed before an error is printed.
+    """
+    import functools
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from sparseforge.threads import set_threads
+
+        threads = set_threads()
+        with Progress(not args.quiet, header=f"sparseforge {args.command}: {threads.describe()}") as shown:
+            return command(args, shown)
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,7 +334,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   print_command=args.print_command)
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
+@_with_progress
+def _cmd_prune(args: argparse.Namespace, shown: Progress) -> int:
     from pathlib import Path
 
     from sparseforge.hf import is_pretrained_dir
@@ -316,7 +346,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if is_pretrained_dir(args.model):
         _prune_out(args.out, "hf")  # before loading and pruning: a bad --out fails in a second, not after
     if args.method is not None or is_pretrained_dir(args.model):
-        return _prune_calibrated(args)
+        return _prune_calibrated(args, shown)
     import torch
 
     from sparseforge.oneshot.prune import prune
@@ -326,23 +356,27 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if str(args.allocation).strip().lower() == "owl":
         raise SparseforgeError("--allocation owl weighs blocks by Wanda's activation-aware scores on calibration "
                                "data: add --method wanda (or sparsegpt, magnitude), or use another allocation")
-    model, meta = _load_any(args.model)
+    with shown.phase(f"loading {args.model}"):
+        model, meta = _load_any(args.model)
     _prune_out(args.out, meta["arch"])
     score = Random(seed=args.seed) if str(args.score).lower() == "random" else as_score(args.score)
     calibration = None
     if score.needs_grad:
         if int(args.calibration_batches) < 1:
             raise SparseforgeError("--calibration-batches must be >= 1 for gradient scores")
-        calibration = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
+        with shown.phase("reading Fashion-MNIST calibration batches"):
+            calibration = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
     target = Target(include=tuple(args.include) if args.include else ("*",), exclude=tuple(args.exclude))
     torch.manual_seed(args.seed)
-    rep = prune(model, score, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
-                target=target, calibration=calibration)
+    with shown.phase(f"pruning by {score}"):
+        rep = prune(model, score, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
+                    target=target, calibration=calibration)
     extra = dict(meta["extra"]) | {
         "pruned": {"score": str(score), "sparsity": rep.sparsity, "pattern": args.pattern,
                    "allocation": args.allocation, "source": str(args.model)}
     }
-    _save_pruned(model, None, args.out, meta, {}, extra)
+    with shown.phase(f"writing {args.out}"):
+        _save_pruned(model, None, args.out, meta, {}, extra)
     _print_report(rep, args.json)
     if not args.json:
         print(f"wrote {args.out}")
@@ -366,7 +400,7 @@ def _target(args: argparse.Namespace):
     return Target(include=tuple(args.include) if args.include else ("*",), exclude=tuple(args.exclude))
 
 
-def _prune_calibrated(args: argparse.Namespace) -> int:
+def _prune_calibrated(args: argparse.Namespace, shown: Progress) -> int:
     """Wanda / SparseGPT / magnitude / MaskLLM with calibration text (or Fashion-MNIST for a zoo model)."""
     import torch
 
@@ -376,33 +410,40 @@ def _prune_calibrated(args: argparse.Namespace) -> int:
     method = args.method or "wanda"
     if method == "maskllm" and ":" not in str(args.pattern):
         raise SparseforgeError(f"--method maskllm learns N:M masks, not {args.pattern}: pass --pattern 2:4 (or 4:8)")
-    model, meta = _load_any(args.model)
+    with shown.phase(f"loading {args.model}"):
+        model, meta = _load_any(args.model)
     _prune_out(args.out, meta["arch"])
     tokenizer = meta.get("tokenizer")
     hf = meta["arch"] == ARCH
     if hf:
-        tokenizer, batches, held_out = _text_calibration(args, meta)
+        with shown.phase("reading and tokenizing the calibration text"):
+            tokenizer, batches, held_out = _text_calibration(args, meta)
     else:
-        batches = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
+        with shown.phase("reading Fashion-MNIST calibration batches"):
+            batches = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
         tokenizer, held_out = None, []
-    show = not args.json
-    before = quality(model, tokenizer, held_out, seq_len=args.seq_len) if hf else None
+    before = None
+    if hf:
+        with shown.phase(f"quality of the dense model on {len(held_out)} held-out texts"):
+            before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
     torch.manual_seed(args.seed)
     if method == "maskllm":
         from sparseforge.methods.maskllm import prune_maskllm
 
         rep = prune_maskllm(model, batches, pattern=args.pattern, steps=args.maskllm_steps, target=_target(args),
-                            seed=args.seed, progress=show)
+                            seed=args.seed, progress=shown)
     else:
         rep = prune_calibrated(model, batches, method, args.sparsity, args.pattern, args.allocation,
-                               _target(args), progress=show)
+                               _target(args), progress=shown)
     result = rep.to_dict()
     if hf:
-        after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
+        with shown.phase(f"quality of the pruned model on {len(held_out)} held-out texts"):
+            after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
         result["quality"] = {"dense": before.to_dict(), "pruned": after.to_dict()}
     result |= {"source": str(args.model), "calibration": str(args.calibration or "fortunes"),
                "samples": args.samples, "seq_len": args.seq_len}
-    _save_pruned(model, tokenizer, args.out, meta, result)
+    with shown.phase(f"writing {args.out}"):
+        _save_pruned(model, tokenizer, args.out, meta, result)
     if args.json:
         print(json.dumps({k: v for k, v in result.items()}, indent=2))
     else:
@@ -574,7 +615,8 @@ def _write(model, out: str, meta: dict, fmt: str, values: str, extra: dict) -> N
         save_checkpoint(model, out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+@_with_progress
+def _cmd_export(args: argparse.Namespace, shown: Progress) -> int:
     from pathlib import Path
 
     def size(path: str) -> int:
@@ -585,14 +627,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
         _check_out(args.out, (), "export --format hf writes a Hugging Face model folder", folder=True)
     else:
         _check_out(args.out, (f".{args.format}",), f"export --format {args.format} writes a .{args.format} file")
-    model, meta = _load_any(args.checkpoint)
-    _write(model, args.out, meta, args.format, args.values, dict(meta["extra"]))
+    with shown.phase(f"loading {args.checkpoint}"):
+        model, meta = _load_any(args.checkpoint)
+    with shown.phase(f"writing {args.out}"):
+        _write(model, args.out, meta, args.format, args.values, dict(meta["extra"]))
     print(f"wrote {args.out} ({args.format}{', ' + args.values + ' values' if args.format == 'sfz' else ''}, "
           f"{size(args.out):,} bytes; {args.checkpoint}: {size(args.checkpoint):,} bytes)")
     return 0
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
+@_with_progress
+def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
     from sparseforge.hf import ARCH, quality
     from sparseforge.quant.rtn import quantize_, rounded_to_zero
     from sparseforge.report import report
@@ -601,15 +646,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     _check_out(args.out, (".sfz", ".safetensors"), "quantize writes a compressed .sfz file (the codes) or a "
                ".safetensors checkpoint (the dequantized weights)")
     fmt = "sfz" if args.out.endswith(".sfz") else "safetensors"
-    model, meta = _load_any(args.checkpoint)
+    with shown.phase(f"loading {args.checkpoint}"):
+        model, meta = _load_any(args.checkpoint)
     hf = meta["arch"] == ARCH
     held_out: list[str] = []
     # Text is needed for GPTQ's calibration and for the quality report; round-to-nearest itself needs
     # none, so a model without a tokenizer (an .sfz written by prune) is quantized without the report.
     measure = hf and (scheme.startswith("gptq") or meta.get("tokenizer") is not None or bool(args.tokenizer))
     if measure:
-        tokenizer, batches, held_out = _text_calibration(args, meta)
-        before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
+        with shown.phase("reading and tokenizing the calibration text"):
+            tokenizer, batches, held_out = _text_calibration(args, meta)
+        with shown.phase(f"quality of the dense model on {len(held_out)} held-out texts"):
+            before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
     if scheme.startswith("gptq"):
         from sparseforge.quant.gptq import gptq_
 
@@ -618,17 +666,21 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         else:
             if int(args.calibration_batches) < 1:
                 raise SparseforgeError("--calibration-batches must be >= 1")
-            calibration = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
-        gptq_(model, calibration, scheme, args.group_size, act_order=args.act_order, progress=not args.json)
+            with shown.phase("reading Fashion-MNIST calibration batches"):
+                calibration = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
+        gptq_(model, calibration, scheme, args.group_size, act_order=args.act_order, progress=shown)
     else:
-        quantize_(model, scheme, group_size=args.group_size)
+        with shown.phase(f"quantizing to {scheme}"):
+            quantize_(model, scheme, group_size=args.group_size)
     zeroed = rounded_to_zero(model)
     if measure:
-        after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
+        with shown.phase(f"quality of the quantized model on {len(held_out)} held-out texts"):
+            after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
         meta["extra"] = dict(meta["extra"]) | {"quality": {"dense": before.to_dict(), "quantized": after.to_dict()}}
     extra = dict(meta["extra"]) | {"quantized": {"scheme": scheme, "group_size": args.group_size,
                                                  "source": str(args.checkpoint), "rounded_to_zero": zeroed}}
-    _write(model, args.out, meta, fmt, scheme.removeprefix("gptq-"), extra)
+    with shown.phase(f"writing {args.out}"):
+        _write(model, args.out, meta, fmt, scheme.removeprefix("gptq-"), extra)
     rep = report(model)
     if args.json:
         print(json.dumps(rep.to_dict() | {"scheme": scheme, "rounded_to_zero": zeroed}, indent=2))
@@ -647,17 +699,21 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compact(args: argparse.Namespace) -> int:
+@_with_progress
+def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
     from sparseforge.export.checkpoint import save_checkpoint
     from sparseforge.export.compact import compact
 
     _check_out(args.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes travel "
                "in its metadata)")
-    model, meta = _load_any(args.checkpoint)
-    rep = compact(model)
+    with shown.phase(f"loading {args.checkpoint}"):
+        model, meta = _load_any(args.checkpoint)
+    with shown.phase("compacting"):
+        rep = compact(model)
     extra = dict(meta["extra"]) | {"compacted": {"source": str(args.checkpoint), "params_before": rep.params_before,
                                                  "params_after": rep.params_after}}
-    save_checkpoint(model, args.out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    with shown.phase(f"writing {args.out}"):
+        save_checkpoint(model, args.out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
     if args.json:
         print(json.dumps(rep.to_dict(), indent=2))
     else:
@@ -666,7 +722,8 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
+@_with_progress
+def _cmd_merge(args: argparse.Namespace, shown: Progress) -> int:
     import dataclasses
 
     from sparseforge.merge.recipe import MergeRecipe, load_recipe
@@ -683,7 +740,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe = MergeRecipe(**given)
     recipe.validate()  # options first, then the output: both before any file is read
     _check_out(recipe.out, (".safetensors",), "merge writes a .safetensors file")
-    rep = recipe.run(progress=not args.quiet and sys.stderr.isatty())
+    rep = recipe.run(progress=shown)
     if not args.quiet:
         base = f", base {rep['base']}" if rep["base"] else ""
         print(f"merged {len(rep['inputs'])} models with {rep['method']}{base}: {', '.join(rep['inputs'])}")

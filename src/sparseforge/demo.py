@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,28 +66,20 @@ class DemoConfig:
 
 
 class _Console:
-    """Progress lines on stdout; a live bar per epoch when stdout is a terminal."""
+    """The run's lines on stdout (one per epoch, the table); live progress goes to stderr (``progress``)."""
 
     def __init__(self, quiet: bool) -> None:
         from rich.console import Console
 
+        from sparseforge.progress import Progress
+
         self.quiet = quiet
         self.console = Console(highlight=False)
+        self.progress = Progress(not quiet)
 
     def print(self, *args: Any) -> None:
         if not self.quiet:
             self.console.print(*args, markup=False)
-
-    def epoch_bar(self, description: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if self.quiet or not self.console.is_terminal:
-            return None
-        progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-            TimeRemainingColumn(), console=self.console, transient=True,
-        )
-        return progress, progress.add_task(description, total=total, loss=math.nan)
 
 
 def _optimizer(model: torch.nn.Module, cfg: DemoConfig, steps: int):
@@ -97,7 +88,7 @@ def _optimizer(model: torch.nn.Module, cfg: DemoConfig, steps: int):
     return opt, sched
 
 
-def _train_phase(model, train, test, cfg, epochs, label, out, history, sparsifier_factory=None):
+def _train_phase(model, train, test, cfg, epochs, label, out, history, started, sparsifier_factory=None):
     steps = epochs * len(train)
     opt, sched = _optimizer(model, cfg, steps)
     sparsifier = sparsifier_factory(model, opt, steps) if sparsifier_factory else None
@@ -108,28 +99,22 @@ def _train_phase(model, train, test, cfg, epochs, label, out, history, sparsifie
             sparsifier.step()
 
     for epoch in range(1, epochs + 1):
-        bar = out.epoch_bar(f"{label} epoch {epoch}/{epochs}", len(train))
         start = time.perf_counter()
-        if bar is not None:
-            progress, task = bar
-            with progress:
-                stats = train_epoch(
-                    model, train, opt, on_step,
-                    progress=lambda i, n, loss: progress.update(task, completed=i + 1, loss=loss),
-                )
-        else:
-            stats = train_epoch(model, train, opt, on_step)
+        with out.progress.task(f"{label} epoch {epoch}/{epochs}: batches", len(train)) as bar:
+            stats = train_epoch(model, train, opt, on_step,
+                                progress=lambda i, n, loss: bar.update(i + 1, info=f"loss {loss:.3f}"))
         test_stats = evaluate(model, test)
         sparsity = sparsifier.sparsity() if sparsifier is not None else 0.0
+        now = time.perf_counter()
         history.append(
             {"phase": label, "epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
              "test_loss": test_stats["loss"], "test_accuracy": test_stats["accuracy"], "sparsity": sparsity,
-             "seconds": time.perf_counter() - start}
+             "epoch_seconds": now - start, "total_seconds": now - started}
         )
         out.print(
             f"[{label:>6}] epoch {epoch:2d}/{epochs}  loss {stats['loss']:.4f}  "
             f"test acc {test_stats['accuracy']:6.2f}%  sparsity {100 * sparsity:5.1f}%  "
-            f"({time.perf_counter() - start:.1f}s)"
+            f"epoch {now - start:.1f} s, total {now - started:.1f} s"
         )
     return sparsifier
 
@@ -176,27 +161,43 @@ def _plot(path: Path, history: list[dict[str, Any]], layer_rows: list[dict[str, 
 
 
 def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Any]:
-    """Run the demo and write its run folder; returns the metrics written to ``metrics.json``."""
+    """Run the demo and write its run folder; returns the metrics written to ``metrics.json``.
+
+    The CPU threads are those of :func:`sparseforge.threads.set_threads`: ``OMP_NUM_THREADS``
+    when set, else the cores not busy with other work; the first line and ``metrics.json``
+    (``threads``) say how many. Progress goes to stderr unless ``quiet``.
+    """
     cfg.validate()
     out = _Console(quiet)
+    try:
+        return _run(cfg, out, quiet)
+    finally:
+        out.progress.close()
+
+
+def _run(cfg: DemoConfig, out: _Console, quiet: bool) -> dict[str, Any]:
+    from sparseforge.threads import set_threads
+
+    threads = set_threads()
     torch.manual_seed(cfg.seed)
     name = cfg.name or f"demo-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.runs_dir) / name
-    train, test = fashion_mnist(cfg.batch_size, cfg.data_dir, cfg.seed, cfg.limit_train, cfg.limit_test)
+    with out.progress.phase("reading Fashion-MNIST"):
+        train, test = fashion_mnist(cfg.batch_size, cfg.data_dir, cfg.seed, cfg.limit_train, cfg.limit_test)
     model = build_model(cfg.model)
     out.print(
         f"sparseforge demo: {cfg.model} on Fashion-MNIST ({train.num_examples} train / {test.num_examples} test), "
         f"{cfg.dense_epochs} dense epochs, then {cfg.sparse_epochs} epochs of GMP to {cfg.sparsity:.0%} "
-        f"against {cfg.sparse_epochs} more dense epochs -> {run_dir}"
+        f"against {cfg.sparse_epochs} more dense epochs, {threads.describe()} -> {run_dir}"
     )
     started = time.perf_counter()
     history: list[dict[str, Any]] = []
-    _train_phase(model, train, test, cfg, cfg.dense_epochs, "dense", out, history)
+    _train_phase(model, train, test, cfg, cfg.dense_epochs, "dense", out, history, started)
 
     # Both phase-2 runs see the same batches and the same initial weights.
     loader_state = train.state_dict()
     baseline = copy.deepcopy(model)
-    _train_phase(baseline, train, test, cfg, cfg.sparse_epochs, "base", out, history)
+    _train_phase(baseline, train, test, cfg, cfg.sparse_epochs, "base", out, history, started)
     train.load_state_dict(loader_state)
     sparse = copy.deepcopy(model)
     per_epoch = len(train)
@@ -205,7 +206,8 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Any]:
         method = GMP(sparsity=cfg.sparsity, end=cfg.prune_end, frequency=max(1, per_epoch // 4))
         return Sparsifier(m, method, total_steps=steps, optimizer=opt)
 
-    sparsifier = _train_phase(sparse, train, test, cfg, cfg.sparse_epochs, "sparse", out, history, make_sparsifier)
+    sparsifier = _train_phase(sparse, train, test, cfg, cfg.sparse_epochs, "sparse", out, history, started,
+                              make_sparsifier)
     sparsifier.finalize()
 
     dense_eval = evaluate(baseline, test)
@@ -220,19 +222,21 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Any]:
         "accuracy_drop": dense_eval["accuracy"] - sparse_eval["accuracy"],
         "history": history,
         "seconds": time.perf_counter() - started,
+        "threads": threads.to_dict(),
         "torch": torch.__version__,
     }
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        save_checkpoint(sparse, run_dir / "model.safetensors", extra={"test_accuracy": sparse_eval["accuracy"]})
-        _plot(run_dir / "training.png", history, layer_rows, cfg)
-        write_json_atomic(run_dir / "metrics.json", metrics)
-    except BaseException:
-        if created:  # a full disk on the first file: no empty run folder left behind
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
-        raise
+    with out.progress.phase(f"writing {run_dir}"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            save_checkpoint(sparse, run_dir / "model.safetensors", extra={"test_accuracy": sparse_eval["accuracy"]})
+            _plot(run_dir / "training.png", history, layer_rows, cfg)
+            write_json_atomic(run_dir / "metrics.json", metrics)
+        except BaseException:
+            if created:  # a full disk on the first file: no empty run folder left behind
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise
 
     if not quiet:
         from rich.table import Table
@@ -249,6 +253,6 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Any]:
         out.print(
             f"accuracy drop: {metrics['accuracy_drop']:+.2f} points; "
             f"run folder: {run_dir} (metrics.json, training.png, model.safetensors); "
-            f"{metrics['seconds']:.0f}s"
+            f"total {metrics['seconds']:.1f} s"
         )
     return metrics

@@ -94,14 +94,13 @@ def launch(recipe_path: str | os.PathLike[str], nproc: int = 1, out: str | os.Pa
     if print_command:
         print(shlex.join(cmd))
         return 0
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:  # what each worker uses anyway; also silences torchrun's notice
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc)
-                                     if hasattr(os, "sched_getaffinity") else 1)
+    from sparseforge.threads import worker_env
+
     # The same torchrun, through sparseforge's wrapper: a worker's bad input ends in its own one line
-    # (sparseforge.distributed.torchrun), not in torchrun's ChildFailedError report.
+    # (sparseforge.distributed.torchrun), not in torchrun's ChildFailedError report. Threads: the
+    # user's OMP_NUM_THREADS as it is; else the idle cores shared among the workers.
     cmd = [sys.executable, "-m", "sparseforge.distributed.torchrun", *cmd[3:]]
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=worker_env(nproc))
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -44,9 +44,17 @@ The rules of a run (:func:`run`):
   checkpoint, on the same or another number of ranks; on the same number of
   ranks (and with ``comm: allreduce``) it ends with bit-identical weights.
 - **Outputs.** ``OUT/metrics.json`` (per-epoch test accuracy and loss,
-  sparsity, world size, seconds, mask digests, communication statistics) and
+  sparsity, ``epoch_seconds`` and ``total_seconds``, world size, threads,
+  seconds, mask digests, communication statistics) and
   ``OUT/model.safetensors``: the finalized model (exact zeros, no masks), a
   sparseforge checkpoint that ``sparseforge inspect`` reads.
+- **Threads.** Each process uses ``OMP_NUM_THREADS`` threads when the
+  environment sets it, else :func:`sparseforge.threads.default_threads`: the
+  cores not busy with other work, shared among the processes. The first line
+  and ``metrics.json`` (``threads``) say how many.
+- **Progress.** Rank 0 prints one line per epoch (its time and the run's
+  total so far) on stdout, and a live bar on stderr (plain lines when stderr
+  is not a terminal; see :mod:`sparseforge.progress`); ``quiet`` turns both off.
 """
 
 from __future__ import annotations
@@ -71,7 +79,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.progress import Progress
 from sparseforge.recipes import from_mapping, read_yaml, to_mapping
+from sparseforge.threads import set_threads
 
 __all__ = [
     "CheckpointConfig",
@@ -512,39 +522,6 @@ def state_digest(state: Any) -> str:
 # -- the worker ------------------------------------------------------------------------
 
 
-class _Progress:
-    """Rank 0's progress: a live bar on a terminal, one line per epoch otherwise."""
-
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self.enabled = enabled
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-
-        self.console = Console(highlight=False)
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                                console=self.console, transient=True)
-            self.task = self.bar.add_task("train", total=total, completed=done, loss=math.nan)
-            self.bar.start()
-
-    def advance(self, description: str, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, description=description, loss=loss)
-
-    def print(self, line: str) -> None:
-        if self.enabled:
-            self.console.print(line, markup=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 @dataclass
 class _World:
     rank: int
@@ -649,13 +626,15 @@ def run(recipe: TrainRecipe, out_dir: str | os.PathLike[str] | None = None, resu
     world = _init_world(recipe, backend)
     try:
         recipe.check_launch(world.size)
-        return _train(recipe, out, resume, quiet, world, backend)
+        with Progress(world.rank == 0 and not quiet) as shown:  # rank 0's progress, on stderr
+            return _train(recipe, out, resume, quiet, world, backend, shown)
     finally:
         if world.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _World, backend: str) -> dict[str, Any]:
+def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _World, backend: str,
+           shown: Progress) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
 
     from sparseforge.distributed.masks import check_masks_identical
@@ -674,14 +653,15 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // W))
+    # The user's OMP_NUM_THREADS (the launcher's default for N processes), else the idle cores.
+    threads = set_threads(W)
     lead = rank == 0
     progress_on = lead and not quiet
 
     # -- data: every rank holds the whole (small) training set and indexes its piece.
-    train_loader, test_loader = fashion_mnist(t.batch_size, recipe.data.dir, t.seed, recipe.data.limit_train,
-                                              recipe.data.limit_test)
+    with shown.phase("reading Fashion-MNIST"):
+        train_loader, test_loader = fashion_mnist(t.batch_size, recipe.data.dir, t.seed, recipe.data.limit_train,
+                                                  recipe.data.limit_test)
     x_train, y_train = train_loader.x.to(device), train_loader.y.to(device)
     n_train = x_train.shape[0]
     spe, total = recipe.steps_per_epoch(), recipe.total_steps()
@@ -715,7 +695,8 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
     hook_states, hook_world = None, W
     comm_before: list[dict[str, Any]] = []
     if chosen[0] is not None:
-        state = _load_state(Path(chosen[0]), device)
+        with shown.phase(f"loading {chosen[0]}"):
+            state = _load_state(Path(chosen[0]), device)
         saved = from_mapping(TrainRecipe, state["recipe"], f"the recipe saved in {chosen[0]}").training_part()
         mine = recipe.training_part()
         if saved != mine:
@@ -744,12 +725,13 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
             torch.manual_seed(int(np.random.SeedSequence([t.seed, step, rank]).generate_state(1)[0]))
         if progress_on:
             print(f"resuming {out} at step {step}/{total} from {Path(chosen[0]).name} "
-                  f"(written by {state['world_size']} process(es), now {W})", flush=True)
+                  f"(written by {state['world_size']} process(es), now {W}; {threads.describe()})", flush=True)
         del state
     elif lead and progress_on:
         print(f"sparseforge train: {recipe.model}, method {recipe.method.name}"
               f"{'' if method is None else f' at sparsity {recipe.method.sparsity:g}'}, {t.epochs} epoch(s) of "
-              f"{spe} steps, global batch {t.batch_size} over {W} process(es) ({backend}) -> {out}", flush=True)
+              f"{spe} steps, global batch {t.batch_size} over {W} process(es) ({backend}), "
+              f"{threads.describe()} -> {out}", flush=True)
 
     net: nn.Module = model
     comm_state = None
@@ -792,11 +774,12 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
             remove_stale_temporaries(ckpt_dir)
         world.barrier()
 
-    bar = _Progress(progress_on, total, step)
     every = recipe.checkpoint.every_steps
+    bar = shown.start("train: steps", total, completed=step)
     try:
         while step < total:
             epoch, start_batch = divmod(step, spe)
+            epoch_started = time.perf_counter()  # for a run resumed mid-epoch: this process's part of it
             order = epoch_permutation(n_train, t.seed, epoch).to(device)
             net.train()
             for b in range(start_batch, spe):
@@ -815,7 +798,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                     sums[0] += float(loss.detach()) * yb.shape[0]
                     sums[1] += float((logits.argmax(1) == yb).sum())
                     sums[2] += yb.shape[0]
-                bar.advance(f"epoch {epoch + 1}/{t.epochs}", float(loss.detach()))
+                bar.advance(info=f"epoch {epoch + 1}/{t.epochs}, loss {float(loss.detach()):.3f}")
                 if recipe.debug.step_delay_s:
                     time.sleep(recipe.debug.step_delay_s)
                 if every is not None and step % every == 0 and step < total and step % spe:
@@ -825,19 +808,23 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
             sums = [0.0, 0.0, 0.0]
             row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / count,
                    "train_accuracy": 100.0 * correct / count,
-                   "sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0,
-                   "seconds": seconds_before + time.perf_counter() - started}
+                   "sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0}
             if lead:
                 ev = evaluate(model, test_loader)
                 row |= {"test_loss": ev["loss"], "test_accuracy": ev["accuracy"]}
-                bar.print(f"epoch {epoch + 1:3d}/{t.epochs}  train loss {row['train_loss']:.4f}  "
-                          f"test acc {ev['accuracy']:6.2f}%  sparsity {100 * row['sparsity']:5.1f}%  "
-                          f"({row['seconds']:.1f}s)")
+            now = time.perf_counter()
+            # The epoch's own time, and the run's (earlier segments of a resumed run included), as the demo.
+            row |= {"epoch_seconds": now - epoch_started, "total_seconds": seconds_before + now - started}
+            if progress_on:
+                print(f"epoch {epoch + 1:3d}/{t.epochs}  train loss {row['train_loss']:.4f}  "
+                      f"test acc {row['test_accuracy']:6.2f}%  sparsity {100 * row['sparsity']:5.1f}%  "
+                      f"epoch {row['epoch_seconds']:.1f} s, total {row['total_seconds']:.1f} s", flush=True)
             history.append(row)
             if every is None or step % every == 0 or step == total:
                 save(epoch + 1, 0)
+        bar.finish()
     finally:
-        bar.close()
+        bar.finish(ok=False)  # after an error: the display stops, and the error says the rest
 
     # -- the end: masks identical on every rank, finalized model, metrics.
     digest = check_masks_identical(sparsifier) if sparsifier is not None else None
@@ -863,18 +850,20 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                  "stats_by_rank": comm_stats if comm_state is not None else None,
                  "earlier_segments": comm_before},
         "seconds": seconds,
+        "threads": threads.to_dict(),
         "torch": torch.__version__,
     }
     if lead:
         rep = report(model)
         metrics["report"] = rep.to_dict()
-        save_checkpoint(model, out / "model.safetensors", arch=recipe.model,
-                        extra={"test_accuracy": metrics["final"]["test_accuracy"], "steps": step,
-                               "method": recipe.method.name, "sparsity": final_sparsity})
-        write_json_atomic(out / "metrics.json", metrics)
+        with shown.phase(f"writing {out}/model.safetensors and metrics.json"):
+            save_checkpoint(model, out / "model.safetensors", arch=recipe.model,
+                            extra={"test_accuracy": metrics["final"]["test_accuracy"], "steps": step,
+                                   "method": recipe.method.name, "sparsity": final_sparsity})
+            write_json_atomic(out / "metrics.json", metrics)
         if progress_on:
             print(f"done: {step} steps, test accuracy {metrics['final']['test_accuracy']:.2f}%, sparsity "
-                  f"{100 * final_sparsity:.1f}%, {seconds:.1f}s; {out}/metrics.json, {out}/model.safetensors",
+                  f"{100 * final_sparsity:.1f}%, total {seconds:.1f} s; {out}/metrics.json, {out}/model.safetensors",
                   flush=True)
     world.barrier()
     return metrics

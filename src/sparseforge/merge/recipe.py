@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.progress import Progress
 from sparseforge.recipes import from_mapping, read_yaml
 
 __all__ = ["YAML_ALIASES", "MergeRecipe", "load_recipe"]
@@ -74,8 +75,8 @@ class MergeRecipe:
         merge_rule(self.method, len(self.models), base=self.base is not None, weights=self.weights,
                    density=self.density, lam=self.lam, seed=self.seed)
 
-    def run(self, progress: bool = False) -> dict[str, Any]:
-        """Validate and run the merge; returns :func:`merge_files`' report."""
+    def run(self, progress: bool | Progress = False) -> dict[str, Any]:
+        """Validate and run the merge; returns :func:`merge_files`' report (``progress`` as there)."""
         from sparseforge.merge.streaming import merge_files
 
         self.validate()

@@ -52,6 +52,7 @@ from sparseforge.export.checkpoint import (
 from sparseforge.files import write_safetensors
 from sparseforge.merge.core import check_compatible, is_mergeable, normalize_weights, weighted_average
 from sparseforge.merge.task_arithmetic import PRESETS, merge_tensors, preset
+from sparseforge.progress import Progress, using
 
 __all__ = ["METHODS", "PYTHON_ONLY", "TASK_METHODS", "merge_files", "merge_rule", "method_name"]
 
@@ -266,16 +267,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("merging {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True)
-
-
 def merge_files(
     inputs: Sequence[PathLike],
     out: PathLike,
@@ -286,7 +277,7 @@ def merge_files(
     density: float | None = None,
     lam: float = 1.0,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> dict[str, Any]:
     """Merge safetensors files tensor by tensor into ``out``, holding one tensor per input at a time.
 
@@ -309,7 +300,8 @@ def merge_files(
         method: ``average`` (default), ``task_arithmetic``, ``ties``, ``dare``, ``dare_ties``.
         base: the base (pre-trained) model's file, required by the task-vector methods.
         weights, density, lam, seed: the method's hyperparameters (see :func:`merge_rule`).
-        progress: show a progress bar (rich, on stderr) with one step per tensor.
+        progress: show progress on stderr, one step per tensor (see :mod:`sparseforge.progress`):
+            True, or a :class:`~sparseforge.progress.Progress` to report to. Default False.
 
     Before reading any tensor, every file's header is checked: keys, shapes
     and dtypes must agree (the message names the file and the first few
@@ -349,8 +341,8 @@ def merge_files(
         merged: dict[str, Tensor] = {}
         digests: dict[str, str] = {}
         trim = _glibc_trim()
-        with _progress(progress, len(keys)) as bar:
-            task = bar.add_task(out_path.name, total=len(keys)) if bar is not None else None
+        reporter = stack.enter_context(using(progress))
+        with reporter.task(f"merging {out_path.name}: tensors", len(keys)) as bar:
             for key in keys:
                 tensors = [s.read(key) for s in sources]
                 base_tensor = base_source.read(key) if base_source is not None else None
@@ -363,8 +355,7 @@ def merge_files(
                 if carry_digests:
                     digests[key] = tensor_digest(merged[key])
                 trim()
-                if bar is not None:
-                    bar.advance(task)
+                bar.advance()
 
     metadata = dict(reference.metadata)
     if carry_digests:

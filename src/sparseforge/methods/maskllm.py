@@ -63,6 +63,7 @@ from torch.nn.utils import parametrize
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import NM, Pattern, as_pattern
+from sparseforge.progress import Progress, using
 from sparseforge.targets import Target
 
 __all__ = ["MaskLLM", "MaskLLMReport", "candidate_masks", "prune_maskllm", "train_maskllm"]
@@ -449,7 +450,7 @@ def train_maskllm(
     init_std: float = 0.01,
     target: TargetSpec = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | Progress = False,
     log_every: int | None = None,
 ) -> MaskLLMReport:
     """Learn an N:M mask of ``model``'s layers with MaskLLM and prune ``model`` in place with it.
@@ -479,7 +480,8 @@ def train_maskllm(
         kappa: logit scale (start, end). Default (100.0, 500.0) (the paper's).
         weight_reg: ``lambda`` of the sparse-weight regularisation on the kept share of the squared
             weight norm, decayed linearly to 0. Default 0.0 (off).
-        progress: print the logged rows. Default False.
+        progress: show the steps, with the latest logged row (see :mod:`sparseforge.progress`): True,
+            or a :class:`~sparseforge.progress.Progress` to report to. Default False.
         log_every: steps between history rows. Default ``max(1, steps // 10)``; the first and last
             steps are always logged.
     """
@@ -501,49 +503,50 @@ def train_maskllm(
     grad_state = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     finished = False
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        masks.attach().train()
-        masks.track_kept = weight_reg > 0
-        opt = torch.optim.Adam(masks.parameters(), lr=lr)
-        model.eval()  # no dropout: the masks are what is learned
-        window: list[float] = []
-        for step in range(steps):
-            frac = step / max(1, steps - 1)
-            masks.set_temperature(_anneal(tau, frac), _anneal(kappa, frac))
-            loss = loss_fn(model, batches[step % len(batches)])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise SparseforgeError(f"MaskLLM loss is {value} at step {step}: lower lr")
-            if weight_reg > 0:
-                loss = loss - weight_reg * (1.0 - step / steps) * masks.kept_norm()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            window.append(value)
-            if step % every == 0 or step == steps - 1:
-                row = {"step": step, "loss": sum(window) / len(window), "tau": masks.tau, "kappa": masks.kappa,
-                       "changed": masks.changed_fraction()}
-                rep.history.append(row)
-                window = []
-                if progress:
-                    print(f"MaskLLM step {step + 1}/{steps}: loss {row['loss']:.4f}, tau {row['tau']:.3f}, "
-                          f"changed from prior {row['changed']:.1%}", flush=True)
-        finished = True
-    finally:
-        if finished:
-            rep.changed_groups = masks.changed_fraction()
-            applied = masks.finalize()
-            for name, mask in applied.items():
-                w = masks.layers[name].weight
-                rep.layers[name] = {"sparsity": masks.pattern.sparsity, "zeros": float((w == 0).sum()),
-                                    "numel": float(w.numel()), "kept_by_mask": float(mask.sum())}
-        else:
-            masks.detach()
-        for p, flag in grad_state.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with using(progress) as reporter, reporter.task("MaskLLM steps", steps) as bar:
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            masks.attach().train()
+            masks.track_kept = weight_reg > 0
+            opt = torch.optim.Adam(masks.parameters(), lr=lr)
+            model.eval()  # no dropout: the masks are what is learned
+            window: list[float] = []
+            for step in range(steps):
+                frac = step / max(1, steps - 1)
+                masks.set_temperature(_anneal(tau, frac), _anneal(kappa, frac))
+                loss = loss_fn(model, batches[step % len(batches)])
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise SparseforgeError(f"MaskLLM loss is {value} at step {step}: lower lr")
+                if weight_reg > 0:
+                    loss = loss - weight_reg * (1.0 - step / steps) * masks.kept_norm()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                window.append(value)
+                if step % every == 0 or step == steps - 1:
+                    row = {"step": step, "loss": sum(window) / len(window), "tau": masks.tau, "kappa": masks.kappa,
+                           "changed": masks.changed_fraction()}
+                    rep.history.append(row)
+                    window = []
+                    bar.update(info=f"loss {row['loss']:.4f}, tau {row['tau']:.3f}, "
+                                    f"changed from prior {row['changed']:.1%}")
+                bar.advance()
+            finished = True
+        finally:
+            if finished:
+                rep.changed_groups = masks.changed_fraction()
+                applied = masks.finalize()
+                for name, mask in applied.items():
+                    w = masks.layers[name].weight
+                    rep.layers[name] = {"sparsity": masks.pattern.sparsity, "zeros": float((w == 0).sum()),
+                                        "numel": float(w.numel()), "kept_by_mask": float(mask.sum())}
+            else:
+                masks.detach()
+            for p, flag in grad_state.items():
+                p.requires_grad_(flag)
+            model.train(was_training)
     rep.seconds = time.perf_counter() - start
     return rep
 
@@ -574,7 +577,7 @@ def prune_maskllm(
     loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None,
     target: TargetSpec = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> MaskLLMReport:
     """MaskLLM on a transformers model with its default loss (:func:`train_maskllm` does the work).
 

@@ -41,6 +41,7 @@ from sparseforge.oneshot.calibration import (
 )
 from sparseforge.oneshot.obs import obs_compress
 from sparseforge.patterns import NM, Pattern, Unstructured, as_pattern, check_sparsity
+from sparseforge.progress import Progress
 from sparseforge.targets import Target, as_target
 
 __all__ = ["METHODS", "CalibratedReport", "prune_calibrated", "select_layers", "wanda_mask", "wanda_score"]
@@ -134,7 +135,7 @@ def prune_calibrated(
     *,
     block_size: int = 128,
     damp: float = 0.01,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> CalibratedReport:
     """Prune ``model`` once, in place, with calibration data; returns a :class:`CalibratedReport`.
 
@@ -154,7 +155,8 @@ def prune_calibrated(
             the model's repeated blocks (:func:`select_layers`).
         block_size: SparseGPT's columns per block. Default 128.
         damp: SparseGPT's Hessian damping, relative to its mean diagonal. Default 0.01.
-        progress: show a progress bar per block. Default False.
+        progress: show progress per block (see :mod:`sparseforge.progress`):
+            True, or a :class:`~sparseforge.progress.Progress` to report to. Default False.
 
     Example:
         >>> import torch, sparseforge as sf

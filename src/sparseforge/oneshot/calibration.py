@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.progress import Progress, using
 
 __all__ = [
     "LayerStats", "ProcessFn", "capture_inputs", "find_blocks", "input_matrix", "is_linear_like", "run_model", "sequential", "set_weight_matrix",
@@ -252,17 +253,6 @@ def capture_inputs(
     return capture.stats
 
 
-def _progress(enabled: bool, total: int, description: str):
-    if not enabled:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        transient=True)
-    progress.start()
-    return progress, progress.add_task(description, total=total)
-
-
 def _first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -281,7 +271,7 @@ def sequential(
     process: ProcessFn,
     *,
     gram: bool = True,
-    progress: bool = False,
+    progress: bool | Progress = False,
     description: str = "calibrating",
 ) -> None:
     """Collect each layer's input statistics on ``batches`` and call ``process`` on it, sequentially.
@@ -298,9 +288,14 @@ def sequential(
             within a block; it changes the layer in place.
         gram: collect the Gram matrix ``X^T X`` (SparseGPT, GPTQ; default
             True); False collects feature norms only (Wanda), which is cheaper.
-        progress: show a progress bar over blocks (or layers). Default False.
+        progress: show progress over blocks (or layers): True, or a
+            :class:`~sparseforge.progress.Progress` to report to. Default False.
     """
-    batches = list(batches)
+    with using(progress) as reporter:
+        _sequential(model, list(batches), layers, process, gram, reporter, description)
+
+
+def _sequential(model, batches, layers, process, gram, progress, description) -> None:
     if not batches:
         raise SparseforgeError("no calibration batches given: pass at least one batch")
     if not layers:
@@ -373,8 +368,7 @@ def _by_blocks(model, batches, layers, process, gram, show, description, prefix,
         handle.remove()
     if len(inputs) != len(batches):
         raise SparseforgeError(f"the first block of {prefix or 'the model'} was not called on every calibration batch")
-    bar, task = _progress(show, len(blocks), description)
-    try:
+    with show.task(f"{description}: blocks", len(blocks)) as bar:
         for i, block in enumerate(blocks):
             block_prefix = f"{prefix}.{i}." if prefix else f"{i}."
             mine = {n: m for n, m in layers.items() if n.startswith(block_prefix)}
@@ -389,17 +383,12 @@ def _by_blocks(model, batches, layers, process, gram, show, description, prefix,
                     process(name, module, cap.stats[name])
                     cap.stats[name] = LayerStats()  # free the Gram as soon as the layer is done
             inputs = [((_first_tensor(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-            if bar is not None:
-                bar.update(task, advance=1)
-    finally:
-        if bar is not None:
-            bar.stop()
+            bar.advance()
 
 
 def _by_layers(model, batches, layers, process, gram, show, description) -> None:
     order = _call_order(model, batches[0], layers)
-    bar, task = _progress(show, len(order), description)
-    try:
+    with show.task(f"{description}: layers", len(order)) as bar:
         for name in order:
             module = layers[name]
             cap = _Capture({name: module}, gram)
@@ -413,11 +402,7 @@ def _by_layers(model, batches, layers, process, gram, show, description) -> None
             finally:
                 cap.remove()
             process(name, module, cap.stats[name])
-            if bar is not None:
-                bar.update(task, advance=1)
-    finally:
-        if bar is not None:
-            bar.stop()
+            bar.advance()
 
 
 def _run_until(model: nn.Module, module: nn.Module, batch: Any, stop: bool) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from sparseforge.errors import SparseforgeError
 from sparseforge.oneshot.calibration import LayerStats, sequential, set_weight_matrix, weight_matrix
 from sparseforge.oneshot.obs import obs_compress
+from sparseforge.progress import Progress
 from sparseforge.quant.rtn import QUANT_ATTR, SCHEMES, QuantizedTensor
 from sparseforge.targets import Target, as_target
 
@@ -62,7 +63,7 @@ def gptq_(
     damp: float = 0.01,
     block_size: int = 128,
     target: Target | Sequence[str] | str | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> GPTQReport:
     """Quantize the targeted Linear/Conv2d weights of ``model`` in place with GPTQ.
 
@@ -80,7 +81,8 @@ def gptq_(
         damp: damping added to the Hessian diagonal, relative to its mean. Default 0.01.
         block_size: columns per lazy-update block. Default 128.
         target: module name globs or a Target; default every Linear/Conv weight.
-        progress: show a progress bar over blocks. Default False.
+        progress: show progress over blocks (see :mod:`sparseforge.progress`): True, or a
+            :class:`~sparseforge.progress.Progress` to report to. Default False.
 
     Returns a :class:`GPTQReport`. Each weight becomes its dequantized value
     and its codes are recorded for :func:`sparseforge.save`.

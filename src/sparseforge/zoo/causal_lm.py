@@ -54,6 +54,7 @@ from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.hf import load_pretrained, perplexity, save_pretrained
+from sparseforge.progress import Progress, using
 from sparseforge.zoo.text import calibration_batches, fortunes, token_stream
 
 __all__ = [
@@ -198,8 +199,8 @@ def _lr_factor(step: int, steps: int, warmup: int, final: float = 0.1) -> float:
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _log(progress: bool, message: str) -> None:
-    if progress:
+def _log(progress: bool | Progress, message: str) -> None:
+    if progress.enabled if isinstance(progress, Progress) else progress:
         print(f"[causal-lm] {message}", file=sys.stderr, flush=True)
 
 
@@ -217,7 +218,7 @@ def train_causal_lm(
     topics: Sequence[str] = LM_TOPICS,
     data_dir: str | os.PathLike[str] | None = None,
     eval_windows: int | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> Path:
     """Train the causal LM on the fortunes' calibration split and save it to ``out_dir``; returns the path.
 
@@ -236,6 +237,11 @@ def train_causal_lm(
     Defaults: 800 steps of 16 x 128 tokens (1.6M tokens, two epochs of the
     0.86M training tokens), lr 2e-3, weight decay 0.1, seed 0, the
     :data:`DEFAULT_CONFIG` model, :data:`LM_TOPICS`.
+
+    ``progress`` (default True, or a :class:`~sparseforge.progress.Progress`):
+    a few lines on what is trained and the result, and the steps with the
+    recent loss and the perplexity evaluation as :mod:`sparseforge.progress`
+    shows them, all on stderr.
 
     ``out_dir`` gets the model (``config.json``, ``model.safetensors``), the
     tokenizer and :data:`METADATA_FILE` (the arguments, parameter count,
@@ -272,28 +278,29 @@ def train_causal_lm(
     order: list[torch.Tensor] = []
     losses: list[float] = []
     model.train()
-    for step in range(steps):
-        if len(order) < batch_size:
-            shift = int(torch.randint(0, seq_len, (1,), generator=gen))
-            windows = stream[shift:shift + epoch_windows * seq_len].view(epoch_windows, seq_len)
-            order = list(windows[torch.randperm(epoch_windows, generator=gen)].split(batch_size))
-            order = [b for b in order if b.shape[0] == batch_size]
-        x = order.pop(0)
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            recent = losses[-50:]
-            _log(progress, f"step {step + 1}/{steps}  loss {sum(recent) / len(recent):.3f}  "
-                           f"{time.perf_counter() - start:.0f}s")
-    train_seconds = time.perf_counter() - start
-    tail = losses[-max(1, steps // 20):]
-    model.eval()
-    eval_ppl = perplexity(model, tokenizer, split.evaluation, seq_len=seq_len, max_windows=eval_windows)
+    with using(progress) as shown:
+        with shown.task("training the causal LM: steps", steps) as bar:
+            for step in range(steps):
+                if len(order) < batch_size:
+                    shift = int(torch.randint(0, seq_len, (1,), generator=gen))
+                    windows = stream[shift:shift + epoch_windows * seq_len].view(epoch_windows, seq_len)
+                    order = list(windows[torch.randperm(epoch_windows, generator=gen)].split(batch_size))
+                    order = [b for b in order if b.shape[0] == batch_size]
+                x = order.pop(0)
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                recent = losses[-50:]
+                bar.advance(info=f"loss {sum(recent) / len(recent):.3f}")
+        train_seconds = time.perf_counter() - start
+        tail = losses[-max(1, steps // 20):]
+        model.eval()
+        with shown.phase("held-out perplexity"):
+            eval_ppl = perplexity(model, tokenizer, split.evaluation, seq_len=seq_len, max_windows=eval_windows)
     _log(progress, f"held-out perplexity {eval_ppl:.2f} ({time.perf_counter() - start:.0f}s)")
     metadata = {
         "name": CACHE_NAME,
@@ -339,7 +346,7 @@ def load_causal_lm(
     path: str | os.PathLike[str] | None = None,
     *,
     train_if_missing: bool = True,
-    progress: bool = True,
+    progress: bool | Progress = True,
     data_dir: str | os.PathLike[str] | None = None,
 ) -> CausalLM:
     """The trained causal LM from ``path`` (default :func:`default_cache_path`), training it first if missing.
