@@ -32,7 +32,7 @@ import yaml
 from safetensors.torch import load_file
 
 from sparseforge.cli import main
-from sparseforge.distributed.train import _checkpoints, epoch_permutation, load_recipe, rank_slice
+from sparseforge.distributed.train import _checkpoints, epoch_permutation, load_recipe, rank_slice, state_digest
 from sparseforge.zoo.data import load_fashion_mnist
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -317,6 +317,7 @@ def test_dgc_run_resumes_exactly_with_its_hook_state(tmp_path):
             path = out / "checkpoints" / f"step-{6:08d}.pt"
             state = torch.load(path, weights_only=False)
             state["hook_states"] = None
+            state["sha256"] = state_digest(state)  # an intact checkpoint that lacks the hook state
             torch.save(state, path)
         run(recipe, out, quiet=True)
         return final_weights(out)

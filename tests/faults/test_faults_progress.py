@@ -168,7 +168,7 @@ def test_quiet_means_no_progress(zoo_checkpoint, tmp_path, capsys, plain):
 
 
 def test_a_failure_ends_the_progress_before_its_one_error_line(zoo_checkpoint, tmp_path, capsys, plain):
-    argv = ["prune", str(zoo_checkpoint), "--sparsity", "0.5", "--include", "nope*", "--out", str(tmp_path / "x")]
+    argv = ["prune", str(zoo_checkpoint), "--sparsity", "0.5", "--include", "nope*", "--out", str(tmp_path / "x.safetensors")]
     assert main(argv) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[-1].startswith("sparseforge: error: ") and "'nope*' matches no" in lines[-1]
@@ -181,7 +181,7 @@ def test_a_quick_failure_is_still_one_line(zoo_checkpoint, tmp_path, capsys, mon
     # Phases started, but a run that ends within HOLD_S shows none of them (the clock is taken out
     # of it: HOLD_S is an hour here, the shipped value a few seconds).
     monkeypatch.setattr(progress, "HOLD_S", 3600.0)
-    argv = ["prune", str(zoo_checkpoint), "--sparsity", "0.5", "--include", "nope*", "--out", str(tmp_path / "x")]
+    argv = ["prune", str(zoo_checkpoint), "--sparsity", "0.5", "--include", "nope*", "--out", str(tmp_path / "x.safetensors")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparseforge: error: ") and err.count("\n") == 1, err

@@ -503,11 +503,11 @@ def state_digest(state: Any) -> str:
             h.update(f"A{obj.dtype}{obj.shape}".encode())
             h.update(np.ascontiguousarray(obj).tobytes())
         elif isinstance(obj, dict):
-            h.update(f"D{len(obj)}".encode())
-            for key in obj:
-                if key != "sha256":
-                    h.update(repr(key).encode())
-                    visit(obj[key])
+            keys = [key for key in obj if key != "sha256"]
+            h.update(f"D{len(keys)}".encode())
+            for key in keys:
+                h.update(repr(key).encode())
+                visit(obj[key])
         elif isinstance(obj, (list, tuple)):
             h.update(f"{type(obj).__name__}{len(obj)}".encode())
             for item in obj:
