@@ -12,7 +12,7 @@ import torch
 
 import sparseforge as sf
 from sparseforge.cli import main
-from sparseforge.export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from sparseforge.io.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from sparseforge.zoo import build_model
 from sparseforge.zoo.data import DEFAULT_DATA_DIR
 

@@ -30,7 +30,7 @@ SMALL = ["--samples", "8", "--seq-len", "32", "--eval-texts", "32"]
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory) -> Path:
-    from sparseforge.hf import save_pretrained
+    from sparseforge.io.hf import save_pretrained
     from sparseforge.zoo.causal_lm import TINY_CONFIG, build_model, train_tokenizer
     from sparseforge.zoo.text import fortunes
 
@@ -71,7 +71,7 @@ def test_prune_sparsegpt_2of4_writes_a_loadable_folder(lm_dir, tmp_path, capsys)
 
 def test_prune_to_sfz_equals_the_python_api_and_rebuilds_without_code(lm_dir, tmp_path, capsys):
     import sparseforge as sf
-    from sparseforge.hf import load_pretrained
+    from sparseforge.io.hf import load_pretrained
     from sparseforge.oneshot import prune_calibrated
     from sparseforge.zoo.text import calibration_batches, read_texts, split_texts
 
@@ -132,7 +132,7 @@ def test_minilm_wanda_from_the_cli(tmp_path, capsys):
                       "--eval-texts", "64", "--out", str(out))
     assert result["method"] == "wanda" and result["achieved"] == 0.5 and len(result["layers"]) == 36
     assert 0.5 < result["quality"]["pruned"]["mean_cosine"] < 1.0
-    from sparseforge.hf import load_pretrained
+    from sparseforge.io.hf import load_pretrained
 
     pruned, tokenizer = load_pretrained(out)
     dense, _ = load_pretrained(path)
@@ -146,7 +146,7 @@ def test_readme_transformer_example(tmp_path: Path, monkeypatch) -> None:
     """The README's one-shot transformer example runs: 2:4 in every encoder Linear, the folder reloads."""
     import re
 
-    from sparseforge.hf import load_pretrained
+    from sparseforge.io.hf import load_pretrained
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "prune_calibrated(" in b]

@@ -10,7 +10,7 @@ import yaml
 
 import sparseforge.merge as sm
 from sparseforge.cli import main
-from sparseforge.export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from sparseforge.io.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from sparseforge.merge.recipe import MergeRecipe, load_recipe
 from sparseforge.zoo import build_model
 

@@ -19,8 +19,8 @@ from torch import nn
 
 import sparseforge as sf
 from sparseforge.cli import main as cli_main
-from sparseforge.export.checkpoint import load_checkpoint, save_checkpoint
-from sparseforge.export.dependency import analyze
+from sparseforge.io.checkpoint import load_checkpoint, save_checkpoint
+from sparseforge.compact.dependency import analyze
 from sparseforge.zoo import build_model
 from sparseforge.zoo.data import DEFAULT_DATA_DIR
 

@@ -21,7 +21,7 @@ pytest.importorskip("transformers", reason="compact on Hugging Face models needs
 
 import sparseforge as sf  # noqa: E402
 from sparseforge.errors import SparseforgeError  # noqa: E402
-from sparseforge.export.checkpoint import save_checkpoint  # noqa: E402
+from sparseforge.io.checkpoint import save_checkpoint  # noqa: E402
 
 SENTENCES = [
     "Sparse networks keep only the connections that matter.",

@@ -11,7 +11,7 @@ from torch import nn
 
 import sparseforge as sf
 from sparseforge.cli import main as cli_main
-from sparseforge.export.checkpoint import save_checkpoint
+from sparseforge.io.checkpoint import save_checkpoint
 from sparseforge.oneshot.calibration import LayerStats, input_matrix, sequential, weight_matrix
 from sparseforge.oneshot.obs import inverse_hessian_factor, obs_compress
 from sparseforge.quant import gptq_, quantization_of, quantize_weight

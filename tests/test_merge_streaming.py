@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import sparseforge.merge as sm
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import read_checkpoint, save_checkpoint, tensor_digest
+from sparseforge.io.checkpoint import read_checkpoint, save_checkpoint, tensor_digest
 from sparseforge.merge import streaming
 from sparseforge.merge.streaming import merge_files
 

@@ -206,7 +206,7 @@ def test_essential_sparsity_finds_the_knee_and_leaves_the_model_alone():
 def test_gpt2_conv1d_layers_get_nm_along_their_inputs_and_save_pretrained_round_trips(method, tmp_path):
     """GPT-2 stores its Linears as transformers Conv1D with the weight [in, out]: groups run over inputs."""
     transformers = pytest.importorskip("transformers")
-    from sparseforge.hf import load_pretrained, save_pretrained
+    from sparseforge.io.hf import load_pretrained, save_pretrained
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=100, n_positions=32)

@@ -73,7 +73,7 @@ def test_merging_example_streams_the_same_merge(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block, "README.md[merging]", "exec"), namespace)
-    from sparseforge.export.checkpoint import load_checkpoint
+    from sparseforge.io.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(tmp_path / "merged.safetensors")
     merged, base = namespace["merged"], namespace["base"].state_dict()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.dependency import analyze
+from sparseforge.compact.dependency import analyze
 from sparseforge.merge.rebasin import (
     apply_permutation,
     interpolate,

@@ -18,8 +18,8 @@ from torch import nn
 
 import sparseforge as sf
 from sparseforge.cli import main as cli_main
-from sparseforge.export.checkpoint import save_checkpoint, seal_metadata
-from sparseforge.export.sfz import FORMAT_VERSION, is_sfz, pattern_of, read_sfz
+from sparseforge.io.checkpoint import save_checkpoint, seal_metadata
+from sparseforge.io.sfz import FORMAT_VERSION, is_sfz, pattern_of, read_sfz
 from sparseforge.quant import quantization_of, quantize_, quantize_weight
 from sparseforge.zoo import build_model
 
@@ -232,10 +232,10 @@ def test_cli_export_quantize_inspect(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = tmp_path / "m.sfz"
     assert cli_main(["export", str(src), "--out", str(out), "--values", "fp32"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert _equal_states(sf.load(out), sf.export.load_checkpoint(src)[0])
+    assert _equal_states(sf.load(out), sf.load_checkpoint(src)[0])
     back = tmp_path / "back.safetensors"
     assert cli_main(["export", str(out), "--out", str(back), "--format", "safetensors"]) == 0
-    assert _equal_states(sf.export.load_checkpoint(back)[0], sf.load(out))
+    assert _equal_states(sf.load_checkpoint(back)[0], sf.load(out))
     capsys.readouterr()
     assert cli_main(["inspect", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)

@@ -15,7 +15,7 @@ from torch import nn
 
 import sparseforge as sf
 from sparseforge.bench import speed
-from sparseforge.export.sparse_linear import (
+from sparseforge.kernels.sparse_linear import (
     SemiStructuredLinear,
     SparseLinear,
     detect_blocksize,

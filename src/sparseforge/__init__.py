@@ -5,12 +5,13 @@ method is a composition of a Target, a Pattern, a Score, an Allocation, a
 Schedule and an Update.
 """
 
-from sparseforge import allocation, distributed, merge, methods, patterns, peft, schedules, scores, targets, updates
+from sparseforge import allocation, distributed, io, kernels, merge, methods, patterns, peft, schedules, scores, targets, updates
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
-from sparseforge.export.compact import CompactReport, compact, load_compacted
-from sparseforge.export.sparse_linear import SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
-from sparseforge.export.sfz import load, save
+from sparseforge.compact.compactor import CompactReport, compact
+from sparseforge.kernels.sparse_linear import SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
+from sparseforge.io.checkpoint import load_checkpoint, load_compacted, save_checkpoint
+from sparseforge.io.sfz import load, save
 from sparseforge.methods import GMP, Method
 from sparseforge.oneshot import prune
 from sparseforge.oneshot.channels import ChannelPruning, prune_channels
@@ -32,6 +33,16 @@ __all__ = [
     "distributed", "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",
     "ChannelPruning", "CompactReport", "L1Norm", "L2Norm", "compact", "load_compacted", "prune_channels",
     "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
-    "load", "save",
-    "merge", "peft",
+    "load", "load_checkpoint", "save", "save_checkpoint",
+    "io", "kernels", "merge", "peft",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ``sparseforge.export`` (split into io, compact and kernels) still answers, with a DeprecationWarning,
+    # for code written as ``sf.export.save_checkpoint``; it is imported only when asked for.
+    if name == "export":
+        import importlib
+
+        return importlib.import_module("sparseforge.export")
+    raise AttributeError(f"module 'sparseforge' has no attribute {name!r}")

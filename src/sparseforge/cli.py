@@ -293,7 +293,7 @@ def _check_out(out: str, suffixes: Sequence[str], what: str, folder: bool = Fals
         check_writable(p, "file", f"--out {out}")
         return "file"
     if folder and (p.is_dir() or p.suffix.lower() not in _FILE_LIKE):
-        from sparseforge.hf import check_output_folder
+        from sparseforge.io.hf import check_output_folder
 
         check_output_folder(p)  # not a folder of other files, which replacing it would delete
         check_writable(p, "folder", f"--out {out}")
@@ -338,7 +338,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace, shown: Progress) -> int:
     from pathlib import Path
 
-    from sparseforge.hf import is_pretrained_dir
+    from sparseforge.io.hf import is_pretrained_dir
 
     if not Path(args.model).exists():
         raise SparseforgeError(f"{args.model} does not exist: pass a Hugging Face model folder (with config.json) "
@@ -404,7 +404,7 @@ def _prune_calibrated(args: argparse.Namespace, shown: Progress) -> int:
     """Wanda / SparseGPT / magnitude / MaskLLM with calibration text (or Fashion-MNIST for a zoo model)."""
     import torch
 
-    from sparseforge.hf import ARCH, quality
+    from sparseforge.io.hf import ARCH, quality
     from sparseforge.oneshot.calibrated import prune_calibrated
 
     method = args.method or "wanda"
@@ -488,8 +488,8 @@ def _add_text_calibration(p: argparse.ArgumentParser, samples: int) -> None:
 
 
 def _save_pruned(model, tokenizer, out: str, meta: dict, result: dict, extra: dict | None = None) -> None:
-    from sparseforge.export.checkpoint import save_checkpoint
-    from sparseforge.export.sfz import save
+    from sparseforge.io.checkpoint import save_checkpoint
+    from sparseforge.io.sfz import save
 
     if extra is None:
         extra = dict(meta.get("extra") or {}) | {"pruned": {k: v for k, v in result.items() if k != "layers"}}
@@ -500,7 +500,7 @@ def _save_pruned(model, tokenizer, out: str, meta: dict, result: dict, extra: di
     elif meta["arch"] != "hf":
         raise SparseforgeError(f"--out {out}: a zoo model is written to a .safetensors or .sfz file")
     else:
-        from sparseforge.hf import save_pretrained
+        from sparseforge.io.hf import save_pretrained
 
         save_pretrained(model, out, tokenizer, metadata=result)
 
@@ -546,9 +546,9 @@ def _load_any(path: str):
     """(model, metadata) of a Hugging Face model folder or a sparseforge checkpoint in either format, told
     apart by its metadata (a file named ``.sfz`` that is not one gets the sfz reader's error). A model
     folder's metadata also holds its ``tokenizer`` (or None)."""
-    from sparseforge.export.checkpoint import load_checkpoint
-    from sparseforge.export.sfz import is_sfz, load_sfz
-    from sparseforge.hf import ARCH, arch_kwargs, is_pretrained_dir, load_pretrained
+    from sparseforge.io.checkpoint import load_checkpoint
+    from sparseforge.io.sfz import is_sfz, load_sfz
+    from sparseforge.io.hf import ARCH, arch_kwargs, is_pretrained_dir, load_pretrained
 
     if is_pretrained_dir(path):
         model, tokenizer = load_pretrained(path)
@@ -602,13 +602,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _write(model, out: str, meta: dict, fmt: str, values: str, extra: dict) -> None:
-    from sparseforge.export.checkpoint import save_checkpoint
-    from sparseforge.export.sfz import save
+    from sparseforge.io.checkpoint import save_checkpoint
+    from sparseforge.io.sfz import save
 
     if fmt == "sfz":
         save(model, out, values=values, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
     elif fmt == "hf":
-        from sparseforge.hf import save_pretrained
+        from sparseforge.io.hf import save_pretrained
 
         save_pretrained(model, out, meta.get("tokenizer"), metadata=extra)
     else:
@@ -638,7 +638,7 @@ def _cmd_export(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
-    from sparseforge.hf import ARCH, quality
+    from sparseforge.io.hf import ARCH, quality
     from sparseforge.quant.rtn import quantize_, rounded_to_zero
     from sparseforge.report import report
 
@@ -701,8 +701,8 @@ def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
-    from sparseforge.export.checkpoint import save_checkpoint
-    from sparseforge.export.compact import compact
+    from sparseforge.io.checkpoint import save_checkpoint
+    from sparseforge.compact.compactor import compact
 
     _check_out(args.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes travel "
                "in its metadata)")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import save_checkpoint
+from sparseforge.io.checkpoint import save_checkpoint
 from sparseforge.files import atomic_path, write_json_atomic
 from sparseforge.methods.gmp import GMP
 from sparseforge.patterns import check_sparsity

@@ -270,7 +270,7 @@ def _params() -> list:
 
 
 def _save_zoo(path: Path, name: str, seed: int) -> None:
-    from sparseforge.export.checkpoint import save_checkpoint
+    from sparseforge.io.checkpoint import save_checkpoint
     from sparseforge.zoo.models import build_model
 
     torch.manual_seed(seed)
@@ -278,7 +278,7 @@ def _save_zoo(path: Path, name: str, seed: int) -> None:
 
 
 def _tiny_lm(folder: Path) -> None:
-    from sparseforge.hf import save_pretrained
+    from sparseforge.io.hf import save_pretrained
     from sparseforge.zoo.causal_lm import TINY_CONFIG, build_model, train_tokenizer
     from sparseforge.zoo.text import fortunes
 
@@ -290,7 +290,7 @@ def _tiny_lm(folder: Path) -> None:
 def inputs(tmp_path_factory) -> Path:
     """Good and broken inputs, shared by the cases (which must leave them as they are)."""
     import sparseforge as sf
-    from sparseforge.export.checkpoint import load_checkpoint
+    from sparseforge.io.checkpoint import load_checkpoint
 
     inp = tmp_path_factory.mktemp("inputs")
     _save_zoo(inp / "lenet.safetensors", "lenet300", 0)
@@ -320,7 +320,7 @@ def inputs(tmp_path_factory) -> Path:
     (inp / "train-nodata.yaml").write_text(json.dumps(nodata))
     (inp / "merge-one.yaml").write_text("models: [lenet.safetensors]\nout: merged.safetensors\n")
     if HAVE_HF:
-        from sparseforge.hf import load_pretrained
+        from sparseforge.io.hf import load_pretrained
 
         _tiny_lm(inp / "lm")
         for name in ("lm-badconfig", "lm-badweights"):
@@ -433,8 +433,8 @@ def test_gptq_report_counts_what_became_zero(capsys) -> None:
 
 
 def test_cli_quantize_prints_and_stores_the_count(inputs: Path, tmp_path: Path, capsys) -> None:
-    from sparseforge.export.checkpoint import load_checkpoint
-    from sparseforge.export.sfz import load_sfz
+    from sparseforge.io.checkpoint import load_checkpoint
+    from sparseforge.io.sfz import load_sfz
 
     out = tmp_path / "q.sfz"
     assert main(["quantize", str(inputs / "lenet.safetensors"), "--scheme", "int4", "--out", str(out), "--json"]) == 0
@@ -489,7 +489,7 @@ def test_single_model_merges_that_change_the_model_are_accepted(inputs: Path, tm
 
 
 def test_prune_without_method_writes_the_format_its_out_names(inputs: Path, tmp_path: Path, capsys) -> None:
-    from sparseforge.export.sfz import is_sfz
+    from sparseforge.io.sfz import is_sfz
 
     out = tmp_path / "p.sfz"
     assert main(["prune", str(inputs / "lenet.safetensors"), "--sparsity", "0.5", "--out", str(out), "--json"]) == 0

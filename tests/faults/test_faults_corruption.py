@@ -43,8 +43,8 @@ from torch import nn
 
 import sparseforge as sf
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import HEADER_DIGEST, load_checkpoint, read_checkpoint, save_checkpoint
-from sparseforge.export.sfz import read_sfz
+from sparseforge.io.checkpoint import HEADER_DIGEST, load_checkpoint, read_checkpoint, save_checkpoint
+from sparseforge.io.sfz import read_sfz
 from sparseforge.merge.streaming import merge_files
 from sparseforge.quant import quantize_
 from sparseforge.zoo import build_model
@@ -101,7 +101,7 @@ def _adapter_read(folder: Path) -> Any:
 
 
 def _hf_read(folder: Path) -> Any:
-    from sparseforge.hf import load_pretrained
+    from sparseforge.io.hf import load_pretrained
 
     model, _ = load_pretrained(folder)
     return model.state_dict(), model.config.to_dict()
@@ -135,7 +135,7 @@ def _write_formats(root: Path) -> list[Format]:
         import transformers  # noqa: F401
     except ImportError:
         return formats
-    from sparseforge.hf import save_pretrained
+    from sparseforge.io.hf import save_pretrained
     from sparseforge.zoo.causal_lm import TINY_CONFIG, build_model as build_lm
 
     lm = build_lm(TINY_CONFIG)
@@ -397,7 +397,7 @@ def test_metadata_flip_reads_as_corrupted_and_newer_versions_as_newer(formats, t
     with pytest.raises(SparseforgeError, match="extra.safetensors is corrupted: its metadata does not match"):
         read_checkpoint(tmp_path / "extra.safetensors")
 
-    from sparseforge.export.checkpoint import FORMAT_VERSION, seal_metadata
+    from sparseforge.io.checkpoint import FORMAT_VERSION, seal_metadata
 
     with safe_open(str(sfz), framework="pt") as f:
         meta = dict(f.metadata())

@@ -24,7 +24,7 @@ from torch import nn
 import sparseforge as sf
 from sparseforge import files
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import save_checkpoint
+from sparseforge.io.checkpoint import save_checkpoint
 from sparseforge.files import (
     atomic_dir, atomic_path, remove_stale_temporaries, temporary_name, write_json_atomic, write_safetensors,
 )
@@ -232,7 +232,7 @@ def test_atomic_dir_swaps_the_folder_whole(tmp_path, monkeypatch) -> None:
 
 def test_save_pretrained_folder_checksums(tmp_path) -> None:
     pytest.importorskip("transformers")
-    from sparseforge.hf import load_pretrained, save_pretrained, verify_checksums
+    from sparseforge.io.hf import load_pretrained, save_pretrained, verify_checksums
     from sparseforge.zoo.causal_lm import TINY_CONFIG, build_model
 
     out = save_pretrained(build_model(TINY_CONFIG), tmp_path / "hf", metadata={"a": 1})

@@ -43,8 +43,8 @@ from torch import nn
 
 import sparseforge as sf
 from sparseforge import files
-from sparseforge.export.checkpoint import read_checkpoint, save_checkpoint
-from sparseforge.export.sfz import read_sfz
+from sparseforge.io.checkpoint import read_checkpoint, save_checkpoint
+from sparseforge.io.sfz import read_sfz
 from sparseforge.files import write_json_atomic
 from sparseforge.merge.streaming import merge_files
 from sparseforge.zoo import build_model
@@ -120,13 +120,13 @@ def _read_adapter(folder: Path) -> Any:
 
 
 def _read_hf(folder: Path) -> Any:
-    from sparseforge.hf import load_pretrained
+    from sparseforge.io.hf import load_pretrained
 
     return load_pretrained(folder / "hf")[0].state_dict()
 
 
 def _write_hf(folder: Path, v: int) -> None:
-    from sparseforge.hf import save_pretrained
+    from sparseforge.io.hf import save_pretrained
 
     save_pretrained(STATE["lms"][v], folder / "hf", metadata={"version": v})
 
@@ -187,9 +187,9 @@ def _child(name: str, folder: Path, mode: str, ready) -> None:
 
         pathlib.Path.write_text = half
     elif mode == "mid-write" and writer.mid_write == "checksums":
-        import sparseforge.hf
+        import sparseforge.io.hf
 
-        sparseforge.hf._write_checksums = lambda folder: _block(ready)  # weights and config written, not the sums
+        sparseforge.io.hf._write_checksums = lambda folder: _block(ready)  # weights and config written, not the sums
     if mode.startswith("random"):
         ready.set()
         while True:

@@ -27,7 +27,7 @@ import yaml
 from sparseforge import progress, threads
 from sparseforge.cli import main
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import save_checkpoint
+from sparseforge.io.checkpoint import save_checkpoint
 from sparseforge.zoo import build_model
 from sparseforge.zoo.data import load_fashion_mnist
 from sparseforge.zoo.text import DEFAULT_FORTUNES_DIR
@@ -75,7 +75,7 @@ def zoo_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory) -> Path:
-    from sparseforge.hf import save_pretrained
+    from sparseforge.io.hf import save_pretrained
     from sparseforge.zoo.causal_lm import TINY_CONFIG, build_model as build_lm, train_tokenizer
     from sparseforge.zoo.text import fortunes
 

@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from sparseforge.export.checkpoint import save_checkpoint, tensor_digest
+from sparseforge.io.checkpoint import save_checkpoint, tensor_digest
 
 MB = 1e6
 
@@ -46,7 +46,7 @@ job = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(1)
 from safetensors.torch import save_file
-from sparseforge.export.checkpoint import read_checkpoint
+from sparseforge.io.checkpoint import read_checkpoint
 from sparseforge.merge import merge_files, merge_task_arithmetic, preset, weighted_average
 
 def status():

@@ -77,7 +77,7 @@ def _fp32_bytes(model: torch.nn.Module) -> int:
 
 
 def _sfz_bytes(model: torch.nn.Module, values: str) -> int:
-    from sparseforge.export.sfz import save
+    from sparseforge.io.sfz import save
 
     return _file_bytes(lambda p: save(model, p, values=values))
 
@@ -88,7 +88,7 @@ def _encoder_targets() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from sparseforge.export.sparse_linear import to_sparse
+    from sparseforge.kernels.sparse_linear import to_sparse
     from sparseforge.oneshot import prune
     from sparseforge.quant.rtn import quantize_
     from sparseforge.zoo.minilm import embedding_fidelity, load_minilm

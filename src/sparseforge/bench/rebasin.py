@@ -37,7 +37,7 @@ import torch
 
 from sparseforge.bench.common import RunConfig, print_table, summarize, train_run
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.dependency import analyze
+from sparseforge.compact.dependency import analyze
 from sparseforge.merge.rebasin import apply_permutation, interpolation_path, loss_barrier, weight_matching
 from sparseforge.zoo.data import fashion_mnist
 from sparseforge.zoo.models import MODELS

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseforge.export.checkpoint import save_checkpoint
-from sparseforge.export.sfz import read_sfz, save
+from sparseforge.io.checkpoint import save_checkpoint
+from sparseforge.io.sfz import read_sfz, save
 from sparseforge.oneshot.prune import prune
 from sparseforge.report import LAYER_TYPES
 from sparseforge.zoo.models import build_model

@@ -638,7 +638,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
     from torch.nn.parallel import DistributedDataParallel
 
     from sparseforge.distributed.masks import check_masks_identical
-    from sparseforge.export.checkpoint import save_checkpoint
+    from sparseforge.io.checkpoint import save_checkpoint
     from sparseforge.files import atomic_path, remove_stale_temporaries, write_json_atomic
     from sparseforge.report import report
     from sparseforge.sparsifier import Sparsifier

@@ -12,8 +12,8 @@ interpolating the two is much less harmful.
 
 The permutable channel spaces and every tensor slice tied to them come from
 the project's dependency analysis,
-:func:`sparseforge.export.dependency.analyze`: each unblocked
-:class:`~sparseforge.export.dependency.ChannelGroup` is one permutation, and
+:func:`sparseforge.compact.dependency.analyze`: each unblocked
+:class:`~sparseforge.compact.dependency.ChannelGroup` is one permutation, and
 it moves its producers' output rows (and biases), its norms' channels
 (weight, bias, running mean and variance) and its consumers' input columns
 (``repeat`` consecutive columns per channel after a flatten). Residual
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.dependency import DependencyGraph, analyze
+from sparseforge.compact.dependency import DependencyGraph, analyze
 from sparseforge.merge.core import weighted_average
 from sparseforge.zoo.training import evaluate
 
@@ -137,7 +137,7 @@ def apply_permutation(
     """Permute the hidden units of a model so that it computes exactly the same function.
 
     Rule: for every group ``g`` in ``perms`` (a channel group of ``graph``, see
-    :func:`sparseforge.export.dependency.analyze`), select ``perms[g]`` along
+    :func:`sparseforge.compact.dependency.analyze`), select ``perms[g]`` along
     the output dimension of its producers' weights and biases, along its
     norms' weight, bias, running mean and variance, and along the input
     dimension of its consumers' weights (``repeat`` consecutive columns per
@@ -219,7 +219,7 @@ def weight_matching(
     replaced only when it strictly improves its term; the descent stops after
     a sweep in which no group improved, or after ``max_iter`` sweeps.
 
-    The groups come from :func:`sparseforge.export.dependency.analyze` of
+    The groups come from :func:`sparseforge.compact.dependency.analyze` of
     ``model_a``: blocked groups (the logits) and groups consumed by attention
     blocks are not permuted and are absent from the result.
 

@@ -43,9 +43,9 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from sparseforge.export.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
-from sparseforge.export.checkpoint import (
+from sparseforge.io.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from sparseforge.io.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
+from sparseforge.io.checkpoint import (
     HEADER_DIGEST, LEGACY_KEYS, check_header, foreign_format, seal_metadata, stored_digests, tensor_digest,
     verify_tensor,
 )

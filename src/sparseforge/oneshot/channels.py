@@ -4,7 +4,7 @@
 own: a filter goes, but its bias, the BatchNorm after it and the residual
 partners it is added to stay, so :func:`sparseforge.compact` can remove only
 part of what was pruned. :func:`prune_channels` works on the dependency
-groups of :mod:`sparseforge.export.dependency` instead: the channel's score
+groups of :mod:`sparseforge.compact.dependency` instead: the channel's score
 adds up over all its slices (Torch-Pruning's group importance), and the
 lowest-scoring channels of each group lose every slice at once (filters or
 rows and their biases, BatchNorm scale and shift, the next layers' input
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.dependency import ChannelGroup, DependencyGraph, analyze, attention_out_name, is_attention
+from sparseforge.compact.dependency import ChannelGroup, DependencyGraph, analyze, attention_out_name, is_attention
 from sparseforge.patterns import check_sparsity, keep_lowest_pruned
 from sparseforge.report import SparsityReport, report
 from sparseforge.scores import Score, as_score, mean_gradients
@@ -128,7 +128,7 @@ def prune_channels(
     """Prune ``sparsity`` of the channels of every dependency group of ``model``, in place.
 
     Rule: for every group that can be compacted (see
-    :mod:`sparseforge.export.dependency`; groups reaching the output or a
+    :mod:`sparseforge.compact.dependency`; groups reaching the output or a
     non-channel-wise op are skipped) whose producer modules all match
     ``include`` and none of ``exclude``, each channel's score is the sum over
     its slices (producer filters/rows, BatchNorm scales, consumer input
@@ -200,7 +200,7 @@ def prune_channels(
     if not any(not u[0]["skipped"] for u in units):
         raise SparseforgeError(
             "prune_channels found no channel group to prune (every group reaches the output, a "
-            "non-channel-wise op, or is excluded); see sparseforge.export.dependency"
+            "non-channel-wise op, or is excluded); see sparseforge.compact.dependency"
         )
     result.apply(model)
     result.report = report(model, example_input)

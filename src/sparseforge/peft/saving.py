@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.checkpoint import tensor_digest
+from sparseforge.io.checkpoint import tensor_digest
 from sparseforge.files import atomic_dir, atomic_paths, write_safetensors
 from sparseforge.peft.config import config_from_dict
 from sparseforge.peft.model import PeftReport, _select, adapter_layers, apply

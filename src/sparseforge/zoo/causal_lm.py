@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
-from sparseforge.hf import load_pretrained, perplexity, save_pretrained
+from sparseforge.io.hf import load_pretrained, perplexity, save_pretrained
 from sparseforge.progress import Progress, using
 from sparseforge.zoo.text import calibration_batches, fortunes, token_stream
 

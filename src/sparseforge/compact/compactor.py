@@ -1,6 +1,6 @@
 """``compact(model)``: physically remove pruned channels, giving a smaller dense model.
 
-Rule. The channel groups of :mod:`sparseforge.export.dependency` say which
+Rule. The channel groups of :mod:`sparseforge.compact.dependency` say which
 slices belong to one channel. Channel ``c`` of a group is removed when
 removing it leaves the model's output unchanged (in eval mode), decided from
 the weights alone:
@@ -30,7 +30,7 @@ zero; a zero value row with a nonzero value bias outputs that bias (softmax
 weights sum to one) and is folded into the output projection's bias.
 
 Hugging Face ``transformers`` models (BERT-, LLaMA- and GPT-2-style blocks)
-are not traced: :mod:`sparseforge.export.transformer` recognises their
+are not traced: :mod:`sparseforge.compact.transformer` recognises their
 attention and FFN blocks by name and removes heads (whole KV groups under
 grouped-query attention) and FFN hidden units by the same rules, updating the
 attention modules' head-count attributes (stored as ``"attributes"`` shape
@@ -40,7 +40,7 @@ Every group and attention block keeps at least one channel/head. The result
 is checked: the compacted model is run on the example input and must match
 the original to float tolerance, otherwise the model is restored and an error
 raised. The new shapes are stored on the model (``model.sparseforge_compact``)
-and written by :func:`sparseforge.export.checkpoint.save_checkpoint`, so that
+and written by :func:`sparseforge.io.checkpoint.save_checkpoint`, so that
 ``load_checkpoint`` (and :func:`load_compacted`) rebuilds them.
 
 BatchNorm equivalence holds in eval mode (running statistics); in training
@@ -51,7 +51,6 @@ channel does not have.
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +59,7 @@ import torch.fx as fx
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.export.dependency import (
+from sparseforge.compact.dependency import (
     ELEMENTWISE_FUNCTIONS,
     ELEMENTWISE_METHODS,
     ELEMENTWISE_MODULES,
@@ -175,7 +174,7 @@ def resize_modules(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> nn.Mo
     Face attention modules ``{"kind": "attributes", "values": {"num_attention_heads": 10, ...}}``
     (the integer attributes their forward reads) and transformers ``Conv1D``
     layers ``{"kind": "Conv1D", "nx": in, "nf": out}`` (see
-    :mod:`sparseforge.export.transformer`). The new modules' weights are
+    :mod:`sparseforge.compact.transformer`). The new modules' weights are
     uninitialised: load a state dict into them. Returns ``model`` with the
     shapes recorded on it.
     """
@@ -427,7 +426,7 @@ def compact(model: nn.Module, example_input: Any = None, atol: float = 1e-4) -> 
 
     A Hugging Face ``transformers.PreTrainedModel`` (BERT-, LLaMA- and
     GPT-2-style blocks) is not traced: its attention heads and FFN hidden
-    units are removed by :func:`sparseforge.export.transformer.compact_transformer`
+    units are removed by :func:`sparseforge.compact.transformer.compact_transformer`
     (same rules, same report).
 
     Args:
@@ -458,7 +457,7 @@ def compact(model: nn.Module, example_input: Any = None, atol: float = 1e-4) -> 
             raise SparseforgeError(
                 f"{name}: the model still carries Sparsifier masks; call sparsifier.finalize() before compact()"
             )
-    from sparseforge.export.transformer import compact_transformer, hf_submodule, is_hf_model
+    from sparseforge.compact.transformer import compact_transformer, hf_submodule, is_hf_model
 
     if is_hf_model(model):
         return compact_transformer(model, example_input, atol)
@@ -606,16 +605,3 @@ def _sliced(
     new.train(old.training)
     new.weight.requires_grad_(old.weight.requires_grad)
     return entry, new
-
-
-def load_compacted(path: str | os.PathLike[str], model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint of a compacted model: rebuild the stored shapes, then load the weights.
-
-    The same as :func:`sparseforge.export.checkpoint.load_checkpoint` (which
-    rebuilds compacted shapes whenever the metadata holds them); ``model`` is a
-    freshly built model of the original sizes, or None for zoo models.
-    Returns (model, metadata).
-    """
-    from sparseforge.export.checkpoint import load_checkpoint
-
-    return load_checkpoint(path, model)

@@ -44,7 +44,7 @@ a head and the output projection's columns). ``nn.MultiheadAttention`` cannot
 lose a head (its projections are fixed at ``embed_dim``), so it is an opaque
 module here. Hugging Face ``transformers`` models are not traced: their
 attention and feed-forward blocks are recognised by name in
-:mod:`sparseforge.export.transformer`, which :func:`sparseforge.compact` uses
+:mod:`sparseforge.compact.transformer`, which :func:`sparseforge.compact` uses
 for a ``PreTrainedModel``.
 """
 

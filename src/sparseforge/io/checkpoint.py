@@ -166,13 +166,13 @@ def arch_metadata(
     default kwargs: for a zoo model, every constructor argument that the model
     keeps as an attribute of the same name (``num_classes``, ``width``), so a
     non-default model is rebuilt at its own size; a ``transformers`` model
-    gets ``"hf"`` with its class name and config (:mod:`sparseforge.hf`); else ``{}``.
+    gets ``"hf"`` with its class name and config (:mod:`sparseforge.io.hf`); else ``{}``.
     """
     if arch is None and arch_kwargs is None:
-        from sparseforge.export.transformer import is_hf_model
+        from sparseforge.compact.transformer import is_hf_model
 
-        if is_hf_model(model):  # class and config, so the file rebuilds it (sparseforge.hf)
-            from sparseforge.hf import ARCH, arch_kwargs as hf_kwargs
+        if is_hf_model(model):  # class and config, so the file rebuilds it (sparseforge.io.hf)
+            from sparseforge.io.hf import ARCH, arch_kwargs as hf_kwargs
 
             return ARCH, hf_kwargs(model)
     arch = arch or arch_of(model)
@@ -198,7 +198,7 @@ def model_for(path: str | os.PathLike[str], meta: dict[str, Any], model: nn.Modu
             raise SparseforgeError(
                 f"{path} does not name a zoo architecture; pass the model to load it into"
             )
-        from sparseforge.hf import ARCH, build_from_metadata
+        from sparseforge.io.hf import ARCH, build_from_metadata
 
         if meta["arch"] == ARCH:
             model = build_from_metadata(meta.get("arch_kwargs", {}))
@@ -207,7 +207,7 @@ def model_for(path: str | os.PathLike[str], meta: dict[str, Any], model: nn.Modu
 
             model = build_model(meta["arch"], **meta.get("arch_kwargs", {}))
     if meta.get("compact"):
-        from sparseforge.export.compact import resize_modules
+        from sparseforge.compact.compactor import resize_modules
 
         resize_modules(model, meta["compact"])
     return model
@@ -349,3 +349,13 @@ def load_checkpoint(
         first = str(e).splitlines()[0:3]
         raise SparseforgeError(f"{path} does not fit the model: {' '.join(first)}") from None
     return model, meta
+
+
+def load_compacted(path: str | os.PathLike[str], model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint of a compacted model: rebuild the stored shapes, then load the weights.
+
+    The same as :func:`load_checkpoint` (which rebuilds compacted shapes
+    whenever the metadata holds them); ``model`` is a freshly built model of
+    the original sizes, or None for zoo models. Returns (model, metadata).
+    """
+    return load_checkpoint(path, model)

@@ -35,7 +35,7 @@ Recognised blocks (the names are relative to the block):
 - GPT-2 FFN: ``c_fc`` and ``c_proj`` (``Conv1D``) with ``act``.
 
 Rule for an FFN hidden unit ``j`` (the same as for a channel in
-:mod:`sparseforge.export.compact`): its value is constant when its row of the
+:mod:`sparseforge.compact.compactor`): its value is constant when its row of the
 up projection is entirely zero: ``act(b_up[j])`` (``b = 0`` without a bias;
 GELU(0) = SiLU(0) = ReLU(0) = 0, so a zero row without a bias outputs 0); for
 a gated FFN the unit is ``act(gate_j) * up_j``, which is 0 when either factor
@@ -74,7 +74,7 @@ Per-layer sizes differ after compaction, which a ``PretrainedConfig`` cannot
 describe (``config.num_attention_heads`` and ``config.intermediate_size``
 still give the original sizes), so ``save_pretrained``/``from_pretrained``
 cannot rebuild the model. Save it with
-:func:`sparseforge.export.checkpoint.save_checkpoint` (or ``sf.save``): the
+:func:`sparseforge.io.checkpoint.save_checkpoint` (or ``sf.save``): the
 new shapes (``model.sparseforge_compact``: Linear/Conv1D sizes and the
 attention modules' changed attributes) go with the weights, and
 ``load_compacted(path, model)`` rebuilds them in a freshly built model of the
@@ -96,7 +96,7 @@ from torch import nn
 from sparseforge.errors import SparseforgeError
 
 if TYPE_CHECKING:
-    from sparseforge.export.compact import CompactReport
+    from sparseforge.compact.compactor import CompactReport
 
 SUPPORTED = (
     "BERT-style attention (self.query/key/value + output.dense) and FFN (intermediate.dense + output.dense), "
@@ -400,10 +400,10 @@ def decide_heads(model: nn.Module, a: AttentionBlock) -> tuple[list[int], list[t
 def _sliced_module(old: nn.Module, o: torch.Tensor | None, i: torch.Tensor | None) -> tuple[dict[str, Any], nn.Module]:
     """The shape entry and a new Linear/Conv1D holding ``old``'s output rows ``o`` and input columns ``i``."""
     if isinstance(old, nn.Linear):
-        from sparseforge.export.compact import _sliced
+        from sparseforge.compact.compactor import _sliced
 
         return _sliced(old, o, i)
-    from sparseforge.export.compact import _resized
+    from sparseforge.compact.compactor import _resized
 
     entry = {"kind": "Conv1D", "nx": len(i) if i is not None else old.nx, "nf": len(o) if o is not None else old.nf}
     new = _resized(old, entry)
@@ -497,7 +497,7 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
     output-projection columns, or zero value rows and bias; a value bias
     alone is folded into the output bias). At least one head and one unit
     stay per block. Called by :func:`sparseforge.compact`, which returns the
-    same :class:`~sparseforge.export.compact.CompactReport`.
+    same :class:`~sparseforge.compact.compactor.CompactReport`.
 
     Args:
         model: a ``transformers.PreTrainedModel`` with exact zeros.
@@ -510,7 +510,7 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
         SparseforgeError: no block is recognised (naming a module that looks
             like one), or the outputs changed (the model is then restored).
     """
-    from sparseforge.export.compact import SPEC_ATTR, CompactReport, _count
+    from sparseforge.compact.compactor import SPEC_ATTR, CompactReport, _count
     from sparseforge.targets import set_submodule
 
     attn, ffn, unknown = find_blocks(model)
