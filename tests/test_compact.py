@@ -20,6 +20,7 @@ from torch import nn
 import sparseforge as sf
 from sparseforge.cli import main as cli_main
 from sparseforge.io.checkpoint import load_checkpoint, save_checkpoint
+from sparseforge.compact import LinearHandler, handler_for, register_handler
 from sparseforge.compact.dependency import analyze
 from sparseforge.zoo import build_model
 from sparseforge.zoo.data import DEFAULT_DATA_DIR
@@ -509,3 +510,63 @@ def test_multihead_attention_module_is_opaque() -> None:
     assert model.fc1.out_features == 12  # the FFN hidden units go
     assert model.fc2.out_features == 8 and model.mha.embed_dim == 8  # what reaches the MHA stays
     _same_outputs(masked, model, torch.randn(2, 5, 8))
+
+
+class _Dense(nn.Module):
+    """A user's own fully connected layer (not an nn.Linear): unknown to compaction until registered."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t() + self.bias
+
+
+class _DenseHandler(LinearHandler):
+    """The handler a user writes for _Dense: a Linear with other attribute names and its own class."""
+
+    kind = "_Dense"
+
+    def out_channels(self, module: nn.Module) -> int:
+        return module.n_out
+
+    def entry(self, module: nn.Module) -> dict:
+        return {"kind": self.kind, "n_in": module.n_in, "n_out": module.n_out}
+
+    def resized(self, module: nn.Module, entry: dict) -> nn.Module:
+        return _Dense(entry["n_in"], entry["n_out"])
+
+    def sliced(self, module, out_index, in_index):  # noqa: ANN001, ANN201
+        entry = self.entry(module)
+        entry["n_out"] = len(out_index) if out_index is not None else module.n_out
+        entry["n_in"] = len(in_index) if in_index is not None else module.n_in
+        new = self.resized(module, entry)
+        self._copy_slices(module, new, out_index, in_index)
+        return entry, new
+
+
+def test_a_registered_user_layer_is_compacted_and_reloaded(tmp_path: Path) -> None:
+    """Without a handler a user's layer blocks its groups; with register_handler it compacts like a Linear,
+    its pruned rows and the next layer's columns go, and a checkpoint rebuilds it through the same handler."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Dense(8, 16), nn.ReLU(), _Dense(16, 4))
+    with torch.no_grad():
+        model[0].weight[::2] = 0
+        model[0].bias[::2] = 0
+    fresh = copy.deepcopy(model)
+    x = torch.randn(5, 8)
+    unregistered = sf.compact(copy.deepcopy(model), example_input=x)
+    assert not unregistered.changed
+    register_handler(_Dense, _DenseHandler())
+    assert handler_for(model[0]).kind == "_Dense"
+    before = model(x)
+    report = sf.compact(model, example_input=x)
+    assert (model[0].n_out, model[2].n_in) == (8, 8) and isinstance(model[2], _Dense)
+    assert report.shapes["0"] == {"kind": "_Dense", "n_in": 8, "n_out": 8}
+    torch.testing.assert_close(model(x), before)
+    path = save_checkpoint(model, tmp_path / "dense.safetensors")
+    loaded, _ = load_checkpoint(path, fresh)
+    torch.testing.assert_close(loaded(x), before)

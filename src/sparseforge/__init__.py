@@ -8,7 +8,7 @@ Schedule and an Update.
 from sparseforge import allocation, distributed, io, kernels, merge, methods, patterns, peft, schedules, scores, targets, updates
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
-from sparseforge.compact.compactor import CompactReport, compact
+from sparseforge.compact import CompactReport, compact
 from sparseforge.kernels.sparse_linear import SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
 from sparseforge.io.checkpoint import load_checkpoint, load_compacted, save_checkpoint
 from sparseforge.io.sfz import load, save

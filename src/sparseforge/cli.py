@@ -702,7 +702,7 @@ def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
 @_with_progress
 def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
     from sparseforge.io.checkpoint import save_checkpoint
-    from sparseforge.compact.compactor import compact
+    from sparseforge.compact import compact
 
     _check_out(args.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes travel "
                "in its metadata)")

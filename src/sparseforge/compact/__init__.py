@@ -1,13 +1,30 @@
-"""Making a pruned model smaller: dependency groups and the removal of pruned channels and heads.
+"""Making a pruned model smaller: dependency groups, per-layer handlers, and the removal of pruned channels and heads.
 
+- :mod:`~sparseforge.compact.handlers`: what compaction knows about each layer
+  type, in a table that :func:`register_handler` extends with your own layers;
 - :mod:`~sparseforge.compact.dependency`: which tensor slices are tied to one
   channel (fx-traced models);
-- :mod:`~sparseforge.compact.compactor`: :func:`compact` for fx-traced models;
-- :mod:`~sparseforge.compact.transformer`: the same for Hugging Face
-  transformers, whose blocks are recognised by name.
+- :mod:`~sparseforge.compact.compactor`: :func:`compact`, for fx-traced models
+  and (through :mod:`~sparseforge.compact.transformer`, whose blocks are
+  recognised by name) Hugging Face transformers;
+- :mod:`~sparseforge.compact.plan`: the report, applying the decided slices
+  with an output check, and :func:`resize_modules` for loading.
+
+``sparseforge.compact`` (the top-level name) is the function; this package is
+``sparseforge.compact`` to ``from ... import`` statements.
 """
 
-from sparseforge.compact.compactor import CompactReport, compact, resize_modules
+from sparseforge.compact.compactor import channel_values, compact
 from sparseforge.compact.dependency import ChannelGroup, DependencyGraph, HeadGroup, analyze
+from sparseforge.compact.handlers import (
+    BatchNormHandler, ChannelwiseHandler, Conv1DHandler, Conv2dHandler, FlattenHandler, LayerHandler, LinearHandler,
+    handler_for, register_handler,
+)
+from sparseforge.compact.plan import CompactReport, resize_modules
+from sparseforge.compact.transformer import compact_transformer
 
-__all__ = ["ChannelGroup", "CompactReport", "DependencyGraph", "HeadGroup", "analyze", "compact", "resize_modules"]
+__all__ = [
+    "BatchNormHandler", "ChannelGroup", "ChannelwiseHandler", "CompactReport", "Conv1DHandler", "Conv2dHandler",
+    "DependencyGraph", "FlattenHandler", "HeadGroup", "LayerHandler", "LinearHandler", "analyze", "channel_values",
+    "compact", "compact_transformer", "handler_for", "register_handler", "resize_modules",
+]

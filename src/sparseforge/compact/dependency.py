@@ -28,6 +28,12 @@ blocks into it). Option A (identity with zero-padded extra channels, via
 blocks both stages' stream groups (they are kept whole) rather than guess;
 the inner convs of every block still compact.
 
+What each module type does to channels (produces them, normalises them,
+passes them through, flattens them) is its *layer handler*'s answer
+(:mod:`sparseforge.compact.handlers`); a module without one blocks the groups
+that reach it, and :func:`~sparseforge.compact.handlers.register_handler`
+adds your own layer types.
+
 A group is *blocked* (never compacted) when a tensor of it reaches anything
 the analysis does not know to be channel-wise: the model's output, a
 LayerNorm (it mixes channels), a concatenation, an addition with a tensor of
@@ -62,22 +68,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from sparseforge.compact.handlers import handler_for, is_registered_leaf
 from sparseforge.errors import SparseforgeError
 
-#: Elementwise modules: channel-wise, and a per-channel constant stays a constant.
-ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Hardtanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
-)
+# Modules are described by their handlers (sparseforge.compact.handlers); these tables say the same of
+# the functions and tensor methods a traced forward calls.
+#: Elementwise functions: channel-wise, and a per-channel constant stays a constant.
 ELEMENTWISE_FUNCTIONS: tuple[Callable[..., Any], ...] = (
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardtanh, F.hardswish, F.mish,
     F.softplus, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.dropout, F.dropout2d,
 )
 ELEMENTWISE_METHODS = ("relu", "sigmoid", "tanh", "relu_", "contiguous", "clone", "float")
-#: Pooling: channel-wise, keeps a constant channel constant (unless it pads with zeros).
-POOL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d,
-)
+#: Pooling functions: channel-wise, keep a constant channel constant (unless they pad with zeros).
 POOL_FUNCTIONS: tuple[Callable[..., Any], ...] = (
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool1d, F.avg_pool1d,
 )
@@ -177,10 +179,10 @@ class DependencyGraph:
 
 
 class _Tracer(fx.Tracer):
-    """Tracer that keeps attention blocks (see :func:`is_attention`) as leaves."""
+    """Tracer that keeps attention blocks (see :func:`is_attention`) and layers registered with a handler as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_attention(m) or super().is_leaf_module(m, qualname)
+        return is_attention(m) or is_registered_leaf(m) or super().is_leaf_module(m, qualname)
 
 
 def _find_untraceable(model: nn.Module) -> str:
@@ -302,10 +304,11 @@ class _Analysis:
             return
         shape = _shape(arg)
         module = self.modules[module_name]
-        if isinstance(module, nn.Linear) or is_attention(module):
-            ok = shape is not None and s.dim == len(shape) - 1
+        ndim = len(shape) if shape is not None else None
+        if is_attention(module):  # q/k/v read the features along the last dimension, as a Linear does
+            ok = ndim is not None and s.dim == ndim - 1
         else:
-            ok = s.dim == 1 and s.repeat == 1
+            ok = handler_for(module).reads(module, s.dim, s.repeat, ndim)
         if ok:
             self.group(s.gid).consumers.append(Consumer(module_name, s.repeat, arg.name))
         else:
@@ -335,14 +338,8 @@ class _Analysis:
         if op == "call_module":
             module = self.modules[target]
             x = args[0] if args else None
-            if isinstance(module, nn.Conv2d) and module.groups == 1:
-                self.consume(node, target, x)
-                self.set(node, Space(self.new_group(module.out_channels, target), 1))
-            elif isinstance(module, nn.Linear):
-                self.consume(node, target, x)
-                if out_shape is not None:
-                    self.set(node, Space(self.new_group(module.out_features, target), len(out_shape) - 1))
-            elif is_attention(module):
+            handler = handler_for(module)
+            if is_attention(module):
                 if len(node.all_input_nodes) > 1:
                     self.block_all(node, f"{target} takes more than one input")
                 self.consume(node, target, x)
@@ -350,19 +347,24 @@ class _Analysis:
                 if out_shape is not None:
                     out = f"{target}.{attention_out_name(module)}"
                     self.set(node, Space(self.new_group(attention_out(module).out_features, out), len(out_shape) - 1))
-            elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+            elif handler is None or handler.unsupported(module):
+                self.block_all(node, f"it reaches {target} ({type(module).__name__}), which is not channel-wise")
+            elif handler.role == "producer":
+                self.consume(node, target, x)
+                dim = handler.channel_dim(module, len(out_shape) if out_shape is not None else None)
+                if dim is not None:
+                    self.set(node, Space(self.new_group(handler.out_channels(module), target), dim))
+            elif handler.role == "norm":
                 s = self.space(x)
                 if s is not None and s.dim == 1 and s.repeat == 1:
                     self.group(s.gid).norms.append(target)
                     self.set(node, s)
                 else:
                     self.block(x, f"{target} normalises along another dimension")
-            elif isinstance(module, ELEMENTWISE_MODULES + POOL_MODULES):
+            elif handler.role == "channelwise":
                 self.pass_through(node, x)
-            elif isinstance(module, nn.Flatten):
+            else:  # "flatten"
                 self.flatten(node, x)
-            else:
-                self.block_all(node, f"it reaches {target} ({type(module).__name__}), which is not channel-wise")
             return
         if op == "call_function":
             if target in ELEMENTWISE_FUNCTIONS or target in POOL_FUNCTIONS:

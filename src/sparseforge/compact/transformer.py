@@ -85,57 +85,22 @@ with fewer KV heads; the default dynamic cache does.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from sparseforge.compact.plan import CompactReport, Plan, apply_plan, count_parameters
 from sparseforge.errors import SparseforgeError
-
-if TYPE_CHECKING:
-    from sparseforge.compact.compactor import CompactReport
+from sparseforge.layers import is_conv1d, weight_out_in
 
 SUPPORTED = (
     "BERT-style attention (self.query/key/value + output.dense) and FFN (intermediate.dense + output.dense), "
     "LLaMA-style attention (q_proj/k_proj/v_proj/o_proj with head_dim) and FFN (gate_proj/up_proj/down_proj), "
     "GPT-2 attention (attn.c_attn/c_proj Conv1D) and FFN (mlp.c_fc/c_proj)"
 )
-
-
-def is_hf_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing transformers)."""
-    mod = sys.modules.get("transformers")
-    if mod is None:
-        return False
-    try:
-        return isinstance(model, mod.PreTrainedModel)
-    except Exception:  # noqa: BLE001 - a broken transformers install: not an HF model for us
-        return False
-
-
-def hf_submodule(model: nn.Module) -> str | None:
-    """The name of the first ``PreTrainedModel`` nested inside ``model`` (None if there is none)."""
-    if sys.modules.get("transformers") is None:
-        return None
-    return next((name for name, m in model.named_modules() if name and is_hf_model(m)), None)
-
-
-def _is_conv1d(m: Any) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx") and isinstance(
-        getattr(m, "weight", None), torch.Tensor)
-
-
-def _is_proj(m: Any) -> bool:
-    return isinstance(m, nn.Linear) or _is_conv1d(m)
-
-
-def _w(m: nn.Module) -> torch.Tensor:
-    """The weight as ``[out, in]`` (a view for Conv1D, whose weight is ``[in, out]``)."""
-    w = m.weight.detach()
-    return w.t() if _is_conv1d(m) else w
 
 
 # ---------------------------------------------------------------- recognising blocks
@@ -222,7 +187,7 @@ def _llama_attention(name: str, m: nn.Module) -> AttentionBlock | None:
 
 def _gpt2_attention(name: str, m: nn.Module) -> AttentionBlock | None:
     c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
-    if not (_is_conv1d(c_attn) and _is_conv1d(c_proj)):
+    if not (is_conv1d(c_attn) and is_conv1d(c_proj)):
         return None
     h, d, split = getattr(m, "num_heads", None), getattr(m, "head_dim", None), getattr(m, "split_size", None)
     if not all(isinstance(x, int) for x in (h, d, split)):
@@ -252,7 +217,7 @@ def _ffn(name: str, m: nn.Module) -> FFNBlock | None:
             return FFNBlock(name, _join(name, "up_proj"), _join(name, "down_proj"), act,
                             _join(name, "gate_proj") if gate is not None else None, up.out_features)
     up, down, act = getattr(m, "c_fc", None), getattr(m, "c_proj", None), getattr(m, "act", None)
-    if _is_conv1d(up) and _is_conv1d(down) and callable(act) and up.nf == down.nx:
+    if is_conv1d(up) and is_conv1d(down) and callable(act) and up.nf == down.nx:
         return FFNBlock(name, _join(name, "c_fc"), _join(name, "c_proj"), act, size=up.nf)
     return None
 
@@ -260,7 +225,7 @@ def _ffn(name: str, m: nn.Module) -> FFNBlock | None:
 _CANDIDATE_WORDS = ("attention", "mlp", "feedforward", "ffn", "intermediate")
 
 
-def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[FFNBlock], list[str]]:
+def find_attention_and_ffn(model: nn.Module) -> tuple[list[AttentionBlock], list[FFNBlock], list[str]]:
     """The attention and FFN blocks of ``model``, and modules that look like blocks but were not recognised.
 
     Raises :class:`SparseforgeError` when no block at all is recognised,
@@ -314,7 +279,7 @@ def _bias(m: nn.Module) -> torch.Tensor | None:
 
 def _constant(m: nn.Module, lo: int = 0, n: int | None = None) -> torch.Tensor:
     """Per output row ``lo..lo+n``: the bias where the row is all zero (0 without bias), NaN elsewhere."""
-    w = _w(m)
+    w = weight_out_in(m)
     n = w.shape[0] - lo if n is None else n
     b = _bias(m)
     v = b[lo:lo + n].double().clone() if b is not None else torch.zeros(n, dtype=torch.float64, device=w.device)
@@ -347,7 +312,7 @@ def decide_ffn(model: nn.Module, f: FFNBlock) -> tuple[list[int], dict[int, floa
     """Units to remove and the constants ``{unit: k}`` to fold into the down projection's bias."""
     values = ffn_unit_values(model, f)
     down = model.get_submodule(f.down)
-    col_zero = _rows_zero(_w(down).t())
+    col_zero = _rows_zero(weight_out_in(down).t())
     has_bias = _bias(down) is not None
     removable, folds = [], {}
     for j in range(f.size):
@@ -366,7 +331,7 @@ def decide_heads(model: nn.Module, a: AttentionBlock) -> tuple[list[int], list[t
     """KV groups to remove and ``(query head, value bias)`` pairs to fold into the output projection."""
     d, r = a.head_dim, a.num_heads // a.num_kv_heads
     v_mod, o_mod = model.get_submodule(a.v), model.get_submodule(a.o)
-    wv, wo = _w(v_mod), _w(o_mod)
+    wv, wo = weight_out_in(v_mod), weight_out_in(o_mod)
     bv = _bias(v_mod)
     o_bias = _bias(o_mod) is not None
     vo = a.offsets[2]
@@ -395,28 +360,6 @@ def decide_heads(model: nn.Module, a: AttentionBlock) -> tuple[list[int], list[t
 
 
 # ---------------------------------------------------------------- slicing
-
-
-def _sliced_module(old: nn.Module, o: torch.Tensor | None, i: torch.Tensor | None) -> tuple[dict[str, Any], nn.Module]:
-    """The shape entry and a new Linear/Conv1D holding ``old``'s output rows ``o`` and input columns ``i``."""
-    if isinstance(old, nn.Linear):
-        from sparseforge.compact.compactor import _sliced
-
-        return _sliced(old, o, i)
-    from sparseforge.compact.compactor import _resized
-
-    entry = {"kind": "Conv1D", "nx": len(i) if i is not None else old.nx, "nf": len(o) if o is not None else old.nf}
-    new = _resized(old, entry)
-    w = old.weight.detach()  # [in, out]
-    w = w[:, o] if o is not None else w
-    w = w[i] if i is not None else w
-    with torch.no_grad():
-        new.weight.copy_(w)
-        new.bias.copy_(old.bias[o] if o is not None else old.bias)
-    new.train(old.training)
-    new.weight.requires_grad_(old.weight.requires_grad)
-    new.bias.requires_grad_(old.bias.requires_grad)
-    return entry, new
 
 
 def _index(keep: list[int], width: int, device: torch.device, offset: int = 0) -> torch.Tensor:
@@ -510,23 +453,16 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
         SparseforgeError: no block is recognised (naming a module that looks
             like one), or the outputs changed (the model is then restored).
     """
-    from sparseforge.compact.compactor import SPEC_ATTR, CompactReport, _count
-    from sparseforge.targets import set_submodule
-
-    attn, ffn, unknown = find_blocks(model)
+    attn, ffn, unknown = find_attention_and_ffn(model)
     inputs = example_inputs(model, example_input)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         reference = _first_output(model(**inputs))
-        report = CompactReport(params_before=_count(model))
-        out_keep: dict[str, torch.Tensor] = {}
-        in_keep: dict[str, torch.Tensor] = {}
-        attrs: dict[str, dict[str, int]] = {}
-        ffn_folds: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        head_folds: list[tuple[nn.Module, int, torch.Tensor, int]] = []
-
+        report = CompactReport(params_before=count_parameters(model))
+        plan = Plan()
+        head_folds = []
         for a in attn:
             entry = {"members": [a.name], "before": a.num_heads, "after": a.num_heads, "folded": 0,
                      "blocked": list(a.blocked), "kv_before": a.num_kv_heads, "kv_after": a.num_kv_heads}
@@ -543,13 +479,17 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
             entry.update(after=len(kept_q), kv_after=len(kept_kv), folded=len(folds))
             q_rows, kv_rows = _index(kept_q, d, device), _index(kept_kv, d, device)
             if a.style == "gpt2":
-                out_keep[a.q] = torch.cat([q_rows + a.offsets[0], kv_rows + a.offsets[1], kv_rows + a.offsets[2]])
+                plan.out_keep[a.q] = torch.cat([q_rows + a.offsets[0], kv_rows + a.offsets[1], kv_rows + a.offsets[2]])
             else:
-                out_keep[a.q], out_keep[a.k], out_keep[a.v] = q_rows, kv_rows, kv_rows
-            in_keep[a.o] = q_rows
-            attrs[a.attrs] = _attr_values(model, a, len(kept_q), len(kept_kv))
+                plan.out_keep[a.q], plan.out_keep[a.k], plan.out_keep[a.v] = q_rows, kv_rows, kv_rows
+            plan.in_keep[a.o] = q_rows
+            values = _attr_values(model, a, len(kept_q), len(kept_kv))
+            plan.attributes[a.attrs] = values
+            plan.entries[a.attrs] = {"kind": "attributes", "values": dict(values)}
             o_mod = model.get_submodule(a.o)
-            head_folds += [(o_mod, h, b, d) for h, b in folds]
+            # a head with zero value rows outputs its value bias: W_o[:, head] @ b_v folds into the output bias
+            head_folds += [(o_mod, lambda o=o_mod, h=h, b=b, d=d: (
+                weight_out_in(o)[:, h * d:(h + 1) * d].double() @ b.double()).to(o.bias.dtype)) for h, b in folds]
 
         for f in ffn:
             members = [f.up] + ([f.gate] if f.gate else [])
@@ -561,69 +501,22 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
             gone = set(removed)
             keep = torch.tensor([j for j in range(f.size) if j not in gone], dtype=torch.long, device=device)
             for n in members:
-                out_keep[n] = keep
-            in_keep[f.down] = keep
-            if folds:
+                plan.out_keep[n] = keep
+            plan.in_keep[f.down] = keep
+            if folds:  # constant units fold into the down projection's bias: k * W_down[:, unit]
                 down = model.get_submodule(f.down)
                 idx = torch.tensor(list(folds), dtype=torch.long, device=device)
                 ks = torch.tensor(list(folds.values()), dtype=torch.float64, device=device)
-                ffn_folds.append((down, idx, ks))
+                plan.fold(down, lambda down=down, idx=idx, ks=ks: (
+                    weight_out_in(down)[:, idx].double() @ ks).to(down.bias.dtype))
+        for layer, delta in head_folds:
+            plan.fold(layer, delta)
 
         for name in unknown:
             report.groups.append({"members": [name], "consumers": [], "before": 0, "after": 0, "folded": 0,
                                   "blocked": [f"{name}: not a recognised block ({SUPPORTED}); left whole"]})
-
-        if not out_keep and not in_keep:
-            report.params_after = report.params_before
-            return report
-
-        # Fold constants into the consumers' biases (before slicing); keep the old biases to undo it.
-        saved_bias = {id(m): (m, m.bias.detach().clone()) for m, *_ in ffn_folds + head_folds}
-        for down, idx, ks in ffn_folds:
-            cols = _w(down)[:, idx].double()
-            down.bias.add_((cols @ ks).to(down.bias.dtype))
-        for o_mod, h, b, d in head_folds:
-            o_mod.bias.add_((_w(o_mod)[:, h * d:(h + 1) * d].double() @ b.double()).to(o_mod.bias.dtype))
-
-        originals: dict[str, nn.Module] = {}
-        built: dict[str, nn.Module] = {}
-        shapes: dict[str, dict[str, Any]] = {}
-        for name in sorted(set(out_keep) | set(in_keep)):
-            old = model.get_submodule(name)
-            shapes[name], built[name] = _sliced_module(old, out_keep.get(name), in_keep.get(name))
-            originals[name] = old
-        old_attrs = {name: {k: getattr(model.get_submodule(name), k) for k in vals} for name, vals in attrs.items()}
-        try:
-            for name, new in built.items():
-                set_submodule(model, name, new)
-            for name, vals in attrs.items():
-                m = model.get_submodule(name)
-                for k, v in vals.items():
-                    setattr(m, k, v)
-                shapes[name] = {"kind": "attributes", "values": dict(vals)}
-            result = _first_output(model(**inputs))
-            diff = float((result - reference).abs().max()) if result.numel() else 0.0
-            tol = atol * (1.0 + float(reference.abs().max()))
-            if not diff <= tol:
-                raise SparseforgeError(
-                    f"compacting {type(model).__name__} changed its output by {diff:.3g} (tolerance {tol:.3g}); "
-                    "the model was left unchanged. Its attention or FFN forward probably reads a size that "
-                    "compact does not update; please report it"
-                )
-        except Exception:
-            for name, old in originals.items():
-                set_submodule(model, name, old)
-            for name, vals in old_attrs.items():
-                m = model.get_submodule(name)
-                for k, v in vals.items():
-                    setattr(m, k, v)
-            for m, bias in saved_bias.values():
-                m.bias.copy_(bias)
-            raise
-        report.max_abs_diff = diff
-        report.shapes = shapes
-        report.params_after = _count(model)
-        setattr(model, SPEC_ATTR, dict(getattr(model, SPEC_ATTR, {})) | shapes)
+        apply_plan(model, plan, report, lambda: _first_output(model(**inputs)), reference, atol,
+                   "Its attention or FFN forward probably reads a size that compact does not update")
         return report
     finally:
         model.train(was_training)

@@ -169,7 +169,7 @@ def arch_metadata(
     gets ``"hf"`` with its class name and config (:mod:`sparseforge.io.hf`); else ``{}``.
     """
     if arch is None and arch_kwargs is None:
-        from sparseforge.compact.transformer import is_hf_model
+        from sparseforge.layers import is_hf_model
 
         if is_hf_model(model):  # class and config, so the file rebuilds it (sparseforge.io.hf)
             from sparseforge.io.hf import ARCH, arch_kwargs as hf_kwargs
@@ -207,7 +207,7 @@ def model_for(path: str | os.PathLike[str], meta: dict[str, Any], model: nn.Modu
 
             model = build_model(meta["arch"], **meta.get("arch_kwargs", {}))
     if meta.get("compact"):
-        from sparseforge.compact.compactor import resize_modules
+        from sparseforge.compact import resize_modules
 
         resize_modules(model, meta["compact"])
     return model

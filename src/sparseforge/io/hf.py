@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
-from sparseforge.compact.transformer import is_hf_model
+from sparseforge.layers import is_hf_model
 from sparseforge.files import atomic_dir
 from sparseforge.oserrors import write_errors
 
