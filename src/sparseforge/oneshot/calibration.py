@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.layers import is_conv1d
 from sparseforge.progress import Progress, using
 
 __all__ = [
@@ -62,22 +63,17 @@ __all__ = [
 ]
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 ``Conv1D`` is a Linear with its weight stored [in, out]
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def is_linear_like(module: nn.Module) -> bool:
     """Whether calibration supports the layer: Linear, transformers Conv1D, or Conv2d (ungrouped, integer padding)."""
     if isinstance(module, nn.Conv2d):
         return module.groups == 1 and not isinstance(module.padding, str)
-    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as a float32 ``[out, fan_in]`` matrix (a copy), in :func:`input_matrix`'s column order."""
     w = module.weight.detach()
-    if _is_hf_conv1d(module):
+    if is_conv1d(module):
         w = w.t()
     return w.reshape(w.shape[0], -1).to(torch.float32).clone()
 
@@ -86,7 +82,7 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write an ``[out, fan_in]`` matrix back into the layer's weight (its dtype and layout)."""
     w = module.weight
-    new = matrix.t() if _is_hf_conv1d(module) else matrix.reshape(w.shape)
+    new = matrix.t() if is_conv1d(module) else matrix.reshape(w.shape)
     w.copy_(new.to(w.dtype))
 
 
@@ -99,7 +95,7 @@ def input_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             raise SparseforgeError("Conv2d with string padding is not supported by calibration; use integer padding")
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.float32)
-    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return x.reshape(-1, x.shape[-1]).to(torch.float32)
     raise SparseforgeError(
         f"calibration statistics support Linear, Conv2d and transformers Conv1D layers, not {type(module).__name__}"
