@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import sparseforge.merge as sm
 from sparseforge.errors import SparseforgeError
-from sparseforge.io.checkpoint import read_checkpoint, save_checkpoint, tensor_digest
+from sparseforge.formats import tensor_digest
+from sparseforge.io.checkpoint import read_checkpoint, save_checkpoint
 from sparseforge.merge import streaming
 from sparseforge.merge.streaming import merge_files
 

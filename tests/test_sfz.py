@@ -18,7 +18,8 @@ from torch import nn
 
 import sparseforge as sf
 from sparseforge.cli import main as cli_main
-from sparseforge.io.checkpoint import save_checkpoint, seal_metadata
+from sparseforge.formats import seal_metadata
+from sparseforge.io.checkpoint import save_checkpoint
 from sparseforge.io.sfz import FORMAT_VERSION, is_sfz, pattern_of, read_sfz
 from sparseforge.quant import quantization_of, quantize_, quantize_weight
 from sparseforge.zoo import build_model

@@ -420,3 +420,16 @@ def test_one_epoch_of_lenet_learns() -> None:
     assert stats["steps"] == 16
     assert after["loss"] < before["loss"] - 0.5
     assert after["accuracy"] > 50.0
+
+
+def test_every_zoo_model_is_in_the_architecture_table_files_rebuild_from() -> None:
+    """io rebuilds models from a file's arch name through its table, which must list every zoo model
+    (and recognise each one's class without importing anything)."""
+    from sparseforge.io.architectures import ARCHITECTURES, HF_ARCH, architecture_of, build_architecture
+    from sparseforge.zoo.models import MODELS
+
+    assert set(ARCHITECTURES) - {HF_ARCH} == set(MODELS)
+    for name, cls in MODELS.items():
+        model = build_architecture(name, {"num_classes": 7})
+        assert type(model) is cls and architecture_of(model) == name
+    assert architecture_of(torch.nn.Linear(2, 2)) is None

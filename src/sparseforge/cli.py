@@ -404,7 +404,8 @@ def _prune_calibrated(args: argparse.Namespace, shown: Progress) -> int:
     """Wanda / SparseGPT / magnitude / MaskLLM with calibration text (or Fashion-MNIST for a zoo model)."""
     import torch
 
-    from sparseforge.io.hf import ARCH, quality
+    from sparseforge.io.hf import ARCH
+    from sparseforge.quality import quality
     from sparseforge.oneshot.calibrated import prune_calibrated
 
     method = args.method or "wanda"
@@ -638,7 +639,8 @@ def _cmd_export(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
-    from sparseforge.io.hf import ARCH, quality
+    from sparseforge.io.hf import ARCH
+    from sparseforge.quality import quality
     from sparseforge.quant.rtn import quantize_, rounded_to_zero
     from sparseforge.report import report
 

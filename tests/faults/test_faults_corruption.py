@@ -43,7 +43,8 @@ from torch import nn
 
 import sparseforge as sf
 from sparseforge.errors import SparseforgeError
-from sparseforge.io.checkpoint import HEADER_DIGEST, load_checkpoint, read_checkpoint, save_checkpoint
+from sparseforge.formats import HEADER_DIGEST
+from sparseforge.io.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from sparseforge.io.sfz import read_sfz
 from sparseforge.merge.streaming import merge_files
 from sparseforge.quant import quantize_
@@ -397,7 +398,7 @@ def test_metadata_flip_reads_as_corrupted_and_newer_versions_as_newer(formats, t
     with pytest.raises(SparseforgeError, match="extra.safetensors is corrupted: its metadata does not match"):
         read_checkpoint(tmp_path / "extra.safetensors")
 
-    from sparseforge.io.checkpoint import FORMAT_VERSION, seal_metadata
+    from sparseforge.formats import CHECKPOINT_VERSION as FORMAT_VERSION, seal_metadata
 
     with safe_open(str(sfz), framework="pt") as f:
         meta = dict(f.metadata())

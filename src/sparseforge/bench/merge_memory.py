@@ -35,7 +35,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from sparseforge.io.checkpoint import save_checkpoint, tensor_digest
+from sparseforge.formats import tensor_digest
+from sparseforge.io.checkpoint import save_checkpoint
 
 MB = 1e6
 

@@ -95,7 +95,7 @@ class _MiniLMTask:
     name = "all-MiniLM-L6-v2"
 
     def __init__(self, quick: bool, eval_texts: int, probe_texts: int | None) -> None:
-        from sparseforge.io.hf import sentence_embeddings
+        from sparseforge.quality import sentence_embeddings
         from sparseforge.zoo.minilm import load_minilm
         from sparseforge.zoo.text import fortunes, labelled_fortunes
 
@@ -152,7 +152,7 @@ class _CausalLMTask:
         return self.quality(model)["perplexity"]
 
     def quality(self, model: torch.nn.Module) -> dict[str, float]:
-        from sparseforge.io.hf import perplexity
+        from sparseforge.quality import perplexity
 
         return {"perplexity": perplexity(model, self.tokenizer, self.eval_texts, self.seq_len,
                                          max_windows=self.eval_windows)}

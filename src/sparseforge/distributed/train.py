@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.formats import TRAINING_CHECKPOINT_FORMAT
 from sparseforge.progress import Progress
 from sparseforge.recipes import from_mapping, read_yaml, to_mapping
 from sparseforge.threads import set_threads
@@ -104,7 +105,7 @@ __all__ = [
 TRAIN_EXAMPLES = 60000
 """Examples in the Fashion-MNIST training split (``data.limit_train`` keeps the first ones)."""
 
-CHECKPOINT_FORMAT = "sparseforge-train-checkpoint"
+CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT  # defined beside the other formats, which io tells apart
 CHECKPOINT_VERSION = 2
 #: Versions this trainer resumes from: 1 was written without the content digest.
 READABLE_CHECKPOINT_VERSIONS = (1, 2)

@@ -12,11 +12,10 @@ values, builds on this one; see DESIGN.md, "save/load".)
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,137 +23,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from sparseforge.compact import resize_modules
 from sparseforge.errors import SparseforgeError
-from sparseforge.files import safetensors_dtype, write_safetensors
+from sparseforge.files import write_safetensors
+from sparseforge.formats import (
+    CHECKPOINT_FORMAT, CHECKPOINT_LEGACY_KEYS, CHECKPOINT_VERSION, HEADER_DIGEST, check_header, foreign_format,
+    seal_metadata, tensor_digest, verify_tensor,
+)
+from sparseforge.io.architectures import HF_ARCH, architecture_of, build_architecture
+from sparseforge.io.hf import arch_kwargs as hf_arch_kwargs
+from sparseforge.layers import is_hf_model
 
-FORMAT = "sparseforge-checkpoint"
-FORMAT_VERSION = 1
-#: the metadata entry holding the SHA-256 of the rest of the header (see :func:`header_digest`)
-HEADER_DIGEST = "header_sha256"
-# The metadata entries that checkpoints written before the header digest hold: a file
-# without the digest but with another entry has had a byte of an entry's name flipped.
-LEGACY_KEYS = frozenset({"format", "format_version", "arch", "arch_kwargs", "sha256", "extra", "compact"})
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """SHA-256 (hex) of a tensor's bytes, as stored in checkpoint and sfz metadata."""
-    data = t.detach().cpu().contiguous().reshape(-1)
-    # hashlib reads the numpy buffer in place: no second copy of the tensor (tobytes would make one).
-    return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
-
-
-def stored_digests(raw_meta: dict[str, str]) -> dict[str, str]:
-    """The per-tensor SHA-256 digests listed in a safetensors file's raw metadata (``{}`` when it lists none)."""
-    return json.loads(raw_meta.get("sha256", "{}"))
-
-
-def verify_tensor(path: str | os.PathLike[str], name: str, tensor: torch.Tensor, digests: dict[str, str]) -> None:
-    """Raise :class:`SparseforgeError` when ``tensor``, read as ``name`` from ``path``, does not match its digest.
-
-    Tensors without a digest in ``digests`` pass. One tensor at a time, so a
-    reader that streams a file (``sparseforge.merge.streaming``) verifies as it goes.
-    """
-    if name in digests and tensor_digest(tensor) != digests[name]:
-        raise SparseforgeError(f"{path} is corrupted: tensor {name!r} does not match its checksum")
-
-
-def header_digest(metadata: Mapping[str, str], table: Mapping[str, tuple[str, Sequence[int]]]) -> str:
-    """SHA-256 (hex) of a safetensors header: its metadata (less this digest) and each tensor's dtype and shape.
-
-    ``table`` maps tensor names to (safetensors dtype name, shape). The
-    tensors' bytes have digests of their own (:func:`tensor_digest`); this
-    one covers what the reader takes from the header, so that a flipped byte
-    there (a name, an architecture argument, a recorded report) is an error
-    and not a silently different model or report.
-    """
-    canonical = {
-        "metadata": {k: v for k, v in metadata.items() if k != HEADER_DIGEST},
-        "tensors": {k: [dtype, [int(n) for n in shape]] for k, (dtype, shape) in table.items()},
-    }
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def seal_metadata(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """``metadata`` with its :data:`HEADER_DIGEST` entry (re)computed for a file holding ``tensors``."""
-    table = {k: (safetensors_dtype(t), list(t.shape)) for k, t in tensors.items()}
-    plain = {k: v for k, v in metadata.items() if k != HEADER_DIGEST}
-    return {**plain, HEADER_DIGEST: header_digest(plain, table)}
-
-
-def check_header(
-    path: str | os.PathLike[str], handle: Any, metadata: Mapping[str, str], legacy_keys: Collection[str],
-    max_version: int,
-) -> None:
-    """Raise :class:`SparseforgeError` when an open safetensors file's header does not match its digest.
-
-    ``handle`` is the file opened with ``safetensors.safe_open``. A file
-    without a :data:`HEADER_DIGEST` entry was written before there was one:
-    it passes when its metadata holds only ``legacy_keys`` (an entry whose
-    name a flipped byte changed is corrupted). A mismatch in a file that
-    says it has a format version above ``max_version`` is reported as a
-    newer file (a later version may compute the digest otherwise).
-    """
-    stored = metadata.get(HEADER_DIGEST)
-    if stored is None:
-        unknown = sorted(set(metadata) - set(legacy_keys))
-        if unknown:
-            raise SparseforgeError(f"{path} is corrupted: its metadata holds entries no sparseforge writes "
-                                   f"({', '.join(repr(k) for k in unknown[:3])}); write the file again")
-        return
-    table = {}
-    for k in handle.keys():
-        piece = handle.get_slice(k)
-        table[k] = (piece.get_dtype(), piece.get_shape())
-    if header_digest(metadata, table) != stored:
-        try:
-            newer = int(metadata.get("format_version", "0")) > max_version
-        except ValueError:
-            newer = False
-        if newer:
-            raise SparseforgeError(f"{path} was written by a newer sparseforge (format version "
-                                   f"{metadata['format_version']}, this one reads up to {max_version}): "
-                                   "upgrade sparseforge to read it")
-        raise SparseforgeError(f"{path} is corrupted: its metadata does not match its checksum; write the file again")
-
-
-def foreign_format(path: str | os.PathLike[str]) -> str | None:
-    """Why ``path`` is not a safetensors file, when its first bytes say what it is instead; None otherwise.
-
-    Recognised: PyTorch files (``torch.save``: a zip archive, or a pickle in
-    the legacy format), naming a training checkpoint of ``sparseforge train``
-    as such and pointing to the run's ``model.safetensors``. The file is not
-    unpickled (that would run code from it): a training checkpoint is told
-    by its format name in the first bytes of its pickle, which torch.save
-    stores uncompressed.
-    """
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(1 << 16)
-    except OSError:
-        return None
-    zipped = head.startswith(b"PK\x03\x04")  # torch.save since torch 1.6
-    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # the legacy format
-    if not (zipped or pickled):
-        return None
-    from sparseforge.distributed.train import CHECKPOINT_FORMAT
-
-    if CHECKPOINT_FORMAT.encode() in head:
-        run_model = p.parent.parent / "model.safetensors"
-        where = (f" ({run_model})" if run_model.is_file() else
-                 " (written when the run finishes; until then resume the run with sparseforge train)")
-        return (f"{p} is a training checkpoint written by `sparseforge train` (a torch.save file for resuming "
-                f"the run), not a model file: pass the run folder's model.safetensors instead{where}")
-    return (f"{p} is a PyTorch file written by torch.save, not a sparseforge model file: pass a "
-            "sparseforge checkpoint (.safetensors) or .sfz file instead (from Python, load the model and "
-            "write one with sparseforge.save_checkpoint)")
-
-
-def arch_of(model: nn.Module) -> str | None:
-    """The zoo name of ``model``'s class, or None for a model from elsewhere."""
-    from sparseforge.zoo.models import MODELS
-
-    return next((name for name, cls in MODELS.items() if type(model) is cls), None)
+FORMAT = CHECKPOINT_FORMAT
+FORMAT_VERSION = CHECKPOINT_VERSION
 
 
 def arch_metadata(
@@ -162,20 +43,16 @@ def arch_metadata(
 ) -> tuple[str | None, dict[str, Any]]:
     """(architecture name, constructor kwargs) to store with ``model``.
 
-    Default name: the zoo name of the model's class (None for other models);
-    default kwargs: for a zoo model, every constructor argument that the model
+    Default name: the name of the model's class in the architecture table
+    (:mod:`sparseforge.io.architectures`; None for other models); default
+    kwargs: for a listed model, every constructor argument that the model
     keeps as an attribute of the same name (``num_classes``, ``width``), so a
     non-default model is rebuilt at its own size; a ``transformers`` model
-    gets ``"hf"`` with its class name and config (:mod:`sparseforge.io.hf`); else ``{}``.
+    gets ``"hf"`` with its class name and config (:func:`sparseforge.io.hf.arch_kwargs`); else ``{}``.
     """
-    if arch is None and arch_kwargs is None:
-        from sparseforge.layers import is_hf_model
-
-        if is_hf_model(model):  # class and config, so the file rebuilds it (sparseforge.io.hf)
-            from sparseforge.io.hf import ARCH, arch_kwargs as hf_kwargs
-
-            return ARCH, hf_kwargs(model)
-    arch = arch or arch_of(model)
+    if arch is None and arch_kwargs is None and is_hf_model(model):
+        return HF_ARCH, hf_arch_kwargs(model)  # class and config, so that the file rebuilds it
+    arch = arch or architecture_of(model)
     if arch_kwargs is None:
         arch_kwargs = {}
         if arch:
@@ -186,29 +63,20 @@ def arch_metadata(
 
 
 def model_for(path: str | os.PathLike[str], meta: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
-    """The model a file's weights go into: ``model``, or a zoo model built from ``meta``.
+    """The model a file's weights go into: ``model``, or one built from ``meta`` by its architecture name.
 
     ``meta`` has ``arch``, ``arch_kwargs`` and ``compact`` (the sizes of the
     modules :func:`sparseforge.compact` shrank, rebuilt here). Raises
     :class:`SparseforgeError` when no model is given and the file names no
-    zoo architecture nor a transformers model.
+    known architecture (:func:`~sparseforge.io.architectures.build_architecture`).
     """
     if model is None:
         if not meta.get("arch"):
             raise SparseforgeError(
                 f"{path} does not name a zoo architecture; pass the model to load it into"
             )
-        from sparseforge.io.hf import ARCH, build_from_metadata
-
-        if meta["arch"] == ARCH:
-            model = build_from_metadata(meta.get("arch_kwargs", {}))
-        else:
-            from sparseforge.zoo.models import build_model
-
-            model = build_model(meta["arch"], **meta.get("arch_kwargs", {}))
+        model = build_architecture(meta["arch"], meta.get("arch_kwargs", {}))
     if meta.get("compact"):
-        from sparseforge.compact import resize_modules
-
         resize_modules(model, meta["compact"])
     return model
 
@@ -266,7 +134,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
             raw_meta = f.metadata() or {}
             keys = list(f.keys())
             if HEADER_DIGEST in raw_meta or raw_meta.get("format") == FORMAT:
-                check_header(p, f, raw_meta, LEGACY_KEYS, FORMAT_VERSION)
+                check_header(p, f, raw_meta, CHECKPOINT_LEGACY_KEYS, FORMAT_VERSION)
             if raw_meta.get("format") != FORMAT:
                 raise SparseforgeError(
                     f"{p} is a safetensors file but not a sparseforge checkpoint (no '{FORMAT}' metadata)"

@@ -15,7 +15,8 @@ the pruned model leaves here in either of two forms:
   ``load_checkpoint`` and the CLI rebuild it without being given the model,
   compacted ones included.
 
-Install with ``pip install 'sparseforge[hf]'``.
+How good such a model is (perplexity, embedding fidelity) is measured by
+:mod:`sparseforge.quality`. Install with ``pip install 'sparseforge[hf]'``.
 """
 
 from __future__ import annotations
@@ -24,28 +25,26 @@ import contextlib
 import hashlib
 import json
 import os
-import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from sparseforge.errors import DataError, SparseforgeError
-from sparseforge.layers import is_hf_model
+from sparseforge.errors import SparseforgeError
 from sparseforge.files import atomic_dir
+from sparseforge.io.architectures import HF_ARCH
+from sparseforge.layers import is_hf_model
 from sparseforge.oserrors import write_errors
 
 __all__ = [
-    "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_causal_lm",
-    "is_pretrained_dir", "load_pretrained", "perplexity", "quality", "save_pretrained", "sentence_embeddings",
+    "ARCH", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_pretrained_dir", "load_pretrained",
+    "save_pretrained", "verify_checksums",
 ]
 
 #: the ``arch`` name sparseforge files give a transformers model
-ARCH = "hf"
+ARCH = HF_ARCH
 HF_HINT = "install the Hugging Face extra: pip install 'sparseforge[hf]'"
 METADATA_FILE = "sparseforge.json"
 #: the checksums of a folder's files, in the format of ``sha256sum`` (``sha256sum -c SHA256SUMS`` checks them)
@@ -250,8 +249,11 @@ def arch_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"class": type(model).__name__, "config": model.config.to_dict()}
 
 
-def build_from_metadata(kwargs: dict[str, Any]) -> nn.Module:
-    """A freshly initialised transformers model of the class and config in ``kwargs`` (see :func:`arch_kwargs`)."""
+def build_from_metadata(**kwargs: Any) -> nn.Module:
+    """A freshly initialised transformers model of the ``class`` and ``config`` in ``kwargs`` (see :func:`arch_kwargs`).
+
+    The builder of the ``"hf"`` architecture (:mod:`sparseforge.io.architectures`).
+    """
     transformers = _transformers()
     cls = getattr(transformers, str(kwargs.get("class", "")), None)
     if cls is None or "config" not in kwargs:
@@ -259,132 +261,3 @@ def build_from_metadata(kwargs: dict[str, Any]) -> nn.Module:
                                f"transformers {transformers.__version__} does not have")
     config = cls.config_class.from_dict(dict(kwargs["config"]))
     return cls(config).eval()
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` predicts the next token (a ``...ForCausalLM`` or ``...LMHeadModel`` class)."""
-    name = type(model).__name__
-    return is_hf_model(model) and (name.endswith("ForCausalLM") or name.endswith("LMHeadModel"))
-
-
-@torch.no_grad()
-def sentence_embeddings(
-    model: nn.Module, tokenizer: Any, texts: list[str] | tuple[str, ...], batch_size: int = 32, max_length: int = 256,
-) -> torch.Tensor:
-    """L2-normalised, attention-mask-weighted mean of an encoder's last hidden states, one row per text.
-
-    The pooling of sentence-transformers models such as all-MiniLM-L6-v2
-    (measured: cosine 1.0000 to sentence-transformers' own encoding).
-    Sequences are truncated at ``max_length`` (default 256) tokens.
-    """
-    out = []
-    texts = list(texts)
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def perplexity(
-    model: nn.Module,
-    tokenizer_or_tokens: Any,
-    texts: Sequence[str] | None = None,
-    seq_len: int = 128,
-    max_windows: int | None = None,
-    batch_size: int = 16,
-) -> float:
-    """Perplexity of a causal LM on text: ``exp`` of the mean next-token negative log-likelihood.
-
-    The rule: the text is one token stream (a 1-D token tensor given as
-    ``tokenizer_or_tokens``, or ``texts`` joined by
-    :func:`~sparseforge.zoo.text.token_stream` with the given tokenizer), cut
-    from its start into non-overlapping windows of ``seq_len`` tokens (the
-    tail shorter than a window is dropped; only the first ``max_windows``
-    when given). Each window is scored alone: its first token is context
-    only, so every window contributes ``seq_len - 1`` predictions, and the
-    mean is over all of them (for one window: the ``loss`` a Hugging Face
-    causal LM returns with ``labels=input_ids``). Deterministic; the model's
-    train/eval mode is restored afterwards.
-
-    Defaults: windows of 128 tokens, all of them, scored 16 at a time.
-
-    >>> from sparseforge.zoo.causal_lm import TINY_CONFIG, build_model
-    >>> model = build_model(TINY_CONFIG)  # untrained: close to uniform over its 320 tokens
-    >>> 300 < perplexity(model, torch.arange(256) % 320, seq_len=64) < 340
-    True
-    """
-    from sparseforge.zoo.text import token_stream
-
-    if isinstance(tokenizer_or_tokens, torch.Tensor):
-        if texts is not None:
-            raise DataError("pass either a token tensor or a tokenizer with texts, not both")
-        tokens = tokenizer_or_tokens.reshape(-1).long()
-    else:
-        if texts is None:
-            raise DataError("perplexity with a tokenizer needs the texts to score")
-        tokens = token_stream(tokenizer_or_tokens, texts)
-    if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}")
-    n_windows = tokens.numel() // seq_len
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    if n_windows < 1:
-        raise DataError(f"text of {tokens.numel()} tokens is shorter than one window of {seq_len}")
-    windows = tokens[:n_windows * seq_len].view(n_windows, seq_len)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, n_windows, batch_size):
-            x = windows[i:i + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits.float()
-            nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                              x[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll)
-            count += x[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    return math.exp(total / count)
-
-
-@dataclass
-class Quality:
-    """A transformers model's quality on held-out texts: perplexity (causal LM) or embedding fidelity (encoder)."""
-
-    texts: int
-    perplexity: float | None = None
-    mean_cosine: float | None = None
-    min_cosine: float | None = None
-    embeddings: torch.Tensor | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in (("texts", self.texts), ("perplexity", self.perplexity),
-                                  ("mean_cosine", self.mean_cosine), ("min_cosine", self.min_cosine)) if v is not None}
-
-
-def quality(
-    model: nn.Module, tokenizer: Any, texts: list[str], seq_len: int = 128, reference: Quality | None = None,
-    max_windows: int = 64,
-) -> Quality:
-    """Measure ``model`` on held-out ``texts``.
-
-    A causal LM (:func:`is_causal_lm`): perplexity over the texts joined into
-    one token stream, in windows of ``seq_len`` tokens (at most
-    ``max_windows``, default 64). Any other model: its
-    :func:`sentence_embeddings`, and, given the dense model's ``reference``,
-    the mean and minimum cosine similarity to the reference embeddings.
-    """
-    if is_causal_lm(model):
-        return Quality(len(texts), perplexity=perplexity(model, tokenizer, texts, seq_len, max_windows=max_windows))
-    emb = sentence_embeddings(model, tokenizer, texts)
-    q = Quality(len(texts), embeddings=emb)
-    if reference is not None and reference.embeddings is not None:
-        cos = (emb * reference.embeddings).sum(-1)
-        q.mean_cosine, q.min_cosine = float(cos.mean()), float(cos.min())
-    return q

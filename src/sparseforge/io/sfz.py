@@ -37,7 +37,7 @@ number of nonzeros, zero pattern when recognised (``unstructured``,
 ``N:M``, ``channel``), quantization (bits, group size) and the SHA-256 of
 the bytes of each stored part, so that a corrupted part is detected and
 named; the raw metadata also holds ``header_sha256``, the SHA-256 of the
-whole header (:func:`sparseforge.io.checkpoint.header_digest`), so that
+whole header (:func:`sparseforge.formats.header_digest`), so that
 a flipped byte in the metadata is detected too (files written before it
 still load). Writes are atomic (:func:`sparseforge.files.write_safetensors`). The entropy bound that the size benchmark
 (``python -m sparseforge.bench size``) compares with is ``n H(density)``
@@ -59,10 +59,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.io.checkpoint import (
-    HEADER_DIGEST, arch_metadata, check_header, foreign_format, model_for, seal_metadata, tensor_digest,
-)
 from sparseforge.files import write_safetensors
+from sparseforge.formats import HEADER_DIGEST, check_header, foreign_format, seal_metadata, tensor_digest
+from sparseforge.io.checkpoint import arch_metadata, model_for
 from sparseforge.quant.rtn import (
     QUANT_ATTR, QuantizedTensor, dequantize, pack_int4, quantization_of, quantize_weight, unpack_int4,
 )

