@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseforge.distributed import masks as dist_masks
+from sparseforge import collectives
 from sparseforge.errors import SparseforgeError
 from sparseforge.methods.base import Method
 from sparseforge.targets import Layer
@@ -109,10 +109,10 @@ class Sparsifier:
         optimizer: torch.optim.Optimizer | None = None,
         sync_masks: bool | None = None,
     ) -> None:
-        dist_masks.reject_wrapper(model)
+        collectives.reject_wrapper(model)
         if sync_masks is not None and not isinstance(sync_masks, bool):
             raise SparseforgeError(f"sync_masks must be None (auto), True or False, got {sync_masks!r}")
-        syncing = dist_masks.sync_enabled(sync_masks)
+        syncing = collectives.sync_enabled(sync_masks)
         if not isinstance(method, Method):
             raise SparseforgeError(
                 f"Sparsifier needs a sparseforge Method (e.g. sparseforge.methods.GMP(0.9)), got {type(method).__name__}"
@@ -159,7 +159,7 @@ class Sparsifier:
             # masks change only at updates, which sync them. (Built before
             # init_process_group, the masks keep DDP's broadcast, which at least
             # syncs them with the weights when DDP is constructed.)
-            dist_masks.exclude_from_ddp_sync(model, self._mask_fqns())
+            collectives.exclude_from_ddp_sync(model, self._mask_fqns())
         self._weights = [layer.weight for layer in self.layers]
         self.straight_through = bool(method.update.straight_through)
         self._dense: list[torch.Tensor] | None = None
@@ -326,11 +326,11 @@ class Sparsifier:
 
     @torch.no_grad()
     def _update(self, step: int) -> None:
-        sync = dist_masks.sync_enabled(self.sync_masks)
+        sync = collectives.sync_enabled(self.sync_masks)
         if sync and self.optimizer is None and self._dense_grads:
             # The per-weight hooks ran inside backward, before DDP wrote the averaged
             # gradients: average them, so that regrowth reads the whole batch's gradient.
-            dist_masks.average_([self._dense_grads[i] for i in sorted(self._dense_grads)])
+            collectives.average_([self._dense_grads[i] for i in sorted(self._dense_grads)])
         grads: list[torch.Tensor | None] = []
         for i, w in enumerate(self._weights):
             g = self._dense_grads.get(i)
@@ -358,7 +358,7 @@ class Sparsifier:
             # Every rank computed these masks from the same inputs; rank 0's win, so
             # that seeds, tie-breaking or reductions differing across ranks cannot
             # make the ranks train different networks.
-            dist_masks.broadcast_mask_buffers(self)
+            collectives.broadcast_masks_(self._masks, [layer.name for layer in self.layers], self.current_step)
         self._mask_optimizer_state()
 
     @torch.no_grad()
@@ -411,7 +411,7 @@ class Sparsifier:
         for layer in self.layers:
             if hasattr(layer.module, layer.mask_name):
                 delattr(layer.module, layer.mask_name)
-        dist_masks.restore_ddp_sync(self.model, self._mask_fqns())
+        collectives.restore_ddp_sync(self.model, self._mask_fqns())
 
     def _mask_fqns(self) -> list[str]:
         """Qualified names of the mask buffers, relative to the model."""
