@@ -1,7 +1,8 @@
-"""How good a language model is: perplexity of a causal LM, embedding fidelity of an encoder.
+"""How good a model is: a classifier's loss and accuracy, a causal LM's perplexity, an encoder's embeddings.
 
 What ``sparseforge prune`` and ``quantize`` report before and after, and what
-the benchmarks measure: :func:`perplexity` (next-token negative
+the benchmarks measure: :func:`evaluate` (mean cross-entropy and accuracy of a
+classifier over a loader), :func:`perplexity` (next-token negative
 log-likelihood over fixed windows of one token stream),
 :func:`sentence_embeddings` (the mean pooling of sentence-transformers) and
 :func:`quality`, which picks one by the model's kind. Works on any
@@ -11,18 +12,18 @@ log-likelihood over fixed windows of one token stream),
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparseforge.errors import DataError
+from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.layers import is_hf_model
 from sparseforge.tokens import token_stream
 
-__all__ = ["Quality", "is_causal_lm", "perplexity", "quality", "sentence_embeddings"]
+__all__ = ["Quality", "evaluate", "is_causal_lm", "perplexity", "quality", "sentence_embeddings"]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -150,3 +151,58 @@ def quality(
         cos = (emb * reference.embeddings).sum(-1)
         q.mean_cosine, q.min_cosine = float(cos.mean()), float(cos.min())
     return q
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, float]:
+    """Measure mean cross-entropy and accuracy of a classifier.
+
+    Runs under ``torch.no_grad()`` with the model in eval mode (so BatchNorm
+    uses its running statistics); the previous train/eval mode is restored
+    afterwards.
+
+    Args:
+        model: maps a batch of inputs to logits ``[B, C]``.
+        loader: iterable of ``(inputs, int64 targets)`` batches, e.g. a
+            :class:`~sparseforge.zoo.data.TensorLoader`.
+
+    Returns:
+        ``{"loss": mean cross-entropy per example, "accuracy": percent correct,
+        "examples": number of examples}``.
+
+    Raises:
+        SparseforgeError: the loader yielded no examples.
+
+    >>> model = nn.Linear(2, 2)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.copy_(torch.eye(2)), model.bias.zero_()
+    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    >>> evaluate(model, [(x, y)])["accuracy"]
+    50.0
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    # Sums stay on the device so that a GPU run does not synchronize per batch.
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    try:
+        with torch.no_grad():
+            for xb, yb in loader:
+                xb = xb.to(device, non_blocking=True)
+                yb = yb.to(device, non_blocking=True)
+                logits = model(xb)
+                total_loss += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == yb).sum()
+                count += int(yb.shape[0])
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise SparseforgeError("cannot evaluate: the loader yielded no examples")
+    return {
+        "loss": total_loss.item() / count,
+        "accuracy": 100.0 * correct.item() / count,
+        "examples": count,
+    }

@@ -39,7 +39,7 @@ from torch import nn
 from sparseforge.errors import SparseforgeError
 from sparseforge.compact.dependency import DependencyGraph, analyze
 from sparseforge.merge.core import weighted_average
-from sparseforge.zoo.training import evaluate
+from sparseforge.quality import evaluate
 
 __all__ = [
     "apply_permutation",
@@ -387,7 +387,7 @@ def interpolation_path(
     """Test loss and accuracy of :func:`interpolate` ``(A, B, alpha)`` at each alpha.
 
     Each point is evaluated on a copy of ``model`` (which is left as it is)
-    with :func:`sparseforge.zoo.training.evaluate`; when ``bn_batches`` is
+    with :func:`sparseforge.quality.evaluate`; when ``bn_batches`` is
     given, the BatchNorm statistics are recomputed on them first
     (:func:`reset_bn_stats`).
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.quality import evaluate
 
 __all__ = ["evaluate", "train_epoch"]
 
@@ -25,62 +26,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def evaluate(
-    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str, float]:
-    """Measure mean cross-entropy and accuracy of a classifier.
-
-    Runs under ``torch.no_grad()`` with the model in eval mode (so BatchNorm
-    uses its running statistics); the previous train/eval mode is restored
-    afterwards.
-
-    Args:
-        model: maps a batch of inputs to logits ``[B, C]``.
-        loader: iterable of ``(inputs, int64 targets)`` batches, e.g. a
-            :class:`~sparseforge.zoo.data.TensorLoader`.
-
-    Returns:
-        ``{"loss": mean cross-entropy per example, "accuracy": percent correct,
-        "examples": number of examples}``.
-
-    Raises:
-        SparseforgeError: the loader yielded no examples.
-
-    >>> from sparseforge.zoo.data import TensorLoader
-    >>> model = nn.Linear(2, 2)
-    >>> with torch.no_grad():
-    ...     _ = model.weight.copy_(torch.eye(2)), model.bias.zero_()
-    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
-    >>> evaluate(model, TensorLoader(x, y))["accuracy"]
-    50.0
-    """
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    # Sums stay on the device so that a GPU run does not synchronize per batch.
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
-    try:
-        with torch.no_grad():
-            for xb, yb in loader:
-                xb = xb.to(device, non_blocking=True)
-                yb = yb.to(device, non_blocking=True)
-                logits = model(xb)
-                total_loss += F.cross_entropy(logits, yb, reduction="sum").double()
-                correct += (logits.argmax(dim=1) == yb).sum()
-                count += int(yb.shape[0])
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise SparseforgeError("cannot evaluate: the loader yielded no examples")
-    return {
-        "loss": total_loss.item() / count,
-        "accuracy": 100.0 * correct.item() / count,
-        "examples": count,
-    }
 
 
 def train_epoch(
