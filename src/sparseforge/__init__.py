@@ -22,8 +22,7 @@ from sparseforge.scores import SNIP, GradientMagnitude, L1Norm, L2Norm, Magnitud
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.targets import Target
 from sparseforge.updates import HardPrune, Update
-
-__version__ = "0.1.0"
+from sparseforge.version import __version__
 
 __all__ = [
     "Allocation", "Block", "Channel", "Constant", "Cubic", "DataError", "ERK", "Explicit", "GMP",

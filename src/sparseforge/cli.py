@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from sparseforge import __version__
+    from sparseforge.version import __version__
 
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
