@@ -20,9 +20,9 @@ import torch
 
 from sparseforge.allocation import Allocation, Uniform
 from sparseforge.errors import SparseforgeError
-from sparseforge.patterns import Pattern
+from sparseforge.patterns import NM, Pattern
 from sparseforge.schedules import Schedule
-from sparseforge.scores import Score, as_score
+from sparseforge.scores import Random, Score, as_score
 from sparseforge.targets import Layer
 
 
@@ -227,8 +227,6 @@ class PruneRegrow(Update):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from sparseforge.scores import Random
-
         if not 0.0 <= float(self.drop_fraction) <= 1.0:
             raise SparseforgeError(f"drop_fraction must be in [0, 1], got {self.drop_fraction}")
         if self.anneal not in ("cosine", "constant"):
@@ -616,8 +614,6 @@ class StructureDecay(StraightThrough):
     decay: float = 0.0
 
     def __post_init__(self) -> None:
-        from sparseforge.patterns import NM
-
         super().__post_init__()
         self.fine_tune = _check_fraction(self.fine_tune, "fine_tune")
         try:

@@ -45,6 +45,10 @@ from torch import nn
 
 from sparseforge.bench.common import RunConfig, make_optimizer, print_table, summarize
 from sparseforge.errors import SparseforgeError
+from sparseforge.merge import (
+    consensus_merge, fisher_diagonal, fisher_merge, gram_matrices, merge_task_arithmetic, merged_task_vector,
+    preset, reconstruct, regmean, storage_report, tall_masks, weighted_average,
+)
 from sparseforge.zoo.data import TensorLoader, load_fashion_mnist, normalize_images
 from sparseforge.zoo.models import build_model
 from sparseforge.zoo.training import evaluate, train_epoch
@@ -174,21 +178,6 @@ def _select_lambda(make: Callable[[float], dict[str, torch.Tensor]], heads: list
 
 
 def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
-    from sparseforge.merge import (
-        consensus_merge,
-        fisher_diagonal,
-        fisher_merge,
-        gram_matrices,
-        merge_task_arithmetic,
-        merged_task_vector,
-        preset,
-        reconstruct,
-        regmean,
-        storage_report,
-        tall_masks,
-        weighted_average,
-    )
-
     torch.manual_seed(seed)
     base_task = Task("base", BASE_CLASSES)
     base_train, _, _ = task_data(base_task, args.data_dir, seed, args.limit_train, args.limit_test)

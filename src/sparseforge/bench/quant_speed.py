@@ -36,7 +36,7 @@ from sparseforge.methods.base import Method
 from sparseforge.oneshot import prune
 from sparseforge.quant.dynamic import quantize_dynamic_int8
 from sparseforge.quant.qat import qat_convert, qat_prepare
-from sparseforge.quant.rtn import quantization_of, quantize_
+from sparseforge.quant.rtn import quantization_of, quantize_, quantize_weight
 from sparseforge.schedules import OneShot
 from sparseforge.timing import median_ms, time_interleaved
 from sparseforge.zoo.data import fashion_mnist
@@ -105,8 +105,6 @@ def _dynamic_rows(
 
 
 def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from sparseforge.quant.rtn import quantize_weight
-
     qt = quantize_weight(w.detach(), bits=8)
     return qt.q, qt.scale.reshape(1, -1)
 

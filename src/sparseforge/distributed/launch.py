@@ -29,7 +29,11 @@ import threading
 import time
 from collections.abc import Sequence
 
+from sparseforge.distributed.torchrun import report_error
+from sparseforge.distributed.train import default_out_dir, load_recipe, run
 from sparseforge.errors import SparseforgeError
+from sparseforge.oserrors import check_writable
+from sparseforge.threads import worker_env
 
 
 def watch_parent(interval_s: float = 0.2) -> None:
@@ -74,10 +78,6 @@ def launch(recipe_path: str | os.PathLike[str], nproc: int = 1, out: str | os.Pa
     ``nproc`` > 1 torchrun runs as a child process and its exit status is returned;
     ``print_command`` only prints the command. Returns the exit status.
     """
-    from sparseforge.distributed.train import default_out_dir, load_recipe, run
-
-    from sparseforge.oserrors import check_writable
-
     recipe = load_recipe(recipe_path)
     recipe.check_launch(nproc)
     run_dir = out if out is not None else default_out_dir(recipe, recipe_path)
@@ -94,7 +94,6 @@ def launch(recipe_path: str | os.PathLike[str], nproc: int = 1, out: str | os.Pa
     if print_command:
         print(shlex.join(cmd))
         return 0
-    from sparseforge.threads import worker_env
 
     # The same torchrun, through sparseforge's wrapper: a worker's bad input ends in its own one line
     # (sparseforge.distributed.torchrun), not in torchrun's ChildFailedError report. Threads: the
@@ -128,15 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent: do not outlive it
         watch_parent()
-    from sparseforge.distributed.train import default_out_dir, load_recipe, run
 
     try:
         recipe = load_recipe(args.recipe)
         out = args.out if args.out is not None else default_out_dir(recipe, args.recipe)
         run(recipe, out, resume=not args.no_resume, quiet=args.quiet)
     except SparseforgeError as e:
-        from sparseforge.distributed.torchrun import report_error
-
         report_error(f"sparseforge: error: {e}")  # under sparseforge train: to the agent, which prints it once
         return 2
     return 0

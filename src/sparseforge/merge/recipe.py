@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.merge.streaming import merge_files, merge_rule
 from sparseforge.progress import Progress
 from sparseforge.recipes import from_mapping, read_yaml
 
@@ -66,8 +67,6 @@ class MergeRecipe:
 
     def validate(self) -> None:
         """Raise :class:`SparseforgeError` on options :func:`merge_files` would refuse (files are not opened)."""
-        from sparseforge.merge.streaming import merge_rule
-
         if not self.models:
             raise SparseforgeError("models: list at least one model file to merge")
         if not self.out:
@@ -77,8 +76,6 @@ class MergeRecipe:
 
     def run(self, progress: bool | Progress = False) -> dict[str, Any]:
         """Validate and run the merge; returns :func:`merge_files`' report (``progress`` as there)."""
-        from sparseforge.merge.streaming import merge_files
-
         self.validate()
         return merge_files(self.models, self.out, method=self.method, base=self.base, weights=self.weights,
                            density=self.density, lam=self.lam, seed=self.seed, progress=progress)

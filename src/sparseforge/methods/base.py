@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sparseforge.allocation import Allocation, as_allocation
+from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import NM, Pattern, as_pattern
 from sparseforge.schedules import Cubic, Linear, Schedule
 from sparseforge.scores import Score, as_score
@@ -61,8 +62,6 @@ class Method:
         s = self.schedule
         gradual = isinstance(s, (Linear, Cubic)) and s.initial != s.final
         if gradual or abs(float(s.final) - fixed) > 1e-6:
-            from sparseforge.errors import SparseforgeError
-
             raise SparseforgeError(
                 f"pattern {self.pattern} fixes the sparsity at {fixed:g}, but the schedule {s!r} asks for "
                 f"{'a gradual ramp' if gradual else f'sparsity {s.final:g}'}. Use a constant or one-shot "
@@ -93,7 +92,6 @@ def default_sparsity(sparsity: float | None, pattern: Pattern) -> float:
     if sparsity is None:
         if isinstance(pattern, NM):
             return pattern.sparsity
-        from sparseforge.errors import SparseforgeError
 
         raise SparseforgeError("give a sparsity in [0, 1) (or an N:M pattern, which fixes it)")
     return sparsity

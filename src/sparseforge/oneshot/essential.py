@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.oneshot.calibrated import prune_calibrated
 from sparseforge.targets import Target
 
 __all__ = ["EssentialSparsity", "essential_sparsity"]
@@ -82,8 +83,6 @@ def essential_sparsity(
         >>> curve.essential, [round(v, 2) for v in curve.values]
         (0.3, [1.0, 0.99, 0.94, 0.82, 0.53])
     """
-    from sparseforge.oneshot.calibrated import prune_calibrated
-
     levels = [float(s) for s in sparsities]
     if not levels or any(b <= a for a, b in zip(levels, levels[1:])):
         raise SparseforgeError(f"sparsities must be a non-empty ascending list, got {list(sparsities)}")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from sparseforge.errors import DataError, SparseforgeError
+from sparseforge.files import atomic_path
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -346,7 +347,6 @@ def write_idx_gz(
         raise DataError(f"IDX {kind} header needs {_IDX_NDIM[kind]} dims, got {header_dims}")
     header = struct.pack(f">i{len(header_dims)}I", _IDX_MAGIC[kind], *header_dims)
     out = Path(path)
-    from sparseforge.files import atomic_path
 
     with atomic_path(out) as tmp:
         # mtime=0 keeps the output byte-identical across runs.
