@@ -6,14 +6,43 @@ Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import io
 import json
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
+from sparseforge.compact import compact
+from sparseforge.distributed.launch import launch
 from sparseforge.errors import SparseforgeError
+from sparseforge.io.checkpoint import load_checkpoint, save_checkpoint
+from sparseforge.io.hf import (
+    ARCH, arch_kwargs, check_output_folder, is_pretrained_dir, load_pretrained, save_pretrained,
+)
+from sparseforge.io.sfz import is_sfz, load_sfz, save
+from sparseforge.merge.recipe import MergeRecipe, load_recipe
+from sparseforge.methods.maskllm import prune_maskllm
+from sparseforge.oneshot.calibrated import prune_calibrated
+from sparseforge.oneshot.prune import prune
+from sparseforge.oserrors import check_writable
 from sparseforge.progress import Progress
+from sparseforge.quality import quality
+from sparseforge.quant.gptq import gptq_
+from sparseforge.quant.rtn import quantize_, rounded_to_zero
+from sparseforge.report import report, table_width
+from sparseforge.scores import Random, as_score
+from sparseforge.targets import Target
+from sparseforge.threads import set_threads
+from sparseforge.version import __version__
+
+# Imported inside functions, on purpose: transformers (an optional dependency) and rich's tables (only
+# for printing them) stay out of `sparseforge --help`; the zoo and the demo sit above the CLI's layer
+# (KNOWN_VIOLATIONS in tests/test_layering.py) and are reached only by the command bodies that need them.
 
 EPILOG = """examples:
   sparseforge demo                                   # train, prune to 90% with GMP, compare (about a minute)
@@ -243,12 +272,8 @@ def _with_progress(command: Callable[[argparse.Namespace, Progress], int]) -> Ca
     Threads: ``OMP_NUM_THREADS`` when set, else the idle cores (:func:`sparseforge.threads.set_threads`);
     progress (:mod:`sparseforge.progress`) is off with ``--quiet`` and closed before an error is printed.
     """
-    import functools
-
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
-        from sparseforge.threads import set_threads
-
         threads = set_threads()
         with Progress(not args.quiet, header=f"sparseforge {args.command}: {threads.describe()}") as shown:
             return command(args, shown)
@@ -263,7 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from sparseforge.version import __version__
 
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -286,15 +310,11 @@ _FILE_LIKE = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy",
 def _check_out(out: str, suffixes: Sequence[str], what: str, folder: bool = False) -> str:
     """Check ``--out`` before any work: its name (one of ``suffixes``, or a folder when ``folder``) and that
     it can be written. Returns ``"file"`` or ``"folder"``; ``what`` says what the command writes there."""
-    from sparseforge.oserrors import check_writable
-
     p = Path(out)
     if any(p.name.endswith(x) and len(p.name) > len(x) for x in suffixes):
         check_writable(p, "file", f"--out {out}")
         return "file"
     if folder and (p.is_dir() or p.suffix.lower() not in _FILE_LIKE):
-        from sparseforge.io.hf import check_output_folder
-
         check_output_folder(p)  # not a folder of other files, which replacing it would delete
         check_writable(p, "folder", f"--out {out}")
         check_writable(p.parent, "folder", f"--out {out}")  # the folder is replaced by a rename there
@@ -319,7 +339,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_dir=args.data_dir, runs_dir=args.runs_dir,
         name=args.name, limit_train=args.limit_train, limit_test=args.limit_test,
     )
-    from sparseforge.oserrors import check_writable
 
     # Before minutes of training, not after: the run folder goes into --runs-dir.
     check_writable(Path(args.runs_dir) / args.name if args.name else args.runs_dir, "folder")
@@ -328,18 +347,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sparseforge.distributed.launch import launch
-
     return launch(args.recipe, nproc=args.nproc, out=args.out, resume=not args.no_resume, quiet=args.quiet,
                   print_command=args.print_command)
 
 
 @_with_progress
 def _cmd_prune(args: argparse.Namespace, shown: Progress) -> int:
-    from pathlib import Path
-
-    from sparseforge.io.hf import is_pretrained_dir
-
     if not Path(args.model).exists():
         raise SparseforgeError(f"{args.model} does not exist: pass a Hugging Face model folder (with config.json) "
                                "or a sparseforge checkpoint")
@@ -347,11 +360,6 @@ def _cmd_prune(args: argparse.Namespace, shown: Progress) -> int:
         _prune_out(args.out, "hf")  # before loading and pruning: a bad --out fails in a second, not after
     if args.method is not None or is_pretrained_dir(args.model):
         return _prune_calibrated(args, shown)
-    import torch
-
-    from sparseforge.oneshot.prune import prune
-    from sparseforge.scores import Random, as_score
-    from sparseforge.targets import Target
 
     if str(args.allocation).strip().lower() == "owl":
         raise SparseforgeError("--allocation owl weighs blocks by Wanda's activation-aware scores on calibration "
@@ -393,8 +401,6 @@ def _prune_out(out: str, arch: str | None) -> None:
 
 
 def _target(args: argparse.Namespace):
-    from sparseforge.targets import Target
-
     if not args.include and not args.exclude:
         return None  # the method's default: the layers inside the repeated blocks
     return Target(include=tuple(args.include) if args.include else ("*",), exclude=tuple(args.exclude))
@@ -402,12 +408,6 @@ def _target(args: argparse.Namespace):
 
 def _prune_calibrated(args: argparse.Namespace, shown: Progress) -> int:
     """Wanda / SparseGPT / magnitude / MaskLLM with calibration text (or Fashion-MNIST for a zoo model)."""
-    import torch
-
-    from sparseforge.io.hf import ARCH
-    from sparseforge.quality import quality
-    from sparseforge.oneshot.calibrated import prune_calibrated
-
     method = args.method or "wanda"
     if method == "maskllm" and ":" not in str(args.pattern):
         raise SparseforgeError(f"--method maskllm learns N:M masks, not {args.pattern}: pass --pattern 2:4 (or 4:8)")
@@ -429,8 +429,6 @@ def _prune_calibrated(args: argparse.Namespace, shown: Progress) -> int:
             before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
     torch.manual_seed(args.seed)
     if method == "maskllm":
-        from sparseforge.methods.maskllm import prune_maskllm
-
         rep = prune_maskllm(model, batches, pattern=args.pattern, steps=args.maskllm_steps, target=_target(args),
                             seed=args.seed, progress=shown)
     else:
@@ -489,9 +487,6 @@ def _add_text_calibration(p: argparse.ArgumentParser, samples: int) -> None:
 
 
 def _save_pruned(model, tokenizer, out: str, meta: dict, result: dict, extra: dict | None = None) -> None:
-    from sparseforge.io.checkpoint import save_checkpoint
-    from sparseforge.io.sfz import save
-
     if extra is None:
         extra = dict(meta.get("extra") or {}) | {"pruned": {k: v for k, v in result.items() if k != "layers"}}
     if out.endswith(".sfz"):
@@ -501,18 +496,12 @@ def _save_pruned(model, tokenizer, out: str, meta: dict, result: dict, extra: di
     elif meta["arch"] != "hf":
         raise SparseforgeError(f"--out {out}: a zoo model is written to a .safetensors or .sfz file")
     else:
-        from sparseforge.io.hf import save_pretrained
-
         save_pretrained(model, out, tokenizer, metadata=result)
 
 
 def _calibrated_table(result: dict) -> str:
-    import io
-
     from rich.console import Console
     from rich.table import Table
-
-    from sparseforge.report import table_width
 
     t = Table(title=f"{result['method']} {result['pattern']}: {result['achieved']:.2%} of "
                     f"{len(result['layers'])} layers' weights pruned in {result['seconds']:.1f} s")
@@ -547,10 +536,6 @@ def _load_any(path: str):
     """(model, metadata) of a Hugging Face model folder or a sparseforge checkpoint in either format, told
     apart by its metadata (a file named ``.sfz`` that is not one gets the sfz reader's error). A model
     folder's metadata also holds its ``tokenizer`` (or None)."""
-    from sparseforge.io.checkpoint import load_checkpoint
-    from sparseforge.io.sfz import is_sfz, load_sfz
-    from sparseforge.io.hf import ARCH, arch_kwargs, is_pretrained_dir, load_pretrained
-
     if is_pretrained_dir(path):
         model, tokenizer = load_pretrained(path)
         return model, {"arch": ARCH, "arch_kwargs": arch_kwargs(model), "extra": {}, "tokenizer": tokenizer}
@@ -558,12 +543,8 @@ def _load_any(path: str):
 
 
 def _sfz_table(meta: dict) -> str:
-    import io
-
     from rich.console import Console
     from rich.table import Table
-
-    from sparseforge.report import table_width
 
     t = Table(title=f"sfz format version {meta['format_version']}: {meta['file_bytes']:,} bytes on disk")
     for col in ("tensor", "shape", "encoding", "values", "pattern", "nonzeros", "bytes"):
@@ -580,8 +561,6 @@ def _sfz_table(meta: dict) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from sparseforge.report import report
-
     model, meta = _load_any(args.checkpoint)
     rep = report(model)
     tensors = meta.get("tensors")
@@ -603,14 +582,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _write(model, out: str, meta: dict, fmt: str, values: str, extra: dict) -> None:
-    from sparseforge.io.checkpoint import save_checkpoint
-    from sparseforge.io.sfz import save
-
     if fmt == "sfz":
         save(model, out, values=values, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
     elif fmt == "hf":
-        from sparseforge.io.hf import save_pretrained
-
         save_pretrained(model, out, meta.get("tokenizer"), metadata=extra)
     else:
         save_checkpoint(model, out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
@@ -618,8 +592,6 @@ def _write(model, out: str, meta: dict, fmt: str, values: str, extra: dict) -> N
 
 @_with_progress
 def _cmd_export(args: argparse.Namespace, shown: Progress) -> int:
-    from pathlib import Path
-
     def size(path: str) -> int:
         p = Path(path)
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
@@ -639,11 +611,6 @@ def _cmd_export(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
-    from sparseforge.io.hf import ARCH
-    from sparseforge.quality import quality
-    from sparseforge.quant.rtn import quantize_, rounded_to_zero
-    from sparseforge.report import report
-
     scheme = str(args.scheme).lower()
     _check_out(args.out, (".sfz", ".safetensors"), "quantize writes a compressed .sfz file (the codes) or a "
                ".safetensors checkpoint (the dequantized weights)")
@@ -661,8 +628,6 @@ def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
         with shown.phase(f"quality of the dense model on {len(held_out)} held-out texts"):
             before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
     if scheme.startswith("gptq"):
-        from sparseforge.quant.gptq import gptq_
-
         if hf:
             calibration = batches
         else:
@@ -703,9 +668,6 @@ def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
-    from sparseforge.io.checkpoint import save_checkpoint
-    from sparseforge.compact import compact
-
     _check_out(args.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes travel "
                "in its metadata)")
     with shown.phase(f"loading {args.checkpoint}"):
@@ -726,10 +688,6 @@ def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_merge(args: argparse.Namespace, shown: Progress) -> int:
-    import dataclasses
-
-    from sparseforge.merge.recipe import MergeRecipe, load_recipe
-
     flags = {"models": args.models or None, "method": args.method, "base": args.base, "weights": args.weights,
              "density": args.density, "lam": args.lam, "seed": args.seed, "out": args.out}
     given = {k: v for k, v in flags.items() if v is not None}
