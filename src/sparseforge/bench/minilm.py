@@ -48,7 +48,15 @@ import torch
 from safetensors.torch import save_file
 
 from sparseforge.bench.common import print_table
+from sparseforge.io.sfz import save
+from sparseforge.kernels.sparse_linear import to_sparse
+from sparseforge.oneshot import prune, prune_calibrated
+from sparseforge.quant.dynamic import quantize_dynamic_int8
+from sparseforge.quant.gptq import gptq_
+from sparseforge.quant.rtn import quantize_
 from sparseforge.timing import median_ms, time_interleaved
+from sparseforge.zoo.minilm import embedding_fidelity, load_minilm
+from sparseforge.zoo.text import calibration_batches, fortunes
 
 
 VARIANTS = ("int8-weights", "int8-dynamic", "int4-rtn-g128", "int4-gptq-g128", "2:4-sparsegpt+gptq-int4",
@@ -77,8 +85,6 @@ def _fp32_bytes(model: torch.nn.Module) -> int:
 
 
 def _sfz_bytes(model: torch.nn.Module, values: str) -> int:
-    from sparseforge.io.sfz import save
-
     return _file_bytes(lambda p: save(model, p, values=values))
 
 
@@ -88,12 +94,6 @@ def _encoder_targets() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from sparseforge.kernels.sparse_linear import to_sparse
-    from sparseforge.oneshot import prune
-    from sparseforge.quant.rtn import quantize_
-    from sparseforge.zoo.minilm import embedding_fidelity, load_minilm
-    from sparseforge.zoo.text import fortunes
-
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = bool(args.quick)
@@ -123,8 +123,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         add("int8-weights", q8, "int8")
 
     if "int8-dynamic" in wanted:
-        from sparseforge.quant.dynamic import quantize_dynamic_int8
-
         dyn = quantize_dynamic_int8(copy.deepcopy(base.model))
         variants["int8-dynamic"] = dyn
         sizes["int8-dynamic"] = _file_bytes(lambda p: torch.save(dyn.state_dict(), p))
@@ -132,10 +130,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     untimed = {"int4-rtn-g128", "int4-gptq-g128", "2:4-sparsegpt+gptq-int4"}  # fake-quantized: fp32 kernels
     if untimed & set(wanted):
-        from sparseforge.oneshot import prune_calibrated
-        from sparseforge.quant.gptq import gptq_
-        from sparseforge.zoo.text import calibration_batches
-
         samples, seq_len = (8, 32) if quick else (128, 128)
         batches = calibration_batches(base.tokenizer, split.calibration, samples, seq_len, seed=0)
         for name in [v for v in VARIANTS if v in untimed and v in wanted]:
