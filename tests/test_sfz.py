@@ -302,3 +302,21 @@ def test_compacted_model_round_trips(tmp_path: Path) -> None:
     loaded = sf.load(sf.save(model, tmp_path / "c.sfz", values="fp32"))   # rebuilt at the compacted sizes
     assert _equal_states(model, loaded)
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in build_model("conv4").parameters()) / 2
+
+
+def test_the_export_alias_warns_and_names_the_same_objects() -> None:
+    """sparseforge.export (split into io, compact, kernels) still imports, with a DeprecationWarning, and its
+    names are the new modules' objects, not copies; plain `import sparseforge` does not import it."""
+    import importlib
+    import subprocess
+    import sys
+
+    sys.modules.pop("sparseforge.export", None)
+    with pytest.warns(DeprecationWarning, match="sparseforge.export is deprecated"):
+        export = importlib.import_module("sparseforge.export")
+    assert export.save_checkpoint is sf.save_checkpoint and export.compact is sf.compact
+    assert export.to_sparse is sf.to_sparse and export.load is sf.load
+    assert sf.export is export
+    code = "import sys, sparseforge; print('sparseforge.export' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
