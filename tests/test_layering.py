@@ -46,6 +46,7 @@ ROOT = "sparseforge"
 # - "recipes" in DESIGN.md's sense are the recipe objects that run a pipeline (pipelines.py: PruneRecipe,
 #   QuantizeRecipe, ExportRecipe); recipes.py is the YAML <-> dataclass mapping every recipe object uses
 #   (MergeRecipe in merge, TrainRecipe in distributed), a base module.
+# registry, architectures, extras, training and pipelines arrive with the other branches of issue 15.
 BASE, CORE, TOOLS, FORMATS, PIPELINES, CLI, TOP = range(7)
 LAYERS: dict[str, int] = {
     # base: no sparseforge imports but each other

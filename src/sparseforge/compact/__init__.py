@@ -10,8 +10,10 @@
 - :mod:`~sparseforge.compact.plan`: the report, applying the decided slices
   with an output check, and :func:`resize_modules` for loading.
 
-``sparseforge.compact`` (the top-level name) is the function; this package is
-``sparseforge.compact`` to ``from ... import`` statements.
+As an attribute, ``sparseforge.compact`` is the function :func:`compact`
+(``sf.compact(model)``); import this package's names with
+``from sparseforge.compact import ...`` (``import sparseforge.compact.x as y``
+would find the function).
 """
 
 from sparseforge.compact.compactor import channel_values, compact
