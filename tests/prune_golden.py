@@ -144,3 +144,20 @@ CASES: dict[str, Case] = {
     "resnet-channels-l2": (lambda: (zoo("resnet20", width=8), None), False),
     "lenet-channels-l1-fc1-only": (lambda: (zoo("lenet300"), None), False),
 }
+
+
+def maskllm_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randn(16, 16, generator=g), torch.randn(16, 4, generator=g)) for _ in range(4)]
+
+
+def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return (model(x) - y).square().mean()
+
+
+MASKLLM_CASES: dict[str, dict[str, Any]] = {
+    # train_maskllm's arguments; the model is build_mlp(9), the batches maskllm_batches()
+    "maskllm-magnitude": {"steps": 30, "lr": 1e-2},
+    "maskllm-wanda-reg": {"steps": 20, "lr": 1e-2, "prior": "wanda", "weight_reg": 0.5, "seed": 3},
+}

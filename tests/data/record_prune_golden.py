@@ -10,7 +10,7 @@ fingerprinted. Kept for provenance: the equality test compares ``sf.prune`` agai
 from __future__ import annotations
 
 import torch
-from prune_golden import CASES, GOLDEN, fingerprint
+from prune_golden import CASES, GOLDEN, MASKLLM_CASES, build_mlp, fingerprint, maskllm_batches, mse
 
 import sparseforge as sf
 from sparseforge.oneshot import prune_calibrated
@@ -85,6 +85,14 @@ def main() -> None:
         old_call(name, model, data)
         golden[name] = fingerprint(model, before, keep_weights)
         print(name, len(golden[name]["masks"]), "tensors changed")
+    from sparseforge.methods.maskllm import train_maskllm
+
+    for name, kwargs in MASKLLM_CASES.items():
+        model = build_mlp(9)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        rep = train_maskllm(model, maskllm_batches(), mse, "2:4", **kwargs)
+        golden[name] = fingerprint(model, before, False) | {"history": rep.history}
+        print(name, rep.changed_groups, rep.history[-1])
     torch.save(golden, GOLDEN)
     print("wrote", GOLDEN, GOLDEN.stat().st_size, "bytes")
 
