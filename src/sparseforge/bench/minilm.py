@@ -132,7 +132,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     untimed = {"int4-rtn-g128", "int4-gptq-g128", "2:4-sparsegpt+gptq-int4"}  # fake-quantized: fp32 kernels
     if untimed & set(wanted):
-        from sparseforge.oneshot import prune_calibrated
         from sparseforge.quant.gptq import gptq_
         from sparseforge.zoo.text import calibration_batches
 
@@ -144,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 quantize_(model, "int4", group_size=128)
             else:
                 if name.startswith("2:4"):
-                    prune_calibrated(model, batches, "sparsegpt", pattern="2:4")
+                    prune(model, "sparsegpt", pattern="2:4", calibration=batches)
                 gptq_(model, batches, "gptq-int4", group_size=128)
             add(name, model, "int8")
 
