@@ -98,5 +98,18 @@ def test_maskllm_learns_the_old_masks_bit_for_bit(name: str) -> None:
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     report = train_maskllm(model, maskllm_batches(), mse, "2:4", **MASKLLM_CASES[name])
     assert isinstance(report, sf.PruneReport)
-    assert report.history == golden[name]["history"]
-    assert_same(name, fingerprint(model, before, False), golden[name])
+    got = fingerprint(model, before, False)
+    if not MASKLLM_CASES[name].get("weight_reg"):
+        assert report.history == golden[name]["history"]
+        assert_same(name, got, golden[name])
+        return
+    # With the regulariser the logits' gradient arrives in two parts (the task's through the weight's
+    # gradient, the regulariser's through the loss), summed in another order than one backward pass
+    # summed them: the same masks, losses equal to float rounding.
+    assert [r["changed"] for r in report.history] == [r["changed"] for r in golden[name]["history"]]
+    for a, b in zip(report.history, golden[name]["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert got["masks"].keys() == golden[name]["masks"].keys()
+    for key in got["masks"]:
+        assert torch.equal(unpack(got["masks"][key]), unpack(golden[name]["masks"][key])), key
+    assert got["sha256"] == golden[name]["sha256"]  # same masks on the same frozen weights: the same bits
