@@ -265,3 +265,75 @@ def test_gpt2_sparsegpt_unstructured_handles_the_transposed_conv1d_weight():
     kept = w != 0
     assert float(kept.float().mean()) == 0.5
     assert not torch.equal(w[kept], dense[kept])  # the reconstruction moved the kept weights
+
+
+def test_the_calibrator_collects_only_what_the_method_reads():
+    from sparseforge.oneshot.calibration import Calibrator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(20, 12)
+    layers = {"0": model[0], "2": model[2]}
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    seen = {}
+    Calibrator(model, [x]).run(layers, lambda n, m, s: seen.__setitem__(n, s))  # neither: no forward at all
+    assert not calls and all(s.rows == 0 and s.sq_sum is None for s in seen.values())
+    Calibrator(model, [x]).run(layers, lambda n, m, s: seen.__setitem__(n, s), activations=True)
+    assert calls and seen["0"].gram is None and seen["0"].rows == 20
+    torch.testing.assert_close(seen["0"].feature_norms, x.double().norm(dim=0).float())
+    stats = Calibrator(model, [x]).statistics(layers, hessian=True)
+    torch.testing.assert_close(stats["0"].hessian, 2 * x.t() @ x / 20)
+    handle.remove()
+
+
+def test_a_users_activation_aware_score_runs_through_the_same_path():
+    """A Score of one's own that reads the input norms (here |W| * ||X||^2, compared within rows) needs no
+    other code: sf.prune collects the statistics its flags ask for and select_masks chooses the mask."""
+
+    class SquaredWanda(sf.Score):
+        needs_activations = True
+        compare = "row"
+
+        def __call__(self, weight, grad=None, stats=None):
+            return weight.abs() * self._stats(stats).feature_norms.square().reshape(1, -1)
+
+        def __str__(self):
+            return "squared-wanda"
+
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 12)
+    x = correlated_inputs(128, 40)
+    w0 = layer.weight.detach().clone()
+    rep = sf.prune(layer, SquaredWanda(), 0.25, calibration=[x])
+    expected = wanda_mask(w0.abs() * x.double().square().sum(0).float().reshape(1, -1), 0.25)
+    assert torch.equal(layer.weight != 0, expected) and rep.method == "squared-wanda" and rep.calibration_rows == 128
+    with pytest.raises(SparseforgeError, match="squared-wanda reads the layers' inputs"):
+        sf.prune(nn.Linear(40, 12), SquaredWanda(), 0.25)
+
+
+def test_a_method_object_brings_its_parts_and_the_call_overrides_them():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 16, bias=False)
+    x = correlated_inputs(256, 64, seed=2)
+    a, b = nn.Linear(64, 16, bias=False), nn.Linear(64, 16, bias=False)
+    a.load_state_dict(base.state_dict())
+    b.load_state_dict(base.state_dict())
+    rep = sf.prune(a, sf.oneshot.SparseGPT(0.5, block_size=16, damp=0.1), pattern="2:4", calibration=[x])
+    prune_calibrated(b, [x], "sparsegpt", pattern="2:4", block_size=16, damp=0.1)
+    assert rep.method == "sparsegpt" and rep.pattern == "2:4" and torch.equal(a.weight, b.weight)
+    c = nn.Linear(64, 16, bias=False)
+    c.load_state_dict(base.state_dict())
+    sf.prune(c, "sparsegpt", pattern="2:4", calibration=[x])  # block_size 128: other OBS blocks, other weights
+    assert not torch.equal(a.weight, c.weight)
+
+
+def test_a_sparsifier_refuses_what_only_one_shot_pruning_can_give():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(SparseforgeError, match="reads the layers' inputs"):
+        sf.Sparsifier(model, sf.Method(schedule=sf.OneShot(final=0.5), score="wanda"), total_steps=2)
+    assert not hasattr(model[0], "weight_mask")
+    with pytest.raises(SparseforgeError, match="dependency groups at once"):
+        sf.Sparsifier(model, sf.Method(schedule=sf.OneShot(final=0.5), pattern="channel-groups"), total_steps=2)
+    with pytest.raises(SparseforgeError, match="reconstructs layers"):
+        sf.Sparsifier(model, sf.oneshot.SparseGPT(0.5), total_steps=2)

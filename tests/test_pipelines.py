@@ -109,3 +109,12 @@ def test_quantize_and_export_recipes_equal_their_commands(lenet, tmp_path, capsy
                  str(tmp_path / "cli.safetensors"), "--quiet"]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'cli.safetensors'} (safetensors, ")
     assert _equal(_tensors(tmp_path / "plain.safetensors"), _tensors(tmp_path / "cli.safetensors"))
+
+
+def test_the_example_prune_recipe_reads_and_validates():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "prune-wanda.yaml"
+    recipe = load_recipe(PruneRecipe, path)
+    assert (recipe.method, recipe.sparsity, recipe.allocation) == ("wanda", 0.6, "owl")
+    assert recipe.model == str(path.parent / "hf-model")
