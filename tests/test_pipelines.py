@@ -118,3 +118,9 @@ def test_the_example_prune_recipe_reads_and_validates():
     recipe = load_recipe(PruneRecipe, path)
     assert (recipe.method, recipe.sparsity, recipe.allocation) == ("wanda", 0.6, "owl")
     assert recipe.model == str(path.parent / "hf-model")
+
+
+def test_an_activation_aware_score_without_method_says_to_use_method(lenet, tmp_path, capsys):
+    assert main(["prune", str(lenet), "--score", "wanda", "--sparsity", "0.5", "--out", str(tmp_path / "w.sfz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "use --method wanda" in err and not (tmp_path / "w.sfz").exists()

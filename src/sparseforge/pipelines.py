@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.oneshot.calibrated import METHODS as ONESHOT_BY_NAME
 from sparseforge.progress import Progress, using
 from sparseforge.recipes import from_mapping, read_yaml
 from sparseforge.report import PruneReport, SparsityReport, report
@@ -40,7 +41,9 @@ __all__ = [
 
 R = TypeVar("R")
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "maskllm")
+# The choices of the recipes' options, which the command line offers too (one list each: the registries of
+# issue 15 will supply them).
+PRUNE_METHODS = (*ONESHOT_BY_NAME, "maskllm")
 """Methods of :attr:`PruneRecipe.method`: pruned layer by layer on calibration data."""
 QUANT_SCHEMES = ("int8", "int4", "gptq-int8", "gptq-int4")
 EXPORT_FORMATS = ("sfz", "safetensors", "hf")
@@ -257,6 +260,9 @@ class PruneRecipe:
             model, meta = load_any(self.model)
         self._check_out(meta["arch"])
         score = Random(seed=self.seed) if str(self.score).lower() == "random" else as_score(self.score)
+        if score.needs_stats:
+            raise SparseforgeError(f"--score {score} reads the layers' inputs on calibration data: use --method "
+                                   f"{score} (pruned layer by layer on calibration batches)")
         calibration = None
         if score.needs_grad:
             if int(self.calibration_batches) < 1:
