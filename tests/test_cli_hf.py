@@ -72,7 +72,6 @@ def test_prune_sparsegpt_2of4_writes_a_loadable_folder(lm_dir, tmp_path, capsys)
 def test_prune_to_sfz_equals_the_python_api_and_rebuilds_without_code(lm_dir, tmp_path, capsys):
     import sparseforge as sf
     from sparseforge.io.hf import load_pretrained
-    from sparseforge.oneshot import prune_calibrated
     from sparseforge.zoo.text import calibration_batches, read_texts, split_texts
 
     out = tmp_path / "pruned.sfz"
@@ -80,7 +79,7 @@ def test_prune_to_sfz_equals_the_python_api_and_rebuilds_without_code(lm_dir, tm
     loaded = sf.load(out)  # no model given: class and config come from the file
     model, tokenizer = load_pretrained(lm_dir)
     batches = calibration_batches(tokenizer, split_texts(read_texts()).calibration, 8, 32, seed=0)
-    prune_calibrated(model, batches, "wanda", 0.5)
+    sf.prune(model, "wanda", 0.5, calibration=batches)
     assert type(loaded) is type(model)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -149,14 +148,15 @@ def test_readme_transformer_example(tmp_path: Path, monkeypatch) -> None:
     from sparseforge.io.hf import load_pretrained
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "prune_calibrated(" in b]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "sf.prune(" in b and "sparsegpt" in b]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block, "README.md[transformer]", "exec"), namespace)
     model, report, pruned = namespace["model"], namespace["report"], namespace["pruned"]
-    assert report.achieved == 0.5 and len(report.layers) == 36   # "36 encoder Linears"
+    assert report.achieved == 0.5 and len(report.pruned) == 36   # "36 encoder Linears"
+    assert len(report.layers) == 37 and report.sparsity < 0.5    # the model's report: the pooler stays dense
     modules = dict(model.named_modules())
-    for name in report.layers:
+    for name in report.pruned:
         w = modules[name].weight
         assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
     assert 0.6 < pruned.mean_cosine < 1.0

@@ -78,21 +78,17 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # lifecycle object that runs methods (a cycle methods <-> sparsifier). Fix: deprecate it for
     # ``ticket.apply(model); Sparsifier(model, ticket.method(), ...)``, a change of public API.
     ("sparseforge.methods.imp", "sparseforge.sparsifier"): "Ticket.sparsifier(), public API",
-    # MaskLLM selects layers and computes its Wanda/SparseGPT prior with the one-shot code (a cycle methods <->
-    # oneshot); the one-prune-path branch moves MaskLLM beside the learned-mask methods and its layer
-    # selection to a Target.
-    ("sparseforge.methods.maskllm", "sparseforge.oneshot.calibrated"): "MaskLLM prior, prune-path branch",
     # The Fashion-MNIST training loop of `sparseforge train` builds zoo models and data and writes the final
     # checkpoint; the fit branch replaces it by sf.fit with models and data as registered plug-ins.
     ("sparseforge.distributed.train", "sparseforge.zoo.data"): "training loop, fit branch",
     ("sparseforge.distributed.train", "sparseforge.zoo.models"): "training loop, fit branch",
     ("sparseforge.distributed.train", "sparseforge.zoo.training"): "training loop, fit branch",
     ("sparseforge.distributed.train", "sparseforge.io.checkpoint"): "training loop, fit branch",
-    # CLI command bodies that reach the zoo for data and the demo; they become recipes over registered
-    # datasets (fit and prune-path branches).
+    # The demo command, and the prune/quantize recipes that reach the zoo for calibration data; they become
+    # recipes over registered datasets.
     ("sparseforge.cli", "sparseforge.demo"): "demo command",
-    ("sparseforge.cli", "sparseforge.zoo.data"): "Fashion-MNIST calibration of prune",
-    ("sparseforge.cli", "sparseforge.zoo.text"): "calibration texts of prune and quantize",
+    ("sparseforge.pipelines", "sparseforge.zoo.data"): "Fashion-MNIST calibration of the prune recipe",
+    ("sparseforge.pipelines", "sparseforge.zoo.text"): "calibration texts of the prune and quantize recipes",
 }
 
 

@@ -1,14 +1,17 @@
-"""MaskLLM: candidate enumeration, exact N:M after finalizing, frozen weights, learning past a bad prior."""
+"""MaskLLM: candidate enumeration, exact N:M after finalizing, frozen weights, learning past a bad prior.
+
+While attached, MaskLLM masks as the Sparsifier does: a ``weight_mask`` buffer applied to the weight in
+place; the weight's gradient trains the logits and is then cleared.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.maskllm import MaskLLM, candidate_masks, prune_maskllm, train_maskllm
+from sparseforge.oneshot.maskllm import MaskLLM, candidate_masks, prune_maskllm, train_maskllm
 from sparseforge.patterns import as_pattern
 
 
@@ -17,8 +20,9 @@ def nm_counts(w: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def is_plain(module: nn.Module) -> bool:
-    return (type(module) is nn.Linear and not parametrize.is_parametrized(module)
+    return (type(module) is nn.Linear and not hasattr(module, "weight_mask") and not module._buffers
             and not module._forward_pre_hooks and not module._forward_hooks
+            and not module.weight._post_accumulate_grad_hooks
             and list(module._parameters) == ["weight", "bias"][:len(module._parameters)])
 
 
@@ -55,7 +59,7 @@ def test_finalize_keeps_exactly_n_of_m_and_leaves_plain_modules_with_the_origina
     opt = torch.optim.Adam(masks.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(0)
     with masks:
-        assert all(parametrize.is_parametrized(model[i]) for i in (0, 2))
+        assert all(hasattr(model[i], "weight_mask") for i in (0, 2))  # the Sparsifier's mask buffer
         for _ in range(5):
             mse(model, (torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g))).backward()
             opt.step()
@@ -95,22 +99,39 @@ def test_a_strong_prior_and_zero_steps_give_the_prior_mask(pattern):
 
 def test_gradients_reach_the_logits_only_and_eval_uses_the_argmax_mask():
     model = mlp()
+    dense = model[0].weight.detach().clone()
     masks = MaskLLM(model, "2:4").attach()
-    w = model[0].parametrizations.weight.original
-    assert not w.requires_grad and masks.attached
+    w = model[0].weight
+    assert masks.attached
     x = torch.randn(4, 16)
     model(x).sum().backward()
-    assert w.grad is None and model[2].parametrizations.weight.original.grad is None
+    soft = model[0].weight_mask
+    assert torch.equal(w.detach(), dense * soft) and bool(((soft > 0) & (soft < 1)).any())  # a soft sample
+    assert w.grad is None and model[2].weight.grad is None  # the weights' gradient went to the logits
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in masks.parameters())
     assert model[0].bias.grad is not None  # only the masked weights are frozen by MaskLLM itself
+    # the logits' gradient is autograd's through W * mask(logits), for the same Gumbel sample
+    logits = masks.parameters()[0]
+    logits.grad = None
+    state = masks._state.generator.get_state()
+    upstream = torch.randn(4, 8)
+    (model[0](x) * upstream).sum().backward()
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(state)
+    z = logits * masks.kappa
+    y = torch.softmax((z - torch.empty_like(z).exponential_(generator=gen).log()) / masks.tau, dim=-1)
+    mask = (y @ masks.candidates).reshape(dense.shape)
+    expected = torch.autograd.grad((nn.functional.linear(x, dense * mask, model[0].bias) * upstream).sum(), logits)[0]
+    torch.testing.assert_close(logits.grad, expected)
     masks.eval()
     hard = masks.hard_masks()["0"]
-    assert torch.equal(model[0].weight, w * hard)
+    model(x)
+    assert torch.equal(model[0].weight, dense * hard) and torch.equal(model[0].weight_mask, hard.float())
     masks.train()
     masks.set_temperature(0.05, 500.0)
     assert (masks.tau, masks.kappa) == (0.05, 500.0)
     masks.detach()
-    assert is_plain(model[0]) and model[0].weight.requires_grad
+    assert is_plain(model[0]) and model[0].weight.requires_grad and torch.equal(model[0].weight, dense)
     with pytest.raises(SparseforgeError):
         masks.set_temperature(0.0)
 
@@ -192,10 +213,11 @@ def test_tiny_causal_lm_gets_exact_2of4_in_its_blocks():
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 320, (2, 16), generator=g)} for _ in range(2)]
     rep = prune_maskllm(model, batches, "2:4", steps=4)
-    assert len(rep.layers) == 2 * 7 and rep.achieved == 0.5 and len(rep.history) == 4
+    assert len(rep.pruned) == 2 * 7 and rep.achieved == 0.5 and len(rep.history) == 4
+    assert rep.method == "maskllm" and rep.summary()["prior"] == "magnitude"
     assert list(model.state_dict()) == keys
     for name, module in model.named_modules():
-        if name in rep.layers:
+        if name in rep.pruned:
             assert is_plain(module)
             w = module.weight.detach()
             assert torch.equal(nm_counts(w, 4), torch.full((w.shape[0], w.shape[1] // 4), 2))

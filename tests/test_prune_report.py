@@ -210,11 +210,19 @@ def test_prune_each_allocation(allocation: str, pattern: str) -> None:
     assert all(layer.nonzeros > 0 for layer in r.layers)
 
 
-def test_prune_returns_the_report_of_the_model() -> None:
+def test_prune_returns_the_report_of_the_model_and_of_the_pruning() -> None:
     model = build_mlp(seed=5)
     r = prune(model, sparsity=0.5, allocation="global", example_input=torch.zeros(1, 16))
     again = report(model, torch.zeros(1, 16))
-    assert r.to_dict() == again.to_dict()
+    both = r.to_dict()
+    assert {k: both[k] for k in again.to_dict()} == again.to_dict()  # the model's numbers, as sf.report gives them
+    pruning = both["pruning"]
+    assert (pruning["method"], pruning["pattern"], pruning["allocation"], pruning["sparsity"]) == \
+        ("magnitude", "unstructured", "global", 0.5)
+    assert sorted(pruning["layers"]) == LAYERS and pruning["achieved"] == r.achieved
+    # the pruned layers' zeros add up to the model report's zeros over the same weights
+    zeros = sum(v["zeros"] for v in r.pruned.values())
+    assert zeros == sum(layer.params - layer.nonzeros for layer in r.layers) == round(0.5 * r.layer_params)
     assert not any(name.endswith("_mask") for name, _ in model.named_buffers())
 
 

@@ -13,12 +13,11 @@ from sparseforge.kernels.sparse_linear import SparseLinear, ToSparseReport, load
 from sparseforge.io.checkpoint import load_checkpoint, load_compacted, save_checkpoint
 from sparseforge.io.sfz import load, save
 from sparseforge.methods import GMP, Method
-from sparseforge.oneshot import prune
-from sparseforge.oneshot.channels import ChannelPruning, prune_channels
-from sparseforge.patterns import NM, Block, Channel, Pattern, Unstructured
-from sparseforge.report import SparsityReport, report
+from sparseforge.oneshot import prune, prune_channels
+from sparseforge.patterns import NM, Block, Channel, ChannelGroups, Pattern, Unstructured
+from sparseforge.report import PruneReport, SparsityReport, report
 from sparseforge.schedules import Constant, Cubic, Linear, OneShot, Schedule
-from sparseforge.scores import SNIP, GradientMagnitude, L1Norm, L2Norm, Magnitude, Random, Score, Taylor
+from sparseforge.scores import SNIP, GradientMagnitude, L1Norm, L2Norm, Magnitude, Random, Score, Taylor, Wanda
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.targets import Target
 from sparseforge.updates import HardPrune, Update
@@ -30,7 +29,7 @@ __all__ = [
     "OneShot", "Pattern", "Random", "SNIP", "Schedule", "Score", "SparseforgeError", "Sparsifier",
     "SparsityReport", "Target", "Taylor", "Uniform", "Unstructured", "Update", "allocation",
     "distributed", "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",
-    "ChannelPruning", "CompactReport", "L1Norm", "L2Norm", "compact", "load_compacted", "prune_channels",
+    "ChannelGroups", "PruneReport", "Wanda", "CompactReport", "L1Norm", "L2Norm", "compact", "load_compacted", "prune_channels",
     "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
     "load", "load_checkpoint", "save", "save_checkpoint",
     "io", "kernels", "merge", "peft",

@@ -337,7 +337,7 @@ class OWL(Allocation):
     reference code.
 
     The scores are Wanda's ``|W_ij| * ||X_j||`` in the paper:
-    :func:`sparseforge.oneshot.prune_calibrated` computes them on the dense
+    :func:`sparseforge.prune` with calibration data computes them on the dense
     model when given this allocation, whichever method then prunes.
 
     Args:
@@ -388,7 +388,7 @@ class OWL(Allocation):
         sparsity = check_sparsity(sparsity)
         if scores is None:
             raise SparseforgeError("OWL needs per-layer scores (Wanda's |W| * ||X||): use it through "
-                                   "sparseforge.oneshot.prune_calibrated, or pass scores")
+                                   "sparseforge.prune(model, ..., calibration=batches), or pass scores")
         if not 0.0 <= self.lam < 1.0 or self.m <= 0:
             raise SparseforgeError(f"OWL needs m > 0 and 0 <= lam < 1, got m={self.m}, lam={self.lam}")
         self.check_blocks(names)

@@ -7,42 +7,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import io
 import json
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
-from sparseforge.compact import compact
-from sparseforge.distributed.launch import launch
 from sparseforge.errors import SparseforgeError
-from sparseforge.io.checkpoint import load_checkpoint, save_checkpoint
-from sparseforge.io.hf import (
-    ARCH, arch_kwargs, check_output_folder, is_pretrained_dir, load_pretrained, save_pretrained,
+from sparseforge.pipelines import (
+    EXPORT_FORMATS, PRUNE_METHODS, QUANT_SCHEMES, SFZ_VALUES, ExportRecipe, PruneRecipe, QuantizeRecipe, check_out,
+    load_any, load_recipe,
 )
-from sparseforge.io.sfz import is_sfz, load_sfz, save
-from sparseforge.merge.recipe import MergeRecipe, load_recipe
-from sparseforge.methods.maskllm import prune_maskllm
-from sparseforge.oneshot.calibrated import prune_calibrated
-from sparseforge.oneshot.prune import prune
-from sparseforge.oserrors import check_writable
 from sparseforge.progress import Progress
-from sparseforge.quality import quality
-from sparseforge.quant.gptq import gptq_
-from sparseforge.quant.rtn import quantize_, rounded_to_zero
-from sparseforge.report import report, table_width
-from sparseforge.scores import Random, as_score
-from sparseforge.targets import Target
-from sparseforge.threads import set_threads
-from sparseforge.version import __version__
-
-# Imported inside functions, on purpose: transformers (an optional dependency) and rich's tables (only
-# for printing them) stay out of `sparseforge --help`; the zoo and the demo sit above the CLI's layer
-# (KNOWN_VIOLATIONS in tests/test_layering.py) and are reached only by the command bodies that need them.
 
 EPILOG = """examples:
   sparseforge demo                                   # train, prune to 90% with GMP, compare (about a minute)
@@ -122,29 +98,33 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
             "or a folder of them, '%%'-separated fortune files or blank-line-separated paragraphs; default: "
             "Debian's fortunes), and the report gives the quality on held-out text: perplexity for a causal LM, "
             "mean cosine of sentence embeddings to the dense model for an encoder. Without --method a "
-            "sparseforge checkpoint is pruned by --score (gradient scores use Fashion-MNIST batches)."
+            "sparseforge checkpoint is pruned by --score (gradient scores use Fashion-MNIST batches). With "
+            "--recipe FILE the options come from a YAML recipe (sparseforge.pipelines.PruneRecipe: keys as the "
+            "flags, model and out included); flags given as well override it."
         ),
     )
-    p.add_argument("model", help="a Hugging Face model folder (with config.json) or a sparseforge checkpoint")
-    p.add_argument("--out", required=True,
+    p.add_argument("model", nargs="?", default=None,
+                   help="a Hugging Face model folder (with config.json) or a sparseforge checkpoint")
+    p.add_argument("--recipe", default=None, metavar="YAML", help="a YAML prune recipe; other flags override its values")
+    p.add_argument("--out", default=None,
                    help="where to write: a folder (save_pretrained, for a Hugging Face model), or a file: "
                         ".sfz (compressed) or .safetensors (checkpoint)")
-    p.add_argument("--method", default=None, choices=("magnitude", "wanda", "sparsegpt", "maskllm"),
+    p.add_argument("--method", default=None, choices=PRUNE_METHODS,
                    help="one-shot method with calibration data (default for a Hugging Face folder: wanda)")
-    p.add_argument("--score", default="magnitude", help="without --method: magnitude (default), random, gradient, snip, taylor")
+    p.add_argument("--score", default=None, help="without --method: magnitude (default), random, gradient, snip, taylor")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of the targeted weights to prune, in [0, 1); optional for N:M (default 0.5 with --method)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4, 4:8), block:B, channel")
-    p.add_argument("--allocation", default="uniform", help="uniform (default), owl, global, erk, er, lamp")
+    p.add_argument("--pattern", default=None, help="unstructured (default), N:M (e.g. 2:4, 4:8), block:B, channel")
+    p.add_argument("--allocation", default=None, help="uniform (default), owl, global, erk, er, lamp")
     p.add_argument("--include", nargs="+", default=None, metavar="GLOB",
                    help="module name globs to prune (default: the Linear layers of a transformer's blocks; all Linear/Conv otherwise)")
-    p.add_argument("--exclude", nargs="+", default=(), metavar="GLOB", help="module name globs to leave dense")
+    p.add_argument("--exclude", nargs="+", default=None, metavar="GLOB", help="module name globs to leave dense")
     _add_text_calibration(p, 128)
-    p.add_argument("--maskllm-steps", type=int, default=300, help="MaskLLM training steps (default 300, as prune_maskllm)")
-    p.add_argument("--calibration-batches", type=int, default=8,
+    p.add_argument("--maskllm-steps", type=int, default=None, help="MaskLLM training steps (default 300, as prune_maskllm)")
+    p.add_argument("--calibration-batches", type=int, default=None,
                    help="Fashion-MNIST batches of 128 for a zoo model's calibration (default 8)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for a zoo model's calibration")
-    p.add_argument("--seed", type=int, default=0, help="seed of random scores and calibration samples (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of random scores and calibration samples (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_quiet(p)
 
@@ -182,15 +162,18 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         description=(
             "Convert a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder to --format sfz "
             "(Linear/Conv weights as a bitmask plus the packed nonzero values, see sparseforge.save), safetensors "
-            "(plain, dense) or hf (a transformers save_pretrained folder, dense with exact zeros)."
+            "(plain, dense) or hf (a transformers save_pretrained folder, dense with exact zeros). With --recipe "
+            "FILE the options come from a YAML recipe (sparseforge.pipelines.ExportRecipe); flags override it."
         ),
     )
-    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
-    p.add_argument("--out", required=True,
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
+    p.add_argument("--recipe", default=None, metavar="YAML", help="a YAML export recipe; other flags override its values")
+    p.add_argument("--out", default=None,
                    help="where to write: a .sfz or .safetensors file (as --format), or a folder for --format hf")
-    p.add_argument("--format", default="sfz", choices=("sfz", "safetensors", "hf"),
+    p.add_argument("--format", default=None, choices=EXPORT_FORMATS,
                    help="(default sfz); hf: a save_pretrained folder (transformers models)")
-    p.add_argument("--values", default="fp16", choices=("fp16", "fp32", "int8", "int4"),
+    p.add_argument("--values", default=None, choices=SFZ_VALUES,
                    help="sfz weight values: fp16 (default), fp32 (exact), int8/int4 (codes + per-channel scales)")
     _add_quiet(p)
 
@@ -204,21 +187,24 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
             "stay zero; see sparseforge.quant): int8/int4 round to nearest, gptq-int8/gptq-int4 correct each "
             "column's rounding error with the Hessian of the layer inputs on Fashion-MNIST calibration images. "
             "An --out ending in .sfz stores the codes (int4 packed two per byte); one ending in .safetensors a "
-            "plain checkpoint of the dequantized weights."
+            "plain checkpoint of the dequantized weights. With --recipe FILE the options come from a YAML recipe "
+            "(sparseforge.pipelines.QuantizeRecipe); flags override it."
         ),
     )
-    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
-    p.add_argument("--out", required=True, help="where to write: .sfz (compressed codes) or .safetensors (dequantized weights)")
-    p.add_argument("--scheme", default="int8", choices=("int8", "int4", "gptq-int8", "gptq-int4"),
-                   help="(default int8)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
+    p.add_argument("--recipe", default=None, metavar="YAML", help="a YAML quantize recipe; other flags override its values")
+    p.add_argument("--out", default=None, help="where to write: .sfz (compressed codes) or .safetensors (dequantized weights)")
+    p.add_argument("--scheme", default=None, choices=QUANT_SCHEMES, help="(default int8)")
     p.add_argument("--group-size", type=int, nargs="?", const=128, default=None, metavar="G",
                    help="inputs per scale along the input dimension (bare flag: 128; default: one scale per output channel)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--calibration-batches", type=int, default=4,
+    p.add_argument("--act-order", action="store_true", default=None,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--calibration-batches", type=int, default=None,
                    help="GPTQ on a zoo model: batches of 128 Fashion-MNIST training images (default 4)")
     _add_text_calibration(p, 128)
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for GPTQ calibration")
-    p.add_argument("--seed", type=int, default=0, help="GPTQ: which calibration images (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="GPTQ: which calibration images (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_quiet(p)
 
@@ -272,8 +258,12 @@ def _with_progress(command: Callable[[argparse.Namespace, Progress], int]) -> Ca
     Threads: ``OMP_NUM_THREADS`` when set, else the idle cores (:func:`sparseforge.threads.set_threads`);
     progress (:mod:`sparseforge.progress`) is off with ``--quiet`` and closed before an error is printed.
     """
+    import functools
+
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
+        from sparseforge.threads import set_threads
+
         threads = set_threads()
         with Progress(not args.quiet, header=f"sparseforge {args.command}: {threads.describe()}") as shown:
             return command(args, shown)
@@ -288,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from sparseforge.version import __version__
 
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -300,28 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_merge(sub)
     return parser
-
-
-# Names that are files, not folders: an --out like these is a mistake where a folder would be written.
-_FILE_LIKE = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy", ".h5", ".onnx", ".gguf", ".json",
-              ".yaml", ".yml", ".txt", ".csv", ".log", ".md", ".zip", ".tar", ".gz", ".tgz", ".safetensor"}
-
-
-def _check_out(out: str, suffixes: Sequence[str], what: str, folder: bool = False) -> str:
-    """Check ``--out`` before any work: its name (one of ``suffixes``, or a folder when ``folder``) and that
-    it can be written. Returns ``"file"`` or ``"folder"``; ``what`` says what the command writes there."""
-    p = Path(out)
-    if any(p.name.endswith(x) and len(p.name) > len(x) for x in suffixes):
-        check_writable(p, "file", f"--out {out}")
-        return "file"
-    if folder and (p.is_dir() or p.suffix.lower() not in _FILE_LIKE):
-        check_output_folder(p)  # not a folder of other files, which replacing it would delete
-        check_writable(p, "folder", f"--out {out}")
-        check_writable(p.parent, "folder", f"--out {out}")  # the folder is replaced by a rename there
-        return "folder"
-    names = " or ".join(f"'NAME{x}'" for x in suffixes)
-    wanted = " or a ".join(w for w in ("folder name" if folder else "", f"file name like {names}" if names else "") if w)
-    raise SparseforgeError(f"--out {out}: {what}; give a {wanted}")
 
 
 def _print_report(rep, as_json: bool) -> None:
@@ -339,6 +308,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_dir=args.data_dir, runs_dir=args.runs_dir,
         name=args.name, limit_train=args.limit_train, limit_test=args.limit_test,
     )
+    from sparseforge.oserrors import check_writable
 
     # Before minutes of training, not after: the run folder goes into --runs-dir.
     check_writable(Path(args.runs_dir) / args.name if args.name else args.runs_dir, "folder")
@@ -347,132 +317,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from sparseforge.distributed.launch import launch
+
     return launch(args.recipe, nproc=args.nproc, out=args.out, resume=not args.no_resume, quiet=args.quiet,
                   print_command=args.print_command)
 
 
+def _recipe(cls: type, args: argparse.Namespace, flags: dict, usage: str):
+    """The command's recipe: ``--recipe FILE`` with the flags given overriding its values, or the flags alone."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.recipe is not None:
+        return dataclasses.replace(load_recipe(cls, args.recipe), **given)
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    if any(name not in given for name in required):
+        raise SparseforgeError(f"give {usage}, or --recipe FILE")
+    return cls(**given)
+
+
+def _text_flags(args: argparse.Namespace) -> dict:
+    return {"calibration": args.calibration, "tokenizer": args.tokenizer, "samples": args.samples,
+            "seq_len": args.seq_len, "eval_texts": args.eval_texts, "data_dir": args.data_dir, "seed": args.seed,
+            "calibration_batches": args.calibration_batches}
+
+
 @_with_progress
 def _cmd_prune(args: argparse.Namespace, shown: Progress) -> int:
-    if not Path(args.model).exists():
-        raise SparseforgeError(f"{args.model} does not exist: pass a Hugging Face model folder (with config.json) "
-                               "or a sparseforge checkpoint")
-    if is_pretrained_dir(args.model):
-        _prune_out(args.out, "hf")  # before loading and pruning: a bad --out fails in a second, not after
-    if args.method is not None or is_pretrained_dir(args.model):
-        return _prune_calibrated(args, shown)
-
-    if str(args.allocation).strip().lower() == "owl":
-        raise SparseforgeError("--allocation owl weighs blocks by Wanda's activation-aware scores on calibration "
-                               "data: add --method wanda (or sparsegpt, magnitude), or use another allocation")
-    with shown.phase(f"loading {args.model}"):
-        model, meta = _load_any(args.model)
-    _prune_out(args.out, meta["arch"])
-    score = Random(seed=args.seed) if str(args.score).lower() == "random" else as_score(args.score)
-    calibration = None
-    if score.needs_grad:
-        if int(args.calibration_batches) < 1:
-            raise SparseforgeError("--calibration-batches must be >= 1 for gradient scores")
-        with shown.phase("reading Fashion-MNIST calibration batches"):
-            calibration = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
-    target = Target(include=tuple(args.include) if args.include else ("*",), exclude=tuple(args.exclude))
-    torch.manual_seed(args.seed)
-    with shown.phase(f"pruning by {score}"):
-        rep = prune(model, score, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
-                    target=target, calibration=calibration)
-    extra = dict(meta["extra"]) | {
-        "pruned": {"score": str(score), "sparsity": rep.sparsity, "pattern": args.pattern,
-                   "allocation": args.allocation, "source": str(args.model)}
-    }
-    with shown.phase(f"writing {args.out}"):
-        _save_pruned(model, None, args.out, meta, {}, extra)
-    _print_report(rep, args.json)
+    flags = {"model": args.model, "out": args.out, "method": args.method, "score": args.score,
+             "sparsity": args.sparsity, "pattern": args.pattern, "allocation": args.allocation,
+             "include": args.include, "exclude": args.exclude, "maskllm_steps": args.maskllm_steps} | _text_flags(args)
+    recipe = _recipe(PruneRecipe, args, flags, "the model and --out (sparseforge prune MODEL --out OUT)")
+    rep = recipe.run(progress=shown)
+    if not recipe.layer_by_layer:
+        _print_report(rep, args.json)
+    elif args.json:
+        print(json.dumps(rep.summary(), indent=2))
+    else:
+        print(_calibrated_table(rep.summary()))
     if not args.json:
-        print(f"wrote {args.out}")
+        print(f"wrote {recipe.out}")
     return 0
-
-
-def _prune_out(out: str, arch: str | None) -> None:
-    """Refuse an --out that prune cannot write for a model of ``arch``, before the pruning."""
-    if arch == "hf":
-        _check_out(out, (".safetensors", ".sfz"), "prune writes a Hugging Face model to a folder, a .safetensors "
-                   "checkpoint or a compressed .sfz file", folder=True)
-    else:
-        _check_out(out, (".safetensors", ".sfz"), "prune writes a .safetensors checkpoint or a compressed .sfz file")
-
-
-def _target(args: argparse.Namespace):
-    if not args.include and not args.exclude:
-        return None  # the method's default: the layers inside the repeated blocks
-    return Target(include=tuple(args.include) if args.include else ("*",), exclude=tuple(args.exclude))
-
-
-def _prune_calibrated(args: argparse.Namespace, shown: Progress) -> int:
-    """Wanda / SparseGPT / magnitude / MaskLLM with calibration text (or Fashion-MNIST for a zoo model)."""
-    method = args.method or "wanda"
-    if method == "maskllm" and ":" not in str(args.pattern):
-        raise SparseforgeError(f"--method maskllm learns N:M masks, not {args.pattern}: pass --pattern 2:4 (or 4:8)")
-    with shown.phase(f"loading {args.model}"):
-        model, meta = _load_any(args.model)
-    _prune_out(args.out, meta["arch"])
-    tokenizer = meta.get("tokenizer")
-    hf = meta["arch"] == ARCH
-    if hf:
-        with shown.phase("reading and tokenizing the calibration text"):
-            tokenizer, batches, held_out = _text_calibration(args, meta)
-    else:
-        with shown.phase("reading Fashion-MNIST calibration batches"):
-            batches = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
-        tokenizer, held_out = None, []
-    before = None
-    if hf:
-        with shown.phase(f"quality of the dense model on {len(held_out)} held-out texts"):
-            before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
-    torch.manual_seed(args.seed)
-    if method == "maskllm":
-        rep = prune_maskllm(model, batches, pattern=args.pattern, steps=args.maskllm_steps, target=_target(args),
-                            seed=args.seed, progress=shown)
-    else:
-        rep = prune_calibrated(model, batches, method, args.sparsity, args.pattern, args.allocation,
-                               _target(args), progress=shown)
-    result = rep.to_dict()
-    if hf:
-        with shown.phase(f"quality of the pruned model on {len(held_out)} held-out texts"):
-            after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
-        result["quality"] = {"dense": before.to_dict(), "pruned": after.to_dict()}
-    result |= {"source": str(args.model), "calibration": str(args.calibration or "fortunes"),
-               "samples": args.samples, "seq_len": args.seq_len}
-    with shown.phase(f"writing {args.out}"):
-        _save_pruned(model, tokenizer, args.out, meta, result)
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items()}, indent=2))
-    else:
-        print(_calibrated_table(result))
-        print(f"wrote {args.out}")
-    return 0
-
-
-def _text_calibration(args: argparse.Namespace, meta: dict) -> tuple:
-    """(tokenizer, calibration batches, held-out texts) for a transformers model, from --calibration text."""
-    from sparseforge.zoo.text import calibration_batches, read_texts, split_texts
-
-    tokenizer = meta.get("tokenizer")
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise SparseforgeError(f"cannot load a tokenizer from {args.tokenizer}: {e}") from None
-    if tokenizer is None:
-        why = " (GPTQ calibrates on text; int8/int4 round to nearest and need none)" if hasattr(args, "scheme") else ""
-        raise SparseforgeError(f"{args.model if hasattr(args, 'model') else args.checkpoint} has no tokenizer{why}: "
-                               "pass --tokenizer <folder of the model's tokenizer>")
-    for name, value in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--eval-texts", args.eval_texts)):
-        if int(value) < 1:
-            raise SparseforgeError(f"{name} must be >= 1, got {value}")
-    split = split_texts(read_texts(args.calibration))
-    batches = calibration_batches(tokenizer, split.calibration, args.samples, args.seq_len, seed=args.seed)
-    return tokenizer, batches, split.evaluation[:args.eval_texts]
 
 
 def _add_text_calibration(p: argparse.ArgumentParser, samples: int) -> None:
@@ -481,27 +365,19 @@ def _add_text_calibration(p: argparse.ArgumentParser, samples: int) -> None:
                         "(default: /usr/share/games/fortunes); a tenth is held out for the quality report")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder, for a transformers model stored in a sparseforge checkpoint")
-    p.add_argument("--samples", type=int, default=samples, help=f"calibration sequences (default {samples})")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
-    p.add_argument("--eval-texts", type=int, default=256, help="held-out texts for the quality report (default 256)")
-
-
-def _save_pruned(model, tokenizer, out: str, meta: dict, result: dict, extra: dict | None = None) -> None:
-    if extra is None:
-        extra = dict(meta.get("extra") or {}) | {"pruned": {k: v for k, v in result.items() if k != "layers"}}
-    if out.endswith(".sfz"):
-        save(model, out, values="fp32", arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
-    elif out.endswith(".safetensors"):
-        save_checkpoint(model, out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
-    elif meta["arch"] != "hf":
-        raise SparseforgeError(f"--out {out}: a zoo model is written to a .safetensors or .sfz file")
-    else:
-        save_pretrained(model, out, tokenizer, metadata=result)
+    # None: not given, so that a --recipe's value (or the recipe's default) stands
+    p.add_argument("--samples", type=int, default=None, help=f"calibration sequences (default {samples})")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--eval-texts", type=int, default=None, help="held-out texts for the quality report (default 256)")
 
 
 def _calibrated_table(result: dict) -> str:
+    import io
+
     from rich.console import Console
     from rich.table import Table
+
+    from sparseforge.report import table_width
 
     t = Table(title=f"{result['method']} {result['pattern']}: {result['achieved']:.2%} of "
                     f"{len(result['layers'])} layers' weights pruned in {result['seconds']:.1f} s")
@@ -523,28 +399,13 @@ def _calibrated_table(result: dict) -> str:
     return buf.getvalue().rstrip()
 
 
-def _fashion_calibration(data_dir: str | None, seed: int, batches: int) -> list:
-    """``batches`` shuffled batches of 128 Fashion-MNIST training images with their labels."""
-    from sparseforge.zoo.data import fashion_mnist
-
-    train, _ = fashion_mnist(batch_size=128, data_dir=data_dir, seed=seed, limit_train=128 * int(batches),
-                             limit_test=1)
-    return list(train)
-
-
-def _load_any(path: str):
-    """(model, metadata) of a Hugging Face model folder or a sparseforge checkpoint in either format, told
-    apart by its metadata (a file named ``.sfz`` that is not one gets the sfz reader's error). A model
-    folder's metadata also holds its ``tokenizer`` (or None)."""
-    if is_pretrained_dir(path):
-        model, tokenizer = load_pretrained(path)
-        return model, {"arch": ARCH, "arch_kwargs": arch_kwargs(model), "extra": {}, "tokenizer": tokenizer}
-    return load_sfz(path) if is_sfz(path) or str(path).endswith(".sfz") else load_checkpoint(path)
-
-
 def _sfz_table(meta: dict) -> str:
+    import io
+
     from rich.console import Console
     from rich.table import Table
+
+    from sparseforge.report import table_width
 
     t = Table(title=f"sfz format version {meta['format_version']}: {meta['file_bytes']:,} bytes on disk")
     for col in ("tensor", "shape", "encoding", "values", "pattern", "nonzeros", "bytes"):
@@ -561,7 +422,9 @@ def _sfz_table(meta: dict) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    model, meta = _load_any(args.checkpoint)
+    from sparseforge.report import report
+
+    model, meta = load_any(args.checkpoint)
     rep = report(model)
     tensors = meta.get("tensors")
     if args.json:
@@ -581,97 +444,50 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(model, out: str, meta: dict, fmt: str, values: str, extra: dict) -> None:
-    if fmt == "sfz":
-        save(model, out, values=values, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
-    elif fmt == "hf":
-        save_pretrained(model, out, meta.get("tokenizer"), metadata=extra)
-    else:
-        save_checkpoint(model, out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
-
-
 @_with_progress
 def _cmd_export(args: argparse.Namespace, shown: Progress) -> int:
-    def size(path: str) -> int:
-        p = Path(path)
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-
-    if args.format == "hf":
-        _check_out(args.out, (), "export --format hf writes a Hugging Face model folder", folder=True)
-    else:
-        _check_out(args.out, (f".{args.format}",), f"export --format {args.format} writes a .{args.format} file")
-    with shown.phase(f"loading {args.checkpoint}"):
-        model, meta = _load_any(args.checkpoint)
-    with shown.phase(f"writing {args.out}"):
-        _write(model, args.out, meta, args.format, args.values, dict(meta["extra"]))
-    print(f"wrote {args.out} ({args.format}{', ' + args.values + ' values' if args.format == 'sfz' else ''}, "
-          f"{size(args.out):,} bytes; {args.checkpoint}: {size(args.checkpoint):,} bytes)")
+    flags = {"checkpoint": args.checkpoint, "out": args.out, "format": args.format, "values": args.values}
+    recipe = _recipe(ExportRecipe, args, flags, "the checkpoint and --out (sparseforge export CHECKPOINT --out OUT)")
+    done = recipe.run(progress=shown)
+    values = f", {done['values']} values" if done["format"] == "sfz" else ""
+    print(f"wrote {done['out']} ({done['format']}{values}, {done['bytes']:,} bytes; {recipe.checkpoint}: "
+          f"{done['source_bytes']:,} bytes)")
     return 0
 
 
 @_with_progress
 def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
-    scheme = str(args.scheme).lower()
-    _check_out(args.out, (".sfz", ".safetensors"), "quantize writes a compressed .sfz file (the codes) or a "
-               ".safetensors checkpoint (the dequantized weights)")
-    fmt = "sfz" if args.out.endswith(".sfz") else "safetensors"
-    with shown.phase(f"loading {args.checkpoint}"):
-        model, meta = _load_any(args.checkpoint)
-    hf = meta["arch"] == ARCH
-    held_out: list[str] = []
-    # Text is needed for GPTQ's calibration and for the quality report; round-to-nearest itself needs
-    # none, so a model without a tokenizer (an .sfz written by prune) is quantized without the report.
-    measure = hf and (scheme.startswith("gptq") or meta.get("tokenizer") is not None or bool(args.tokenizer))
-    if measure:
-        with shown.phase("reading and tokenizing the calibration text"):
-            tokenizer, batches, held_out = _text_calibration(args, meta)
-        with shown.phase(f"quality of the dense model on {len(held_out)} held-out texts"):
-            before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
-    if scheme.startswith("gptq"):
-        if hf:
-            calibration = batches
-        else:
-            if int(args.calibration_batches) < 1:
-                raise SparseforgeError("--calibration-batches must be >= 1")
-            with shown.phase("reading Fashion-MNIST calibration batches"):
-                calibration = _fashion_calibration(args.data_dir, args.seed, args.calibration_batches)
-        gptq_(model, calibration, scheme, args.group_size, act_order=args.act_order, progress=shown)
-    else:
-        with shown.phase(f"quantizing to {scheme}"):
-            quantize_(model, scheme, group_size=args.group_size)
-    zeroed = rounded_to_zero(model)
-    if measure:
-        with shown.phase(f"quality of the quantized model on {len(held_out)} held-out texts"):
-            after = quality(model, tokenizer, held_out, seq_len=args.seq_len, reference=before)
-        meta["extra"] = dict(meta["extra"]) | {"quality": {"dense": before.to_dict(), "quantized": after.to_dict()}}
-    extra = dict(meta["extra"]) | {"quantized": {"scheme": scheme, "group_size": args.group_size,
-                                                 "source": str(args.checkpoint), "rounded_to_zero": zeroed}}
-    with shown.phase(f"writing {args.out}"):
-        _write(model, args.out, meta, fmt, scheme.removeprefix("gptq-"), extra)
-    rep = report(model)
+    flags = {"checkpoint": args.checkpoint, "out": args.out, "scheme": args.scheme, "group_size": args.group_size,
+             "act_order": args.act_order} | _text_flags(args)
+    recipe = _recipe(QuantizeRecipe, args, flags, "the checkpoint and --out (sparseforge quantize CHECKPOINT --out "
+                     "OUT)")
+    done = recipe.run(progress=shown)
+    rep, zeroed, q = done["report"], done["rounded_to_zero"], done["quality"]
     if args.json:
-        print(json.dumps(rep.to_dict() | {"scheme": scheme, "rounded_to_zero": zeroed}, indent=2))
-    else:
-        _print_report(rep, False)
-        print(f"{zeroed:,} kept weights rounded to exactly zero (smaller than half a quantization step; "
-              "zeros stay zero)")
-    if measure and not args.json:
-        print(f"quality on {after.texts} held-out texts: " + ", ".join(
-            f"{k} dense {before.to_dict()[k]:.4g} -> quantized {v:.4g}" if k in before.to_dict() else f"{k} {v:.4g}"
-            for k, v in after.to_dict().items() if k != "texts"))
-    elif hf and not args.json:
-        print(f"no quality report: {args.checkpoint} has no tokenizer (pass --tokenizer DIR to measure it)")
-    if not args.json:
-        print(f"wrote {args.out} ({scheme}, {'per channel' if args.group_size is None else f'groups of {args.group_size}'}, {fmt})")
+        print(json.dumps(rep.to_dict() | {"scheme": done["scheme"], "rounded_to_zero": zeroed}, indent=2))
+        return 0
+    _print_report(rep, False)
+    print(f"{zeroed:,} kept weights rounded to exactly zero (smaller than half a quantization step; zeros stay zero)")
+    if q is not None:
+        print(f"quality on {q['quantized']['texts']} held-out texts: " + ", ".join(
+            f"{k} dense {q['dense'][k]:.4g} -> quantized {v:.4g}" if k in q["dense"] else f"{k} {v:.4g}"
+            for k, v in q["quantized"].items() if k != "texts"))
+    elif done["hf"]:
+        print(f"no quality report: {recipe.checkpoint} has no tokenizer (pass --tokenizer DIR to measure it)")
+    grouping = "per channel" if recipe.group_size is None else f"groups of {recipe.group_size}"
+    print(f"wrote {done['out']} ({done['scheme']}, {grouping}, {done['format']})")
     return 0
 
 
 @_with_progress
 def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
-    _check_out(args.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes travel "
+    from sparseforge.io.checkpoint import save_checkpoint
+    from sparseforge.compact import compact
+
+    check_out(args.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes travel "
                "in its metadata)")
     with shown.phase(f"loading {args.checkpoint}"):
-        model, meta = _load_any(args.checkpoint)
+        model, meta = load_any(args.checkpoint)
     with shown.phase("compacting"):
         rep = compact(model)
     extra = dict(meta["extra"]) | {"compacted": {"source": str(args.checkpoint), "params_before": rep.params_before,
@@ -688,6 +504,10 @@ def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_merge(args: argparse.Namespace, shown: Progress) -> int:
+    import dataclasses
+
+    from sparseforge.merge.recipe import MergeRecipe, load_recipe
+
     flags = {"models": args.models or None, "method": args.method, "base": args.base, "weights": args.weights,
              "density": args.density, "lam": args.lam, "seed": args.seed, "out": args.out}
     given = {k: v for k, v in flags.items() if v is not None}
@@ -699,7 +519,7 @@ def _cmd_merge(args: argparse.Namespace, shown: Progress) -> int:
     else:
         recipe = MergeRecipe(**given)
     recipe.validate()  # options first, then the output: both before any file is read
-    _check_out(recipe.out, (".safetensors",), "merge writes a .safetensors file")
+    check_out(recipe.out, (".safetensors",), "merge writes a .safetensors file")
     rep = recipe.run(progress=shown)
     if not args.quiet:
         base = f", base {rep['base']}" if rep["base"] else ""

@@ -89,6 +89,8 @@ class Pattern(ABC):
 
     #: whether a layer's sparsity may be chosen freely (False for N:M).
     free_sparsity: bool = True
+    #: whether the pattern is pruned over a whole model at once (dependency groups), not tensor by tensor.
+    model_level: bool = False
 
     def check(self, shape: torch.Size, name: str = "tensor") -> None:
         """Raise a :class:`SparseforgeError` if the pattern cannot apply to ``shape``."""
@@ -104,6 +106,13 @@ class Pattern(ABC):
     @abstractmethod
     def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Turn a per-group keep-vector into an element keep-mask of ``shape``."""
+
+    def within_rows(self) -> Pattern:
+        """This pattern with scores compared only within each output row (for a score whose
+        ``compare`` is ``"row"``, such as Wanda's). Patterns whose groups span rows cannot."""
+        raise SparseforgeError(
+            f"scores compared within rows (such as Wanda's) apply to unstructured and N:M patterns, not {self}"
+        )
 
     def mask(self, score: torch.Tensor, sparsity: float) -> torch.Tensor:
         """Boolean keep-mask of ``score.shape`` with ``sparsity`` of its elements pruned.
@@ -140,8 +149,42 @@ class Unstructured(Pattern):
     def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return group_keep.reshape(shape)
 
+    def within_rows(self) -> Pattern:
+        return RowWise()
+
     def __str__(self) -> str:
         return "unstructured"
+
+
+@dataclass(frozen=True)
+class RowWise(Unstructured):
+    """Unstructured, with the scores compared only within each output row: every row is pruned alike.
+
+    Rule: each row of the weight seen as (outputs, everything else) loses its
+    ``int(row_length * sparsity)`` lowest scores (rounded down, ties broken by
+    position, as a stable sort does): Wanda's per-output comparison group. It is
+    what :meth:`Unstructured.within_rows` gives for a score whose ``compare`` is
+    ``"row"``; across layers (allocations) it behaves as unstructured.
+
+    Example:
+        >>> RowWise().mask(torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]]), 0.5).int().tolist()
+        [[1, 0, 1, 0], [0, 0, 1, 1]]
+    """
+
+    def within_rows(self) -> Pattern:
+        return self
+
+    def mask(self, score: torch.Tensor, sparsity: float) -> torch.Tensor:
+        rows = _as_matrix(score)
+        k = int(rows.shape[1] * check_sparsity(sparsity))
+        keep = torch.ones_like(rows, dtype=torch.bool)
+        if k:
+            idx = torch.sort(rows, dim=1, stable=True).indices[:, :k]
+            keep.scatter_(1, idx, False)
+        return keep.reshape(score.shape)
+
+    def __str__(self) -> str:
+        return "unstructured within rows"
 
 
 @dataclass(frozen=True)
@@ -165,6 +208,31 @@ class Channel(Pattern):
 
     def __str__(self) -> str:
         return "channel"
+
+
+@dataclass(frozen=True)
+class ChannelGroups(Channel):
+    """Whole channels of dependency groups: every slice tied to a channel is pruned with it.
+
+    :class:`Channel` prunes each layer's rows on its own; this pattern prunes
+    the channels of a model's dependency groups (a filter with its bias, the
+    BatchNorm after it, the next layers' input columns and the residual
+    partners it is added to; attention heads too when ``heads``), scored over
+    all their slices, so that :func:`sparseforge.compact` removes all of them.
+    It applies to a whole model at once, through :func:`sparseforge.prune`
+    (see :mod:`sparseforge.oneshot.channels`); within one tensor it is
+    :class:`Channel`.
+
+    Args:
+        heads: also prune attention heads (the same fraction). Default True.
+    """
+
+    heads: bool = True
+    #: pruned over the model's dependency groups, not tensor by tensor.
+    model_level = True
+
+    def __str__(self) -> str:
+        return "channel-groups" if self.heads else "channel-groups(heads=False)"
 
 
 @dataclass(frozen=True)
@@ -266,6 +334,9 @@ class NM(Pattern):
     def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return group_keep.reshape(shape)
 
+    def within_rows(self) -> Pattern:
+        return self  # groups of M inputs lie within a row already
+
     def mask(self, score: torch.Tensor, sparsity: float | None = None) -> torch.Tensor:
         """Keep the N highest scores of every group of M inputs.
 
@@ -294,7 +365,7 @@ _BLOCK_RE = re.compile(r"^\s*block\s*[:=]?\s*(\d+)\s*$")
 
 
 def as_pattern(spec: Pattern | str | None) -> Pattern:
-    """Parse a pattern: ``"unstructured"``, ``"channel"``, ``"block:4"``, ``"2:4"``, or a Pattern.
+    """Parse a pattern: ``"unstructured"``, ``"channel"``, ``"channel-groups"``, ``"block:4"``, ``"2:4"``, or a Pattern.
 
     >>> as_pattern("2:4")
     NM(n=2, m=4)
@@ -310,10 +381,13 @@ def as_pattern(spec: Pattern | str | None) -> Pattern:
         return Unstructured()
     if text in ("channel", "channels", "filter", "row"):
         return Channel()
+    if text in ("channel-groups", "channel_groups", "groups"):
+        return ChannelGroups()
     if m := _NM_RE.match(text):
         return NM(int(m.group(1)), int(m.group(2)))
     if m := _BLOCK_RE.match(text):
         return Block(int(m.group(1)))
     raise SparseforgeError(
-        f"unknown pattern {spec!r}; use 'unstructured', 'channel', 'block:B' (e.g. block:4) or 'N:M' (e.g. 2:4)"
+        f"unknown pattern {spec!r}; use 'unstructured', 'channel', 'channel-groups', 'block:B' (e.g. block:4) "
+        "or 'N:M' (e.g. 2:4)"
     )

@@ -126,6 +126,111 @@ class SparsityReport:
         return buf.getvalue()
 
 
+@dataclass
+class PruneReport(SparsityReport):
+    """What pruning did, and the model's sparsity afterwards: the one report of every pruning method.
+
+    :func:`sparseforge.prune` returns it for every score, pattern, allocation
+    and method (magnitude, gradient scores, Wanda, SparseGPT, OWL, dependency
+    groups of channels), and MaskLLM's training does too.
+
+    The model afterwards (the :class:`SparsityReport` it extends): ``layers``
+    (every weight layer of the model), ``sparsity`` (zeros over all of them),
+    totals, FLOPs, ``str(report)`` (the table).
+
+    What the pruning did:
+
+    - ``method``, ``pattern``, ``allocation``: its parts, as names;
+    - ``requested``: the model-level sparsity asked for (N:M: its own);
+    - ``pruned``: per pruned layer ``{"sparsity": its allotted share, "zeros", "numel"}``
+      (MaskLLM adds ``kept_by_mask``); ``achieved``: zeros over those layers' weights;
+    - ``seconds``; ``calibration_rows``: input rows (tokens, patches) each layer saw
+      on calibration data, 0 without;
+    - channel groups: ``groups`` (members, channels, pruned indices or why skipped per
+      group), ``pruned_channels``, and :meth:`apply` (zero the same slices again, e.g.
+      after each optimizer step while fine-tuning);
+    - learned masks: ``prior``, ``steps``, ``history`` (loss, temperature, ...),
+      ``changed_groups`` (share of groups whose choice left the prior's);
+    - ``quality``: metrics before and after, when measured (``PruneRecipe`` on a
+      transformers model: ``{"dense": ..., "pruned": ...}``); ``source``: run details
+      (input, calibration text) that recipes record.
+
+    :meth:`to_dict` gives all of it for JSON (the model's numbers under their
+    :class:`SparsityReport` keys); :meth:`summary` the per-layer pruning view,
+    keyed as the ``prune --method`` command has always printed it.
+    """
+
+    method: str = ""
+    pattern: str = ""
+    allocation: str = ""
+    requested: float = 0.0
+    pruned: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    calibration_rows: int = 0
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    prior: str | None = None
+    steps: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    changed_groups: float | None = None
+    quality: dict[str, Any] | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    _zero: list[tuple[str, int, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    @property
+    def achieved(self) -> float:
+        """Zeros over weights, across the pruned layers."""
+        total = sum(v["numel"] for v in self.pruned.values())
+        return sum(v["zeros"] for v in self.pruned.values()) / total if total else 0.0
+
+    @property
+    def pruned_channels(self) -> int:
+        """Channels (and heads) pruned over all dependency groups; 0 for other patterns."""
+        return sum(len(g["pruned"]) for g in self.groups)
+
+    @property
+    def report(self) -> PruneReport:
+        """The report itself: the model's sparsity afterwards (what ``prune_channels(...).report`` gave)."""
+        return self
+
+    def record(self, name: str, weight: torch.Tensor, sparsity: float, **extra: float) -> None:
+        """Note a pruned layer: its allotted ``sparsity`` and the zeros of its new ``weight``."""
+        self.pruned[name] = {"sparsity": sparsity, "zeros": float((weight == 0).sum()),
+                             "numel": float(weight.numel()), **extra}
+
+    def with_model(self, model: nn.Module, example_input: torch.Tensor | None = None) -> PruneReport:
+        """Fill in the model's sparsity report (:func:`report`) as it is now; returns self."""
+        rep = report(model, example_input)
+        self.layers, self.total_params, self.total_nonzeros = rep.layers, rep.total_params, rep.total_nonzeros
+        return self
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero the pruned channel slices of ``model`` again (the same parameters, by name)."""
+        params = dict(model.named_parameters())
+        for name, axis, index in self._zero:
+            params[name].index_fill_(axis, index.to(params[name].device), 0)
+
+    def summary(self) -> dict[str, Any]:
+        """The pruning itself: method, pattern, requested and achieved sparsity, time, per pruned layer
+        (``layers``), and what the method adds (groups, learned-mask history, quality, run details)."""
+        out: dict[str, Any] = {"method": self.method, "pattern": self.pattern, "sparsity": self.requested,
+                               "allocation": self.allocation, "achieved": self.achieved, "seconds": self.seconds,
+                               "calibration_rows": self.calibration_rows}
+        if self.prior is not None:
+            out |= {"prior": self.prior, "steps": self.steps, "changed_groups": self.changed_groups,
+                    "history": self.history}
+        if self.groups:
+            out |= {"pruned_channels": self.pruned_channels, "groups": self.groups}
+        out["layers"] = self.pruned
+        if self.quality is not None:
+            out["quality"] = self.quality
+        return out | self.source
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model's sparsity (:meth:`SparsityReport.to_dict`) and the pruning (:meth:`summary`, as ``pruning``)."""
+        return super().to_dict() | {"pruning": self.summary()}
+
+
 def table_width() -> int:
     """Width for printed tables: the terminal's (``$COLUMNS`` when set), at least 120 characters."""
     return max(120, shutil.get_terminal_size((120, 24)).columns)

@@ -1,9 +1,28 @@
 """How important each weight is: the ``Score`` part.
 
-A score maps a weight (and, for some scores, its loss gradient) to a tensor of
-the same shape where higher means "keep". Scores that need a gradient say so
-with ``needs_grad``; the caller (``Sparsifier`` or :func:`sparseforge.prune`)
-provides the gradient averaged over the batches it has seen.
+A score maps a weight (and, for some scores, its loss gradient or statistics
+of the layer's inputs) to a tensor of the same shape where higher means
+"keep". What a score reads beyond the weight it declares with capability
+flags, and the caller provides it:
+
+- ``needs_grad``: the loss gradient of the weight, averaged over the batches
+  seen (the ``Sparsifier`` after ``backward()``; :func:`sparseforge.prune`
+  from its ``calibration`` batches);
+- ``needs_activations``: the norm of each input feature of the layer on
+  calibration data, ``||X_j||_2`` (Wanda), and ``needs_hessian``: the
+  layer's input Gram matrix ``X^T X``; :func:`sparseforge.prune` collects
+  them block by block with a :class:`~sparseforge.oneshot.calibration.Calibrator`
+  and passes them as ``stats`` (a
+  :class:`~sparseforge.oneshot.calibration.LayerStats`). The weight such a
+  score sees is the layer's ``[out, fan_in]`` matrix, in the column order of
+  those statistics.
+
+``compare`` says which weights a score's values may be compared between:
+``"layer"`` (any two weights of a layer, the default) or ``"row"`` (only
+weights of the same output row, as Wanda's paper prescribes); the pruning
+code turns the pattern into its per-row form (:meth:`Pattern.within_rows`)
+for a row-compared score, so that :func:`sparseforge.updates.select_masks`
+chooses every mask.
 """
 
 from __future__ import annotations
@@ -11,21 +30,49 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
 
+if TYPE_CHECKING:  # only for annotations: the statistics are computed in sparseforge.oneshot
+    from sparseforge.oneshot.calibration import LayerStats
+
 
 class Score(ABC):
-    """Base class: ``score(weight, grad) -> importance`` of the same shape."""
+    """Base class: ``score(weight, grad) -> importance`` of the same shape.
 
+    A score that reads calibration statistics (``needs_activations`` or
+    ``needs_hessian``) takes them as a third argument:
+    ``score(weight, grad, stats)``; call :meth:`evaluate` to pass whatever the
+    score reads.
+    """
+
+    #: whether the score reads the loss gradient of the weight.
     needs_grad: bool = False
+    #: whether the score reads the layer's input feature norms on calibration data (``stats.feature_norms``).
+    needs_activations: bool = False
+    #: whether the score reads the layer's input Gram matrix on calibration data (``stats.hessian``).
+    needs_hessian: bool = False
+    #: which weights the score's values may be compared between: ``"layer"`` or ``"row"`` (see the module docstring).
+    compare: str = "layer"
 
     @abstractmethod
     def __call__(self, weight: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether the score reads statistics of the layer's inputs on calibration data."""
+        return self.needs_activations or self.needs_hessian
+
+    def evaluate(self, weight: torch.Tensor, grad: torch.Tensor | None = None,
+                 stats: LayerStats | None = None) -> torch.Tensor:
+        """The score of ``weight``, given what it reads: the gradient, and the statistics when it needs them."""
+        if self.needs_stats:
+            return self(weight, grad, stats)  # type: ignore[call-arg]
+        return self(weight, grad)
 
     def _grad(self, grad: torch.Tensor | None) -> torch.Tensor:
         if grad is None:
@@ -34,6 +81,14 @@ class Score(ABC):
                 "or call Sparsifier.step() after backward()"
             )
         return grad
+
+    def _stats(self, stats: LayerStats | None) -> LayerStats:
+        if stats is None:
+            raise SparseforgeError(
+                f"score {self} reads the layers' inputs on calibration data: pass calibration batches to "
+                "sparseforge.prune(model, ..., calibration=batches); a Sparsifier does not collect them"
+            )
+        return stats
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -164,6 +219,37 @@ class L2Norm(Score):
         return "l2"
 
 
+@dataclass
+class Wanda(Score):
+    """|W_ij| * ||X_j||_2, compared within each output row: "A Simple and Effective Pruning
+    Approach for Large Language Models" (Sun, Liu, Bair & Kolter, ICLR 2024).
+
+    Rule: the magnitude of a weight times the L2 norm of its input feature over
+    the calibration data (``stats.feature_norms``, collected layer by layer on
+    the already pruned earlier blocks). Scores are compared only within an
+    output row (``compare = "row"``): unstructured, every row loses its
+    ``int(in * sparsity)`` lowest scores; N:M, every group of M inputs of a
+    row keeps its N highest. No weight is updated.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+        >>> Wanda()(w, None, SimpleNamespace(feature_norms=torch.tensor([2.0, 0.5]))).tolist()
+        [[2.0, 1.0], [6.0, 0.25]]
+    """
+
+    needs_activations = True
+    compare = "row"
+
+    def __call__(self, weight: torch.Tensor, grad: torch.Tensor | None = None,
+                 stats: LayerStats | None = None) -> torch.Tensor:
+        norms = self._stats(stats).feature_norms
+        return weight.detach().abs() * norms.to(weight.dtype).reshape(1, -1)
+
+    def __str__(self) -> str:
+        return "wanda"
+
+
 SCORES: dict[str, Callable[[], Score]] = {
     "magnitude": Magnitude,
     "random": Random,
@@ -172,11 +258,12 @@ SCORES: dict[str, Callable[[], Score]] = {
     "taylor": Taylor,
     "l1": L1Norm,
     "l2": L2Norm,
+    "wanda": Wanda,
 }
 
 
 def as_score(spec: Score | str | None) -> Score:
-    """Parse a score name (``magnitude``, ``random``, ``gradient``, ``snip``, ``taylor``, ``l1``, ``l2``) or pass a Score."""
+    """Parse a score name (``magnitude``, ``random``, ``gradient``, ``snip``, ``taylor``, ``l1``, ``l2``, ``wanda``) or pass a Score."""
     if spec is None:
         return Magnitude()
     if isinstance(spec, Score):

@@ -2,9 +2,13 @@
 update and one-shot pruning share.
 
 :func:`select_masks` is the one place where scores, an allocation and a
-pattern become masks. An :class:`Update` decides which scores to hand it and
-what else changes at an update step (hard pruning here; prune-and-regrow and
-soft shrinkage are further updates built on the same call).
+pattern become masks: for the Sparsifier's updates and for one-shot pruning
+alike, data-free scores, gradient scores and activation-aware ones (Wanda),
+unstructured, N:M, blocks and channels. An :class:`Update` decides which
+scores to hand it and what else changes at an update step (hard pruning here;
+prune-and-regrow and soft shrinkage are further updates built on the same
+call; SparseGPT's reconstruction of the kept weights,
+:class:`sparseforge.oneshot.obs.OBSReconstruction`, is one too).
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ from sparseforge.targets import Layer
 
 def check_compatible(layers: Sequence[Layer], pattern: Pattern, allocation: Allocation) -> None:
     """Raise a clear error when the pattern cannot apply to a layer or to the allocation."""
+    if pattern.model_level:
+        raise SparseforgeError(
+            f"pattern {pattern} prunes a model's dependency groups at once: use sparseforge.prune(model, score, "
+            f"sparsity, pattern={str(pattern)!r}); to keep such channels pruned while training, call the returned "
+            "report's apply(model) after each optimizer step"
+        )
     for layer in layers:
         pattern.check(layer.shape, layer.name)
     if not pattern.free_sparsity and not isinstance(allocation, Uniform):
@@ -43,20 +53,26 @@ def select_masks(
     pattern: Pattern,
     allocation: Allocation,
     sparsity: float,
+    sparsities: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     """Boolean keep-masks: split ``sparsity`` over the layers, then keep each layer's top scores.
 
     Args:
         layers: the targeted layers.
         scores: one score tensor per layer, shaped like its weight (higher = keep).
-        pattern: the shape of the zeros.
+        pattern: the shape of the zeros (for a score compared within rows, the
+            pattern's :meth:`~sparseforge.patterns.Pattern.within_rows` form).
         allocation: how the model-level sparsity is split over layers.
         sparsity: fraction of all targeted weights to prune, in [0, 1).
+        sparsities: each layer's sparsity, when the allocation was made already
+            (one-shot pruning layer by layer allocates once, on the dense model,
+            before the first layer is pruned); ``allocation`` is then not asked again.
     """
-    names = [layer.name for layer in layers]
-    shapes = [layer.shape for layer in layers]
-    per_layer = allocation.allocate(names, shapes, sparsity, scores if allocation.needs_scores else None, pattern)
-    return [pattern.mask(score, s) for score, s in zip(scores, per_layer)]
+    if sparsities is None:
+        names = [layer.name for layer in layers]
+        shapes = [layer.shape for layer in layers]
+        sparsities = allocation.allocate(names, shapes, sparsity, scores if allocation.needs_scores else None, pattern)
+    return [pattern.mask(score, s) for score, s in zip(scores, sparsities)]
 
 
 @dataclass
@@ -66,6 +82,13 @@ class UpdateContext:
     ``masks`` are the current boolean keep-masks; ``grads`` the dense loss
     gradients of the weights at this step (None when no score or update asked
     for them); ``sparsity`` the model-level sparsity the schedule asks for now.
+    One-shot pruning with calibration data also gives ``stats``, each layer's
+    input statistics (:class:`~sparseforge.oneshot.calibration.LayerStats`,
+    what the score's and update's ``needs_activations``/``needs_hessian``
+    asked for), ``sparsities``, each layer's share already allocated, and in
+    ``weights`` each layer's ``[out, fan_in]`` matrix (a copy that an update
+    may rewrite in place, as SparseGPT's reconstruction does; the caller
+    writes it back, masked).
     """
 
     layers: Sequence[Layer]
@@ -79,6 +102,8 @@ class UpdateContext:
     schedule: Schedule | None = None
     weights: Sequence[torch.Tensor] | None = None
     total_steps: int | None = None
+    stats: Sequence[Any] | None = None
+    sparsities: Sequence[float] | None = None
 
     @property
     def is_first(self) -> bool:
@@ -107,8 +132,12 @@ class UpdateContext:
         """The weight of layer ``i`` that scores read: the dense shadow under straight-through updates."""
         return (self.weights[i] if self.weights is not None else self.layers[i].weight).detach()
 
+    def stat(self, i: int) -> Any:
+        """Layer ``i``'s calibration statistics, or None outside calibrated one-shot pruning."""
+        return self.stats[i] if self.stats is not None else None
+
     def scores(self) -> list[torch.Tensor]:
-        return [self.score(self.weight(i), g) for i, g in enumerate(self.grads)]
+        return [self.score.evaluate(self.weight(i), g, self.stat(i)) for i, g in enumerate(self.grads)]
 
 
 class Update(ABC):
@@ -124,6 +153,10 @@ class Update(ABC):
 
     #: whether the update itself needs the dense gradients (e.g. gradient regrowth).
     needs_grad: bool = False
+    #: whether the update reads the layers' input feature norms on calibration data (one-shot only).
+    needs_activations: bool = False
+    #: whether the update reads the layers' input Gram matrices on calibration data (one-shot only: SparseGPT).
+    needs_hessian: bool = False
     #: whether the optimizer updates dense weights that the forward sees masked (SR-STE).
     straight_through: bool = False
 
@@ -169,7 +202,7 @@ class HardPrune(Update):
             scores = ctx.scores()
         if self.monotone:
             scores = [s.masked_fill(~m, -math.inf) for s, m in zip(scores, ctx.masks)]
-        return select_masks(ctx.layers, scores, ctx.pattern, ctx.allocation, ctx.sparsity)
+        return select_masks(ctx.layers, scores, ctx.pattern, ctx.allocation, ctx.sparsity, ctx.sparsities)
 
     def state_dict(self) -> dict[str, Any]:
         return {"init": self.init.state_dict()} if self.init is not None else {}

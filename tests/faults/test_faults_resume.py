@@ -231,7 +231,7 @@ def test_lottery_ticket_retraining_resumes_bit_identically(order: str) -> None:
 def test_maskllm_resumes_bit_identically() -> None:
     """MaskLLM's state holds the logits, tau, kappa and the Gumbel generator: a resumed run of
     Gumbel-softmax mask learning ends on the uninterrupted run's logits and masks."""
-    from sparseforge.methods import MaskLLM
+    from sparseforge.oneshot import MaskLLM
 
     def run(resume_at: int | None) -> dict[str, torch.Tensor]:
         model = _model(0)
@@ -256,7 +256,7 @@ def test_maskllm_resumes_bit_identically() -> None:
 
 
 def test_maskllm_state_of_another_model_is_refused() -> None:
-    from sparseforge.methods import MaskLLM
+    from sparseforge.oneshot import MaskLLM
 
     state = MaskLLM(_model(0), "2:4").state_dict()
     other = nn.Sequential(nn.Linear(16, 8))

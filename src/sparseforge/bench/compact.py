@@ -31,7 +31,7 @@ from torch import nn
 
 from sparseforge.bench.common import RunConfig, add_common_arguments, resolve_common, train_run
 from sparseforge.compact import compact
-from sparseforge.oneshot.channels import prune_channels
+from sparseforge.oneshot.prune import prune_channels
 from sparseforge.timing import median_ms, time_interleaved
 from sparseforge.zoo.data import fashion_mnist
 from sparseforge.zoo.training import evaluate

@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 from sparseforge.bench.common import print_table
 from sparseforge.io.sfz import save
 from sparseforge.kernels.sparse_linear import to_sparse
-from sparseforge.oneshot import prune, prune_calibrated
+from sparseforge.oneshot import prune
 from sparseforge.quant.dynamic import quantize_dynamic_int8
 from sparseforge.quant.gptq import gptq_
 from sparseforge.quant.rtn import quantize_
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 quantize_(model, "int4", group_size=128)
             else:
                 if name.startswith("2:4"):
-                    prune_calibrated(model, batches, "sparsegpt", pattern="2:4")
+                    prune(model, "sparsegpt", pattern="2:4", calibration=batches)
                 gptq_(model, batches, "gptq-int4", group_size=128)
             add(name, model, "int8")
 

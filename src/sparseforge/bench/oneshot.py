@@ -165,8 +165,8 @@ def _maskllm_rows(task, batches, steps: int, seq_len: int, priors: list[str]) ->
     fewer when the split is short), as the paper trains them on a corpus rather than on the 128
     calibration windows; the prior rows of the table use the calibration batches.
     """
-    from sparseforge.methods.maskllm import prune_maskllm
-    from sparseforge.oneshot import prune_calibrated
+    from sparseforge.oneshot.maskllm import prune_maskllm
+    from sparseforge.oneshot import prune
     from sparseforge.zoo.text import calibration_batches, token_stream
 
     available = len(token_stream(task.tokenizer, task.calibration_texts)) // seq_len - 1
@@ -174,7 +174,7 @@ def _maskllm_rows(task, batches, steps: int, seq_len: int, priors: list[str]) ->
     rows = []
     for prior in priors:
         clone = copy.deepcopy(task.model)
-        names = prune_calibrated(clone, batches, prior, pattern="2:4").layers
+        names = prune(clone, prior, pattern="2:4", calibration=batches).pruned
         modules = dict(clone.named_modules())
         masks = {n: modules[n].weight != 0 for n in names}
         model = copy.deepcopy(task.model)
@@ -196,7 +196,7 @@ method, samples, seq_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[
 if threads: torch.set_num_threads(threads)
 from sparseforge.zoo.minilm import load_minilm
 from sparseforge.zoo.text import calibration_batches, fortunes
-from sparseforge.oneshot import prune_calibrated
+import sparseforge as sf
 page = os.sysconf("SC_PAGE_SIZE") / 2**20
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 m = load_minilm()
@@ -208,7 +208,7 @@ def watch():  # resident memory sampled every 5 ms while pruning runs
 watcher = threading.Thread(target=watch, daemon=True)
 watcher.start()
 start = time.perf_counter()
-prune_calibrated(m.model, batches, method, 0.5)
+sf.prune(m.model, method, 0.5, calibration=batches)
 seconds = time.perf_counter() - start
 done.set(); watcher.join()
 peak[0] = max(peak[0], rss())
@@ -226,7 +226,7 @@ print(json.dumps({"method": method, "seconds": seconds, "rss_before_mib": before
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from sparseforge.oneshot import essential_sparsity, prune_calibrated
+    from sparseforge.oneshot import essential_sparsity, prune
     from sparseforge.zoo.text import calibration_batches
 
     if args.threads:
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for label, pattern, sparsity, allocation in configs:
             for method in METHODS:
                 model = copy.deepcopy(task.model)
-                rep = prune_calibrated(model, batches, method, sparsity, pattern, allocation)
+                rep = prune(model, method, sparsity, pattern, allocation, calibration=batches)
                 row = {"config": label, "method": method, "seconds": rep.seconds, "achieved": rep.achieved,
                        **task.quality(model)}
                 rows.append(row)

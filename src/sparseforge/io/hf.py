@@ -1,7 +1,7 @@
 """Hugging Face ``transformers`` models: load a model folder, save one, and keep them in sparseforge's files.
 
 Any ``transformers`` model with Linear (or GPT-2 ``Conv1D``) layers works:
-the one-shot methods (:func:`sparseforge.oneshot.prune_calibrated`) select
+the one-shot methods (:func:`sparseforge.prune` with calibration data) select
 its layers by module name (BERT-, GPT-2- and LLaMA-style names alike), and
 the pruned model leaves here in either of two forms:
 

@@ -6,11 +6,9 @@ from sparseforge.methods.global_magnitude import GlobalMagnitude
 from sparseforge.methods.gmp import GMP
 from sparseforge.methods.imp import IMP, IMPResult, IMPRound, Ticket
 from sparseforge.methods.issp import ISSP
-from sparseforge.methods.maskllm import MaskLLM, MaskLLMReport, prune_maskllm, train_maskllm
 from sparseforge.methods.nm_training import SRSTE, ProgressiveNM
 from sparseforge.methods.sparse_training import SET, GraNet, RigL, StaticRandom
 
 __all__ = ["Method", "GMP", "GraNet", "ISSP", "RigL", "SET", "StaticRandom"]
 __all__ += ["FixedMask", "GlobalMagnitude", "IMP", "IMPResult", "IMPRound", "Ticket"]
 __all__ += ["ProgressiveNM", "SRSTE"]
-__all__ += ["MaskLLM", "MaskLLMReport", "prune_maskllm", "train_maskllm"]

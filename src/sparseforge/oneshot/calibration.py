@@ -38,6 +38,12 @@ otherwise (a BERT pooler, a classifier head).
 
 Every hook is removed when capture ends, also on error.
 
+:class:`Calibrator` is how one-shot pruning uses this for any method: it
+runs a per-layer step over the model in that order, collecting just the
+statistics the method's score and update ask for (feature norms for
+``needs_activations``, the Gram matrix too for ``needs_hessian``, no forward
+pass at all for neither). GPTQ calls :func:`sequential` directly.
+
 :func:`capture_inputs` collects the same statistics for every layer in one
 pass over the data, without processing anything in between (RegMean's Gram
 matrices, :mod:`sparseforge.merge.regmean`).
@@ -45,7 +51,7 @@ matrices, :mod:`sparseforge.merge.regmean`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +62,10 @@ from torch import nn
 from sparseforge.errors import SparseforgeError
 from sparseforge.layers import is_conv1d
 from sparseforge.progress import Progress, using
+from sparseforge.targets import Target, as_target
 
 __all__ = [
-    "LayerStats", "ProcessFn", "capture_inputs", "find_blocks", "input_matrix", "is_linear_like", "run_model", "sequential", "set_weight_matrix",
+    "Calibrator", "LayerStats", "ProcessFn", "capture_inputs", "find_blocks", "input_matrix", "is_linear_like", "run_model", "select_layers", "sequential", "set_weight_matrix",
     "weight_matrix",
 ]
 
@@ -168,6 +175,27 @@ def find_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, nn
         if held and (best is None or held > best[0]):
             best = (held, name, m)
     return None if best is None else (best[1], best[2])
+
+
+def select_layers(model: nn.Module, target: Target | Sequence[str] | str | None = None) -> dict[str, nn.Module]:
+    """The layers calibrated one-shot pruning prunes: with no target, every Linear (or transformers Conv1D)
+    inside the model's list of repeated blocks, as the papers do (embeddings, a pooler and the
+    LM head stay dense); the zoo's models, with no such list, get all Linear/Conv2d layers."""
+    supported = {n: m for n, m in model.named_modules() if is_linear_like(m)}
+    if target is None:
+        found = find_blocks(model, supported)
+        if found is None:
+            return supported
+        prefix = f"{found[0]}." if found[0] else ""
+        return {n: m for n, m in supported.items() if n.startswith(prefix)}
+    t = as_target(target)
+    if not isinstance(target, Target):  # globs: consider every supported type, transformers' Conv1D included
+        t = Target(include=t.include, exclude=t.exclude, types=tuple({type(m) for m in supported.values()}))
+    layers = {layer.name: layer.module for layer in t.select(model)}
+    unsupported = [n for n, m in layers.items() if not is_linear_like(m)]
+    if unsupported or t.param_name != "weight":
+        raise SparseforgeError(f"one-shot methods prune the weight of Linear/Conv2d layers; not {unsupported or t.param_name}")
+    return layers
 
 
 def _in_list(name: str, prefix: str) -> bool:
@@ -417,3 +445,56 @@ def _run_until(model: nn.Module, module: nn.Module, batch: Any, stop: bool) -> N
     finally:
         handle.remove()
 
+
+
+class Calibrator:
+    """Runs a per-layer step block by block over a model on calibration batches, collecting only
+    the statistics the step reads.
+
+    The order is :func:`sequential`'s: each block (or, in a model without a
+    list of repeated blocks, each layer) gets its inputs from the already
+    processed blocks before it. ``activations`` collects each layer's input
+    feature norms (``LayerStats.feature_norms``), ``hessian`` its Gram matrix
+    as well (``LayerStats.hessian``); with neither, the layers are processed
+    in module order without running the model (a data-free score needs no
+    forward pass), each given an empty :class:`LayerStats`.
+
+    Args:
+        model: the model (put in eval mode while it runs, restored after).
+        batches: calibration batches (see :func:`run_model` for their forms);
+            read once into a list.
+        progress: progress over blocks or layers (see :mod:`sparseforge.progress`).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> seen = {}
+        >>> Calibrator(model, [torch.randn(8, 4)]).run(
+        ...     {"0": model[0], "2": model[2]}, lambda n, m, s: seen.__setitem__(n, s.rows), activations=True)
+        >>> seen
+        {'0': 8, '2': 8}
+    """
+
+    def __init__(self, model: nn.Module, batches: Iterable[Any], *, progress: bool | Progress = False) -> None:
+        self.model = model
+        self.batches = list(batches)
+        self.progress = progress
+
+    def run(self, layers: dict[str, nn.Module], process: ProcessFn, *, activations: bool = False,
+            hessian: bool = False, description: str = "calibrating") -> None:
+        """Call ``process(name, module, stats)`` on every layer, in calibration order, with the
+        statistics asked for; ``process`` changes the layer in place before the next blocks run."""
+        if not (activations or hessian):
+            for name, module in layers.items():
+                process(name, module, LayerStats())
+            return
+        sequential(self.model, self.batches, layers, process, gram=hessian, progress=self.progress,
+                   description=description)
+
+    def statistics(self, layers: dict[str, nn.Module], *, hessian: bool = False,
+                   description: str = "calibrating") -> dict[str, LayerStats]:
+        """Every layer's input statistics on the model as it is (nothing processed), in the same
+        block-by-block order: what an allocation compares layers by before any of them is pruned."""
+        found: dict[str, LayerStats] = {}
+        self.run(layers, lambda name, module, stats: found.__setitem__(name, stats), activations=True,
+                 hessian=hessian, description=description)
+        return found

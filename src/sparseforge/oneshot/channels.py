@@ -3,19 +3,21 @@
 ``sf.prune(model, score, pattern="channel")`` prunes each layer's rows on its
 own: a filter goes, but its bias, the BatchNorm after it and the residual
 partners it is added to stay, so :func:`sparseforge.compact` can remove only
-part of what was pruned. :func:`prune_channels` works on the dependency
-groups of :mod:`sparseforge.compact.dependency` instead: the channel's score
-adds up over all its slices (Torch-Pruning's group importance), and the
-lowest-scoring channels of each group lose every slice at once (filters or
-rows and their biases, BatchNorm scale and shift, the next layers' input
-columns), so that compaction removes all of them.
+part of what was pruned. ``sf.prune(model, score, pattern="channel-groups")``
+(:class:`~sparseforge.patterns.ChannelGroups`) works on the dependency groups
+of :mod:`sparseforge.compact.dependency` instead, through
+:func:`prune_channel_groups` here: the channel's score adds up over all its
+slices (Torch-Pruning's group importance), and the lowest-scoring channels of
+each group lose every slice at once (filters or rows and their biases,
+BatchNorm scale and shift, the next layers' input columns), so that
+compaction removes all of them.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,39 +25,13 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.compact.dependency import ChannelGroup, DependencyGraph, analyze, attention_out_name, is_attention
-from sparseforge.patterns import check_sparsity, keep_lowest_pruned
-from sparseforge.report import SparsityReport, report
-from sparseforge.scores import Score, as_score, mean_gradients
+from sparseforge.patterns import ChannelGroups, keep_lowest_pruned
+from sparseforge.report import PruneReport
+from sparseforge.scores import Score, mean_gradients
+from sparseforge.targets import Target
 
 # A slice: (parameter name, a view of the parameter with the channel axis at ``axis``, axis).
 _Slice = tuple[str, Callable[[torch.Tensor], torch.Tensor], int]
-
-
-@dataclass
-class ChannelPruning:
-    """What :func:`prune_channels` zeroed: per group, the channels pruned.
-
-    ``groups``: one entry per group or attention block (members, channels,
-    pruned indices, or why it was skipped); ``report``: the model's sparsity
-    report afterwards. :meth:`apply` zeroes the same slices again: call it
-    after each optimizer step while fine-tuning, so that the pruned channels
-    stay removable by :func:`sparseforge.compact`.
-    """
-
-    groups: list[dict[str, Any]] = field(default_factory=list)
-    report: SparsityReport | None = None
-    _zero: list[tuple[str, int, torch.Tensor]] = field(default_factory=list, repr=False)
-
-    @property
-    def pruned_channels(self) -> int:
-        return sum(len(g["pruned"]) for g in self.groups)
-
-    @torch.no_grad()
-    def apply(self, model: nn.Module) -> None:
-        """Zero the pruned slices of ``model`` (the same parameters, by name)."""
-        params = dict(model.named_parameters())
-        for name, axis, index in self._zero:
-            params[name].index_fill_(axis, index.to(params[name].device), 0)
 
 
 def _views(model: nn.Module, dep: DependencyGraph, g: ChannelGroup) -> tuple[list[_Slice], list[tuple[str, int, Callable]]]:
@@ -105,7 +81,9 @@ def _head_views(model: nn.Module, name: str) -> tuple[list[_Slice], list[tuple[s
     return scored, zeroed
 
 
-def _matches(names: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> bool:
+def _matches(names: Sequence[str], target: Target) -> bool:
+    include = [target.include] if isinstance(target.include, str) else list(target.include)
+    exclude = [target.exclude] if isinstance(target.exclude, str) else list(target.exclude)
     return all(
         any(fnmatch.fnmatchcase(n, g) for g in include) and not any(fnmatch.fnmatchcase(n, g) for g in exclude)
         for n in names
@@ -113,46 +91,38 @@ def _matches(names: Sequence[str], include: Sequence[str], exclude: Sequence[str
 
 
 @torch.no_grad()
-def prune_channels(
+def prune_channel_groups(
     model: nn.Module,
-    score: Score | str = "l1",
-    sparsity: float = 0.5,
-    include: Sequence[str] = ("*",),
-    exclude: Sequence[str] = (),
-    heads: bool = True,
+    score: Score,
+    sparsity: float,
+    pattern: ChannelGroups,
+    target: Target,
     calibration: Iterable[Any] | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     max_batches: int | None = None,
     example_input: torch.Tensor | None = None,
-) -> ChannelPruning:
+) -> PruneReport:
     """Prune ``sparsity`` of the channels of every dependency group of ``model``, in place.
 
+    What :func:`sparseforge.prune` runs for the ``channel-groups`` pattern (arguments already parsed).
     Rule: for every group that can be compacted (see
     :mod:`sparseforge.compact.dependency`; groups reaching the output or a
-    non-channel-wise op are skipped) whose producer modules all match
-    ``include`` and none of ``exclude``, each channel's score is the sum over
-    its slices (producer filters/rows, BatchNorm scales, consumer input
-    columns) of ``score.channel_scores``: ``l1`` sums |w| (the group's L1
-    norm), ``l2`` sums w^2, ``taylor`` sums (sum of w*g over a slice)^2
-    (Molchanov et al. 2019; needs ``calibration``). Biases are zeroed with their
-    channel but not scored. The ``round(sparsity * channels)`` lowest channels
-    of each group are zeroed in every slice, keeping at least one; attention
-    heads likewise when ``heads``. Residual groups are pruned jointly, so the
-    channel goes from every member. Then :func:`sparseforge.compact` removes them all.
+    non-channel-wise op are skipped) whose producer modules all match the
+    target's ``include`` globs and none of its ``exclude``, each channel's
+    score is the sum over its slices (producer filters/rows, BatchNorm scales,
+    consumer input columns) of ``score.channel_scores``: ``l1`` sums |w| (the
+    group's L1 norm), ``l2`` sums w^2, ``taylor`` sums (sum of w*g over a
+    slice)^2 (Molchanov et al. 2019; needs ``calibration``). Biases are zeroed
+    with their channel but not scored. The ``round(sparsity * channels)``
+    lowest channels of each group are zeroed in every slice, keeping at least
+    one; attention heads likewise when ``pattern.heads``. Residual groups are
+    pruned jointly, so the channel goes from every member. Then
+    :func:`sparseforge.compact` removes them all.
 
-    Args:
-        model: the model, modified in place.
-        score: ``l1`` (default), ``l2``, ``taylor``, any Score name, or a Score.
-        sparsity: fraction of each group's channels to prune, in [0, 1). Default 0.5.
-        include, exclude: globs on the producer module names. Default: all groups.
-        heads: also prune attention heads (same fraction). Default True.
-        calibration, loss_fn, max_batches: batches and loss for gradient scores, as in :func:`sparseforge.prune`.
-        example_input: one input batch for tracing. Default: from ``model.input_shape``.
-
-    Returns a :class:`ChannelPruning` (``.apply(model)`` re-zeroes the slices).
+    Returns a :class:`~sparseforge.report.PruneReport` with ``groups`` (members, channels,
+    pruned indices, or why skipped) and ``apply(model)``, which re-zeroes the slices.
     """
-    sparsity = check_sparsity(sparsity)
-    score = as_score(score)
+    start = time.perf_counter()
     dep = analyze(model, example_input)
     params = dict(model.named_parameters())
     units: list[tuple[dict[str, Any], list[_Slice], list, int]] = []
@@ -160,13 +130,13 @@ def prune_channels(
         entry = {"members": g.producers + g.norms, "channels": g.size, "pruned": [], "skipped": ""}
         if g.blocked:
             entry["skipped"] = g.blocked[0]
-        elif not _matches(g.producers, include, exclude):
+        elif not _matches(g.producers, target):
             entry["skipped"] = "not targeted"
         units.append((entry, *_views(model, dep, g), g.size))
-    if heads:
+    if pattern.heads:
         for hg in dep.heads:
             entry = {"members": [hg.module], "channels": hg.num_heads, "pruned": [], "skipped": "", "heads": True}
-            if not _matches([hg.module], include, exclude):
+            if not _matches([hg.module], target):
                 entry["skipped"] = "not targeted"
             units.append((entry, *_head_views(model, hg.module), hg.num_heads))
     active = [u for u in units if not u[0]["skipped"]]
@@ -178,7 +148,7 @@ def prune_channels(
         with torch.enable_grad():
             gs = mean_gradients(model, [params[n] for n in names], calibration, loss_fn, max_batches)
         grads = dict(zip(names, gs))
-    result = ChannelPruning()
+    result = PruneReport(method=str(score), pattern=str(pattern), allocation="uniform", requested=sparsity)
     for entry, scored, zeroed, size in units:
         result.groups.append(entry)
         if entry["skipped"]:
@@ -199,9 +169,11 @@ def prune_channels(
             result._zero.append((name, axis, idx))
     if not any(not u[0]["skipped"] for u in units):
         raise SparseforgeError(
-            "prune_channels found no channel group to prune (every group reaches the output, a "
+            "channel-group pruning found no channel group to prune (every group reaches the output, a "
             "non-channel-wise op, or is excluded); see sparseforge.compact.dependency"
         )
     result.apply(model)
-    result.report = report(model, example_input)
-    return result
+    for name in dict.fromkeys(n for n, _, _ in result._zero if n.endswith(".weight")):
+        result.record(name.removesuffix(".weight"), params[name], sparsity)
+    result.seconds = time.perf_counter() - start
+    return result.with_model(model, example_input)

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.oneshot.calibrated import prune_calibrated
+from sparseforge.oneshot.prune import prune
 from sparseforge.targets import Target
 
 __all__ = ["EssentialSparsity", "essential_sparsity"]
@@ -65,7 +65,7 @@ def essential_sparsity(
             ``tolerance * |dense|`` of the dense model's. Default 0.01 (the paper's 1%).
         higher_is_better: whether larger ``evaluate`` values are better. Default True.
         pattern: ``"unstructured"`` (default) or N:M is not swept here (it fixes the sparsity).
-        target: the layers to prune; default as :func:`sparseforge.oneshot.prune_calibrated`
+        target: the layers to prune; default as :func:`sparseforge.prune` with calibration data
             (the Linear layers of a transformer's blocks, else every Linear/Conv).
 
     Returns an :class:`EssentialSparsity`: the curve, the highest level such that
@@ -94,7 +94,8 @@ def essential_sparsity(
     values = []
     for s in levels:
         pruned = copy.deepcopy(model)
-        prune_calibrated(pruned, [], "magnitude", s, target=target)
+        # layer by layer over the calibration layers (no data is read: magnitude needs none)
+        prune(pruned, "magnitude", s, target=target, calibration=[])
         values.append(float(evaluate(pruned)))
     sign = 1.0 if higher_is_better else -1.0
     floor = abs(dense) * tolerance

@@ -210,9 +210,11 @@ def obs_compress(
         elif sparsity is not None:
             score = w1.square() / d1.square().unsqueeze(0)
             k = int(score.numel() * sparsity)
-            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+            # contiguous (row-major) whatever the weight's layout: a transposed weight (transformers'
+            # Conv1D) gives a column-major w1, and flat indices must mean the same element in both
+            mask1 = torch.zeros_like(w1, dtype=torch.bool, memory_format=torch.contiguous_format)
             if k:
-                mask1.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
+                mask1.view(-1)[torch.topk(score.reshape(-1), k, largest=False).indices] = True
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):

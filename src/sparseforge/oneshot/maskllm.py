@@ -33,6 +33,16 @@ the kept weights ``sum ||W * mask||^2``. Here ``R`` is divided by the dense
 ``lambda`` fits every model size; the reference's 1e-5 on the raw sum of
 LLaMA-2 7B corresponds to ``1e-5 * sum ||W||^2`` here. Off by default.
 
+Masking. While attached, a MaskLLM masks its layers the way a
+:class:`~sparseforge.Sparsifier` does: a ``weight_mask`` buffer on each
+module, applied to the weight in place (``weight = W * mask``, with ``W`` a
+dense copy kept aside), here before each forward pass (a new Gumbel sample
+per forward in training, the argmax mask in eval). The gradient the weight
+receives (``dL/d(W * mask)``) is handed, as soon as it is accumulated, to the
+logits through the soft mask's graph (``dL/dmask = dL/d(W * mask) * W``) and
+then cleared: the weights stay frozen. So a model runs once forward per
+backward while attached, and :meth:`MaskLLM.detach` writes ``W`` back.
+
 Not included: mask transfer to downstream tasks, and training the weights
 together with the masks.
 
@@ -54,19 +64,18 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import NM, Pattern, as_pattern
 from sparseforge.progress import Progress, using
-from sparseforge.targets import Target
+from sparseforge.report import PruneReport
+from sparseforge.targets import Layer, Target
 
-__all__ = ["MaskLLM", "MaskLLMReport", "candidate_masks", "prune_maskllm", "train_maskllm"]
+__all__ = ["MaskLLM", "candidate_masks", "prune_maskllm", "train_maskllm"]
 
 TargetSpec = Target | Sequence[str] | str | None
 PriorSpec = str | dict[str, torch.Tensor]
@@ -94,7 +103,7 @@ def candidate_masks(n: int, m: int) -> torch.Tensor:
 
 
 class _Sampling:
-    """State shared by a MaskLLM's parametrizations: temperature, scale, mode, noise, regulariser."""
+    """State shared by a MaskLLM's layers: temperature, scale, mode, noise, regulariser."""
 
     def __init__(self, seed: int) -> None:
         self.tau = 4.0
@@ -116,30 +125,6 @@ class _Sampling:
         return -torch.empty_like(like).exponential_(generator=gen).log()
 
 
-class _GumbelMask(nn.Module):
-    """Parametrization ``W -> W * mask``: a Gumbel-softmax sample (training) or the argmax mask (eval)."""
-
-    def __init__(self, name: str, logits: nn.Parameter, candidates: torch.Tensor, state: _Sampling) -> None:
-        super().__init__()
-        # held outside the module's registries: the logits belong to the MaskLLM, not to the model
-        self.__dict__["logits"] = logits
-        self.__dict__["candidates"] = candidates
-        self.__dict__["state"] = state
-        self.name = name
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        st: _Sampling = self.state
-        if st.sample:
-            z = self.logits * st.kappa
-            y = torch.softmax((z + st.gumbel(z)) / st.tau, dim=-1)
-            mask = (y @ self.candidates).reshape(weight.shape).to(weight.dtype)
-            if st.track_kept:
-                st.kept[self.name] = (weight.detach() * mask).square().sum()
-        else:
-            mask = self.candidates[self.logits.argmax(-1)].reshape(weight.shape).to(weight.dtype)
-        return weight * mask
-
-
 def _prior_masks(model: nn.Module, layers: dict[str, nn.Linear], prior: PriorSpec, pattern: NM,
                  batches: Sequence[Any] | None) -> dict[str, torch.Tensor]:
     if isinstance(prior, dict):
@@ -159,10 +144,11 @@ def _prior_masks(model: nn.Module, layers: dict[str, nn.Linear], prior: PriorSpe
     if prior in ("wanda", "sparsegpt"):
         if not batches:
             raise SparseforgeError(f"a {prior} prior needs calibration batches")
-        from sparseforge.oneshot.calibrated import prune_calibrated
+        # one-shot pruning sits above the methods; only this prior needs it
+        from sparseforge.oneshot.prune import prune
 
         clone = copy.deepcopy(model)
-        prune_calibrated(clone, batches, prior, pattern=pattern, target=list(layers))
+        prune(clone, prior, pattern=pattern, target=list(layers), calibration=batches)
         found = dict(clone.named_modules())
         return {n: found[n].weight.detach() != 0 for n in layers}
     raise SparseforgeError(f"unknown MaskLLM prior {prior!r}: use 'magnitude', 'wanda', 'sparsegpt' or a dict of masks")
@@ -173,10 +159,11 @@ class MaskLLM:
 
     Holds one logit vector over the ``C(M, N)`` candidates per group of M
     inputs of each selected layer (see the module docstring for the rule).
-    :meth:`attach` (or ``with``) patches the layers with a parametrization
-    so their forward uses ``W * mask``: a Gumbel-softmax sample after
+    :meth:`attach` (or ``with``) masks the layers as a Sparsifier does (a
+    ``weight_mask`` buffer applied in place, see the module docstring), so
+    their forward uses ``W * mask``: a Gumbel-softmax sample after
     :meth:`train` (the default), the argmax mask after :meth:`eval`; the
-    weights are frozen (``requires_grad`` False) meanwhile. Optimise
+    weights get no gradient meanwhile (it goes to the logits). Optimise
     :meth:`parameters`; :meth:`finalize` writes the argmax masks into the
     weights as exact zeros and leaves plain ``nn.Linear`` modules.
 
@@ -219,7 +206,7 @@ class MaskLLM:
         seed: int = 0,
         batches: Sequence[Any] | None = None,
     ) -> None:
-        from sparseforge.oneshot.calibrated import select_layers
+        from sparseforge.oneshot.calibration import select_layers
 
         pat = as_pattern(pattern)
         if not isinstance(pat, NM):
@@ -252,7 +239,9 @@ class MaskLLM:
             logits = init_std * (noise + prior_strength * (overlap - pat.n / 2))
             self._logits[name] = nn.Parameter(logits.float())
             self.prior_index[name] = overlap.argmax(-1)
-        self._handles: dict[str, tuple[list[str], bool]] = {}
+        self._handles: dict[str, list[Any]] = {}
+        self._dense: dict[str, tuple[torch.Tensor, bool]] = {}  # attached: the dense weight, its requires_grad
+        self._soft: dict[str, torch.Tensor] = {}  # the last sampled soft mask (with its graph), per layer
         self._sq_norm = sum(float(m.weight.detach().double().square().sum()) for m in layers.values())
 
     # -- the learnable part ------------------------------------------------------------------------
@@ -348,37 +337,84 @@ class MaskLLM:
         self._state.track_kept = bool(value)
         self._state.kept.clear()
 
-    # -- patching ---------------------------------------------------------------------------------
+    # -- masking, as the Sparsifier masks --------------------------------------------------------
     @property
     def attached(self) -> bool:
         return bool(self._handles)
 
     def attach(self) -> MaskLLM:
-        """Patch every layer's ``weight`` with the mask parametrization; freeze the weights."""
+        """Give every layer a ``weight_mask`` buffer, applied to its weight in place before each forward pass."""
         if self._handles:
             return self
         try:
             for name, m in self.layers.items():
-                order = list(m._parameters)
-                self._handles[name] = (order, m.weight.requires_grad)
-                m.weight.requires_grad_(False)
-                gm = _GumbelMask(name, self._logits[name], self.candidates.to(m.weight.device), self._state)
-                parametrize.register_parametrization(m, "weight", gm)
+                mask_name = Layer(name, m).mask_name
+                if hasattr(m, mask_name):
+                    raise SparseforgeError(f"{name} already has a {mask_name}: is a Sparsifier attached? "
+                                           "finalize() it first")
+                w = m.weight
+                self._dense[name] = (w.detach().clone(), w.requires_grad)
+                m.register_buffer(mask_name, torch.ones_like(w), persistent=False)
+                # the weight's gradient is what the logits learn from (then cleared: see the module docstring)
+                w.requires_grad_(True)
+                if self._state.sample:
+                    # The parametrization this masking replaced drew one sample per layer when it was
+                    # registered (torch checks a parametrization's output then); drawing it still keeps
+                    # seeded runs identical to earlier versions' (and to the measured numbers).
+                    self._state.gumbel(self._logits[name])
+                self._handles[name] = [m.register_forward_pre_hook(self._mask_before_forward(name)),
+                                       w.register_post_accumulate_grad_hook(self._grad_to_logits(name))]
         except BaseException:
             self.detach()
             raise
         return self
 
+    def _mask_before_forward(self, name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            dense = self._dense[name][0]
+            st = self._state
+            logits = self._logits[name]
+            cands = self.candidates.to(logits.device)
+            if st.sample:
+                z = logits * st.kappa
+                y = torch.softmax((z + st.gumbel(z)) / st.tau, dim=-1)
+                soft = (y @ cands).reshape(dense.shape).to(dense.dtype)
+                self._soft[name] = soft
+                if st.track_kept:
+                    st.kept[name] = (dense * soft).square().sum()
+                mask = soft.detach()
+            else:
+                self._soft.pop(name, None)
+                mask = cands[logits.argmax(-1)].reshape(dense.shape).to(dense.dtype)
+            with torch.no_grad():
+                getattr(module, Layer(name, module).mask_name).copy_(mask)
+                module.weight.copy_(dense * mask)
+        return hook
+
+    def _grad_to_logits(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(weight: torch.Tensor) -> None:
+            grad, weight.grad = weight.grad, None  # the weights stay frozen
+            soft = self._soft.pop(name, None)
+            if grad is not None and soft is not None and soft.requires_grad:
+                # d(W * mask)/dmask = W: the chain rule of W * mask, run into the soft mask's graph; the
+                # regulariser's own path through that graph is still to come when it is tracked
+                soft.backward(grad * self._dense[name][0], retain_graph=self._state.track_kept)
+        return hook
+
     def detach(self) -> MaskLLM:
-        """Remove the patches, leaving the dense weights (unfrozen as they were) and the logits as they are."""
-        for name, (order, requires_grad) in list(self._handles.items()):
-            m = self.layers[name]
-            if parametrize.is_parametrized(m, "weight"):
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-                # removal re-adds ``weight`` after ``bias``: restore the order, so state_dict keys keep theirs
-                m._parameters = {k: m._parameters[k] for k in order}
-            m.weight.requires_grad_(requires_grad)
+        """Remove the masks and hooks, writing back the dense weights (unfrozen as they were); the logits stay."""
+        for name, handles in list(self._handles.items()):
+            for h in handles:
+                h.remove()
             del self._handles[name]
+        for name, (dense, requires_grad) in list(self._dense.items()):
+            m = self.layers[name]
+            with torch.no_grad():
+                m.weight.copy_(dense)
+            m.weight.requires_grad_(requires_grad)
+            m._buffers.pop(Layer(name, m).mask_name, None)
+            del self._dense[name]
+        self._soft.clear()
         self._state.kept.clear()
         return self
 
@@ -390,7 +426,7 @@ class MaskLLM:
 
     @torch.no_grad()
     def finalize(self) -> dict[str, torch.Tensor]:
-        """Remove the patches and zero every weight outside its layer's argmax mask (exact +0.0).
+        """Remove the masks and zero every weight outside its layer's argmax mask (exact +0.0).
 
         Kept weights are untouched (bit-identical); the modules are plain ``nn.Linear`` again with
         their parameters in the original order. Returns the bool masks applied.
@@ -400,34 +436,6 @@ class MaskLLM:
         for name, mask in masks.items():
             self.layers[name].weight.masked_fill_(~mask, 0.0)
         return masks
-
-
-@dataclass
-class MaskLLMReport:
-    """What a MaskLLM run did: per layer the zeros, the loss history, how far it moved from the prior.
-
-    ``history`` rows: ``step``, ``loss`` (mean over the steps since the previous row),
-    ``tau``, ``kappa``, ``changed`` (share of groups whose argmax differs from the prior's).
-    """
-
-    pattern: str
-    prior: str
-    steps: int
-    method: str = "maskllm"
-    layers: dict[str, dict[str, float]] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    changed_groups: float = 0.0
-    seconds: float = 0.0
-
-    @property
-    def achieved(self) -> float:
-        total = sum(v["numel"] for v in self.layers.values())
-        return sum(v["zeros"] for v in self.layers.values()) / total if total else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "pattern": self.pattern, "prior": self.prior, "steps": self.steps,
-                "achieved": self.achieved, "changed_groups": self.changed_groups, "seconds": self.seconds,
-                "history": self.history, "layers": self.layers}
 
 
 def _anneal(bounds: tuple[float, float], frac: float) -> float:
@@ -452,8 +460,13 @@ def train_maskllm(
     seed: int = 0,
     progress: bool | Progress = False,
     log_every: int | None = None,
-) -> MaskLLMReport:
+) -> PruneReport:
     """Learn an N:M mask of ``model``'s layers with MaskLLM and prune ``model`` in place with it.
+
+    Returns the :class:`~sparseforge.report.PruneReport` of the run: ``pruned`` layers (with
+    ``kept_by_mask``), ``history`` rows (``step``, ``loss``: the mean over the steps since the
+    previous row, ``tau``, ``kappa``, ``changed``: share of groups whose argmax differs from the
+    prior's), ``changed_groups``, ``prior``, ``steps``, ``seconds``.
 
     The weights stay frozen (every parameter of ``model`` has ``requires_grad`` False during the
     run, restored after); Adam updates only the mask logits. Step ``t`` of ``T`` uses
@@ -499,7 +512,8 @@ def train_maskllm(
     start = time.perf_counter()
     masks = MaskLLM(model, pattern, prior=prior, prior_strength=prior_strength, init_std=init_std,
                     target=target, seed=seed, batches=batches)
-    rep = MaskLLMReport(str(masks.pattern), masks.prior_name, steps)
+    rep = PruneReport(method="maskllm", pattern=str(masks.pattern), allocation="uniform",
+                      requested=masks.pattern.sparsity, prior=masks.prior_name, steps=steps)
     grad_state = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     finished = False
@@ -539,16 +553,14 @@ def train_maskllm(
                 rep.changed_groups = masks.changed_fraction()
                 applied = masks.finalize()
                 for name, mask in applied.items():
-                    w = masks.layers[name].weight
-                    rep.layers[name] = {"sparsity": masks.pattern.sparsity, "zeros": float((w == 0).sum()),
-                                        "numel": float(w.numel()), "kept_by_mask": float(mask.sum())}
+                    rep.record(name, masks.layers[name].weight, masks.pattern.sparsity, kept_by_mask=float(mask.sum()))
             else:
                 masks.detach()
             for p, flag in grad_state.items():
                 p.requires_grad_(flag)
             model.train(was_training)
     rep.seconds = time.perf_counter() - start
-    return rep
+    return rep.with_model(model)
 
 
 def _default_loss(model: nn.Module, batch: Any, teacher: Any) -> torch.Tensor:
@@ -578,7 +590,7 @@ def prune_maskllm(
     target: TargetSpec = None,
     seed: int = 0,
     progress: bool | Progress = False,
-) -> MaskLLMReport:
+) -> PruneReport:
     """MaskLLM on a transformers model with its default loss (:func:`train_maskllm` does the work).
 
     The loss, unless ``loss_fn(model, batch, teacher_output)`` is given: for a causal LM the
