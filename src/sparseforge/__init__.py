@@ -6,6 +6,7 @@ Schedule and an Update.
 """
 
 from sparseforge import allocation, distributed, merge, methods, patterns, peft, schedules, scores, targets, updates
+from sparseforge import training
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.compact import CompactReport, compact, load_compacted
@@ -20,6 +21,7 @@ from sparseforge.schedules import Constant, Cubic, Linear, OneShot, Schedule
 from sparseforge.scores import SNIP, GradientMagnitude, L1Norm, L2Norm, Magnitude, Random, Score, Taylor
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.targets import Target
+from sparseforge.training import fit
 from sparseforge.updates import HardPrune, Update
 
 __version__ = "0.1.0"
@@ -34,4 +36,5 @@ __all__ = [
     "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
     "load", "save",
     "merge", "peft",
+    "fit", "training",
 ]

@@ -238,6 +238,7 @@ class History(Callback):
         self.path = Path(path) if path is not None else None
         self.rows: list[dict[str, Any]] = []
         self.sums = [0.0, 0.0, 0.0]  # loss * examples, correct, examples: this epoch, this rank
+        self.last_sums = [0.0, 0.0, 0.0]  # the last finished epoch's, summed over the ranks
 
     def on_step_end(self, state: FitState) -> None:
         n = int(state.targets.shape[0])
@@ -251,7 +252,8 @@ class History(Callback):
         return state.world.all_sum(self.sums, state.device) if state.world.size > 1 else list(self.sums)
 
     def on_epoch_end(self, state: FitState) -> None:
-        loss_sum, correct, count = self._global_sums(state)
+        self.last_sums = self._global_sums(state)
+        loss_sum, correct, count = self.last_sums
         self.sums = [0.0, 0.0, 0.0]
         if count == 0:
             raise SparseforgeError("cannot train: the data yielded no examples")
@@ -428,6 +430,8 @@ class ProgressCallback(Callback):
 
     def on_step_end(self, state: FitState) -> None:
         self.task.advance(info=self.info(state) if self.info is not None else None)
+        if self.per_epoch and self.task.completed == self.task.total:
+            self.task.finish()  # the epoch's batches are done; its evaluation is not part of them
 
     def on_epoch_end(self, state: FitState) -> None:
         if self.per_epoch:

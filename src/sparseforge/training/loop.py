@@ -102,8 +102,9 @@ class FitState:
 
     ``step`` counts optimizer steps since the run began (a resumed run continues
     the count), ``epoch`` is the current epoch (0-based) and ``batch`` the
-    batches of it done. ``outputs``, ``targets`` and ``loss`` are the last
-    step's. ``net`` is what the forward pass calls: the model, or a wrapper
+    batches of it done. ``outputs``, ``targets`` and ``loss`` are the current
+    step's (after ``on_step_end`` the outputs are released and the loss is
+    detached, so that no graph outlives its step). ``net`` is what the forward pass calls: the model, or a wrapper
     (DDP) a callback put around it. ``seconds_before``: time spent in earlier
     segments of a resumed run; :meth:`elapsed` adds this one's.
     """
@@ -311,6 +312,9 @@ class TrainingRun:
         s.step += 1
         s.batch += 1
         self._call("on_step_end")
+        # Drop the step's graph and outputs now: kept, they would be alive during the next forward.
+        s.outputs = None
+        s.loss = s.loss.detach()
         return s.loss
 
     def _done(self) -> bool:
