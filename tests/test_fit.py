@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparseforge as sf
+from sparseforge.distributed.dgc import register_allreduce_counter
 from sparseforge.errors import SparseforgeError
 from sparseforge.training import (
     Callback,
@@ -215,7 +216,7 @@ def test_ddp_allreduce_hook_in_one_process_trains_the_plain_weights() -> None:
     try:
         hooked = _model()
         opt, _ = SGDConfig().build(hooked.parameters(), 6)
-        comm = CommHookCallback.allreduce()
+        comm = CommHookCallback(register_allreduce_counter)
         state = fit(hooked, batches, opt, F.cross_entropy, epochs=2, callbacks=[comm])
         assert isinstance(state.net, nn.parallel.DistributedDataParallel)
         steady = comm.after_warmup()
@@ -230,4 +231,4 @@ def test_a_comm_hook_needs_a_process_group() -> None:
     model = nn.Linear(2, 1)
     with pytest.raises(SparseforgeError, match="needs torch.distributed initialised"):
         fit(model, [(torch.ones(1, 2), torch.zeros(1, 1))], torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
-            epochs=1, callbacks=[CommHookCallback.allreduce()])
+            epochs=1, callbacks=[CommHookCallback(register_allreduce_counter)])

@@ -82,6 +82,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sparseforge.distributed import dgc
 from sparseforge.distributed.masks import check_masks_identical
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import write_json_atomic
@@ -104,7 +105,7 @@ from sparseforge.training import (
     World,
     fit,
 )
-from sparseforge.training.checkpoint import (  # noqa: F401 - re-exported: the trainer's checkpoints, as before
+from sparseforge.training.checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and _VERSION re-exported, as before
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     latest_checkpoint,
@@ -456,15 +457,22 @@ def _init_world(recipe: TrainRecipe, device_backend: str) -> tuple[World, bool]:
 
 
 def _comm_callback(recipe: TrainRecipe, device: torch.device) -> CommHookCallback:
-    """The recipe's gradient communication hook (all-reduce is counted too), as a callback of the run."""
+    """The recipe's gradient communication hook (all-reduce is counted too), as a callback of the run.
+
+    Its steady state (what ``comm.after_warmup_by_rank`` reports) starts after DGC's warm-up,
+    after PowerSGD's all-reduce steps, at once for all-reduce.
+    """
     d = recipe.distributed
     ids = [device.index] if device.type == "cuda" else None
     if d.comm == "dgc":
-        return CommHookCallback.dgc(d.dgc_config(recipe.train.momentum), device_ids=ids)
+        config = d.dgc_config(recipe.train.momentum)
+        return CommHookCallback(lambda ddp: dgc.register_dgc(ddp, config), steady_from=config.warmup_steps,
+                                device_ids=ids)
     if d.comm == "powersgd":
         start = d.powersgd_start_step if d.powersgd_start_step is not None else max(2, recipe.total_steps() // 10)
-        return CommHookCallback.powersgd(d.powersgd_rank, start, device_ids=ids)
-    return CommHookCallback.allreduce(device_ids=ids)
+        return CommHookCallback(lambda ddp: dgc.register_powersgd(ddp, rank=d.powersgd_rank, start_powerSGD_iter=start),
+                                steady_from=start, device_ids=ids)
+    return CommHookCallback(dgc.register_allreduce_counter, device_ids=ids)
 
 
 def run(recipe: TrainRecipe, out_dir: str | os.PathLike[str] | None = None, resume: bool = True,

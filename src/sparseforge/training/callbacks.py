@@ -8,7 +8,6 @@ checkpoint (:mod:`sparseforge.training.checkpoint`): ``sparsifier``,
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -94,8 +93,9 @@ class CommHookCallback(Callback):
 
     Args:
         register: ``register(ddp_model) -> CommState``: installs the hook and returns its
-            byte-counting state (see :mod:`sparseforge.distributed.dgc`); or use
-            :meth:`allreduce`, :meth:`dgc`, :meth:`powersgd`.
+            byte-counting state, e.g. :func:`~sparseforge.distributed.dgc.register_allreduce_counter`,
+            ``lambda ddp: register_dgc(ddp, DGCConfig(...))``, ``lambda ddp: register_powersgd(ddp, 2)``
+            (see :mod:`sparseforge.distributed.dgc`).
         steady_from: the step from which the hook sends at its final rate (after DGC's
             warm-up, after PowerSGD's all-reduce steps; 0 for all-reduce):
             :meth:`after_warmup` reports the bytes of the steps from there on.
@@ -119,29 +119,6 @@ class CommHookCallback(Callback):
         self.earlier: list[dict[str, Any]] = []  # byte counts of the earlier segments of a resumed run
         self._pending: tuple[Mapping[str, Any], FitState] | None = None
         self._at_steady: dict[str, float] | None = None
-
-    @classmethod
-    def allreduce(cls, **kwargs: Any) -> CommHookCallback:
-        """DDP's own averaging, with byte counters."""
-        from sparseforge.distributed.dgc import register_allreduce_counter
-
-        return cls(register_allreduce_counter, **kwargs)
-
-    @classmethod
-    def dgc(cls, config: Any, **kwargs: Any) -> CommHookCallback:
-        """Deep Gradient Compression (a :class:`~sparseforge.distributed.dgc.DGCConfig`); steady after its warm-up."""
-        from sparseforge.distributed.dgc import register_dgc
-
-        kwargs.setdefault("steady_from", config.warmup_steps)
-        return cls(lambda ddp: register_dgc(ddp, config), **kwargs)
-
-    @classmethod
-    def powersgd(cls, rank: int, start_step: int, **kwargs: Any) -> CommHookCallback:
-        """PyTorch's PowerSGD at ``rank`` after ``start_step`` steps of plain all-reduce."""
-        from sparseforge.distributed.dgc import register_powersgd
-
-        kwargs.setdefault("steady_from", start_step)
-        return cls(lambda ddp: register_powersgd(ddp, rank=rank, start_powerSGD_iter=start_step), **kwargs)
 
     def on_fit_start(self, state: FitState) -> None:
         from torch.nn.parallel import DistributedDataParallel
