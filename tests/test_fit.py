@@ -232,3 +232,22 @@ def test_a_comm_hook_needs_a_process_group() -> None:
     with pytest.raises(SparseforgeError, match="needs torch.distributed initialised"):
         fit(model, [(torch.ones(1, 2), torch.zeros(1, 1))], torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
             epochs=1, callbacks=[CommHookCallback(register_allreduce_counter)])
+
+
+def test_history_rows_and_json(tmp_path) -> None:
+    """Per-epoch rows (loss, accuracy, evaluation, times) and the same rows in the JSON file."""
+    import json
+
+    x, y = _data()
+    model = _model()
+    path = tmp_path / "history.json"
+    history = History(lambda m: {"seen": 1}, path=path, evaluate_every=2)
+    opt, sched = SGDConfig().build(model.parameters(), 9)
+    fit(model, [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)], opt, F.cross_entropy, epochs=3,
+        scheduler=sched, callbacks=[history])
+    rows = history.rows
+    assert [(r["epoch"], r["step"], "seen" in r) for r in rows] == [(1, 3, False), (2, 6, True), (3, 9, True)]
+    assert all(0 <= r["train_accuracy"] <= 100 and r["train_loss"] > 0 for r in rows)
+    assert all(0 < r["epoch_seconds"] <= r["total_seconds"] for r in rows)
+    assert json.loads(path.read_text())["history"] == json.loads(json.dumps(rows))
+    assert history.last_sums[2] == 96  # every example counted once in the last epoch

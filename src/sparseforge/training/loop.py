@@ -324,6 +324,8 @@ class TrainingRun:
     def run(self) -> FitState:
         """Train to the end (``on_fit_start``, the epochs, ``on_fit_end``); returns the final state."""
         s = self.state
+        if self.data is None:
+            raise SparseforgeError("TrainingRun.run needs data (without it, call start() and step(inputs, targets))")
         try:
             self.start()
             while not self._done():
