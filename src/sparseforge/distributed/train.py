@@ -326,11 +326,12 @@ class TrainRecipe:
 
     def validate(self) -> None:
         """Check everything that does not depend on the number of processes or the machine."""
-        models = _zoo().models
-        if self.model not in models:
-            close = difflib.get_close_matches(self.model, list(models), n=1)
+        from sparseforge.zoo.models import MODELS
+
+        if self.model not in MODELS:
+            close = difflib.get_close_matches(self.model, list(MODELS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SparseforgeError(f"unknown model {self.model!r}{hint}; choices: {', '.join(sorted(models))}")
+            raise SparseforgeError(f"unknown model {self.model!r}{hint}; choices: {', '.join(sorted(MODELS))}")
         for name, value in (("data.limit_train", self.data.limit_train), ("data.limit_test", self.data.limit_test)):
             if value is not None and value < 1:
                 raise SparseforgeError(f"{name} must be >= 1 (or null: the whole split), got {value}")
@@ -420,10 +421,12 @@ def default_out_dir(recipe: TrainRecipe, recipe_path: str | os.PathLike[str] | N
 
 
 def _zoo() -> SimpleNamespace:
-    """The models and data ``sparseforge train`` trains: the zoo's, found here and nowhere else in this module.
+    """The models and data ``sparseforge train`` trains: the zoo's, found here (and, for the model
+    names, in :meth:`TrainRecipe.validate`).
 
-    registry: once models and datasets register in :mod:`sparseforge.registry` (issue 15, item 1),
-    this one lookup becomes a registry query and the trainer no longer names the zoo.
+    registry: once model architectures register in :mod:`sparseforge.architectures` (issue 15,
+    item 1, merged in parallel), ``build_model`` and ``models`` become that registry's ``build``
+    and names; Fashion-MNIST and ``evaluate`` stay the zoo's until datasets register too.
     """
     from sparseforge.zoo.data import fashion_mnist
     from sparseforge.zoo.models import MODELS, build_model
