@@ -137,7 +137,7 @@ def foreign_format(path: str | os.PathLike[str]) -> str | None:
     pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # the legacy format
     if not (zipped or pickled):
         return None
-    from sparseforge.training.checkpoint import CHECKPOINT_FORMAT
+    from sparseforge.distributed.train import CHECKPOINT_FORMAT
 
     if CHECKPOINT_FORMAT.encode() in head:
         run_model = p.parent.parent / "model.safetensors"
