@@ -1,7 +1,8 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 # Both create .venv, install torch (pinned: the CPU build that lies on local
 # disk here; elsewhere any torch >= 2.3 works with `pip install -e .`), the
-# package and its test dependencies, and make sure Fashion-MNIST is present.
+# package with the extras the tests, the demo and the benchmarks use (test, hf,
+# bench), and make sure Fashion-MNIST is present.
 
 PYTHON ?= python3
 VENV := .venv
@@ -23,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,hf]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,hf,bench]'
 	touch $(STAMP)
 
 # Fashion-MNIST (Debian's dataset-fashion-mnist) and English text (Debian's

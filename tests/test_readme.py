@@ -61,6 +61,19 @@ def test_sparse_training_example_holds_its_sparsity(capsys):
     assert not any(name.endswith("_mask") for name, _ in model.named_buffers())
 
 
+@needs_data
+def test_fit_example_trains_through_the_loop(capsys):
+    # Found by content, not position, so sections added elsewhere do not shift it.
+    block = next(b for b in BLOCKS if "sf.fit(" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md[fit]", "exec"), namespace)
+    history, model = namespace["history"], namespace["model"]
+    assert [row["epoch"] for row in history.rows] == [1, 2, 3] and history.rows[-1]["step"] == 3 * 32
+    assert history.rows[-1]["test_accuracy"] > 60.0  # it learned (10 classes: chance is 10%)
+    assert "sparsity 0.900" in capsys.readouterr().out
+    assert not any(name.endswith("_mask") for name, _ in model.named_buffers())  # finalized at the end
+
+
 def test_readme_links_exist():
     root = README.parent
     for link in re.findall(r"\]\(([^)#:]+)\)", README.read_text()):

@@ -32,7 +32,9 @@ import yaml
 from safetensors.torch import load_file
 
 from sparseforge.cli import main
-from sparseforge.distributed.train import _checkpoints, epoch_permutation, load_recipe, rank_slice, state_digest
+from sparseforge.distributed.train import load_recipe
+from sparseforge.training.checkpoint import list_checkpoints, state_digest
+from sparseforge.training.data import epoch_permutation, rank_slice
 from sparseforge.zoo.data import load_fashion_mnist
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -116,7 +118,7 @@ def killed(work: Path) -> tuple[Path, Path, Path, int]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        while not any(step >= 4 for step, _ in _checkpoints(out)):
+        while not any(step >= 4 for step, _ in list_checkpoints(out)):
             assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
@@ -126,9 +128,9 @@ def killed(work: Path) -> tuple[Path, Path, Path, int]:
     # torchrun's workers live in sessions of their own; they must end with their parent (the
     # launcher's watchdog) instead of finishing the run unattended.
     time.sleep(1.5)
-    saved = _checkpoints(out)
+    saved = list_checkpoints(out)
     time.sleep(1.0)
-    assert _checkpoints(out) == saved, "workers kept training after torchrun was killed"
+    assert list_checkpoints(out) == saved, "workers kept training after torchrun was killed"
     last = saved[-1][0]
     assert last < STEPS and not (out / "model.safetensors").exists(), "the kill came after the end of the run"
     copy = work / "killed-copy"
@@ -309,7 +311,7 @@ def test_dgc_run_resumes_exactly_with_its_hook_state(tmp_path):
     def resume_from_step_6(name: str, drop_hook_state: bool) -> dict[str, torch.Tensor]:
         out = tmp_path / name
         shutil.copytree(full, out)
-        for step, path in _checkpoints(out):
+        for step, path in list_checkpoints(out):
             if step > 6:
                 path.unlink()
         (out / "model.safetensors").unlink()

@@ -6,6 +6,7 @@ Schedule and an Update.
 """
 
 from sparseforge import allocation, distributed, io, kernels, merge, methods, patterns, peft, schedules, scores, targets, updates
+from sparseforge import training
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.compact import CompactReport, compact
@@ -20,6 +21,7 @@ from sparseforge.schedules import Constant, Cubic, Linear, OneShot, Schedule
 from sparseforge.scores import SNIP, GradientMagnitude, L1Norm, L2Norm, Magnitude, Random, Score, Taylor, Wanda
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.targets import Target
+from sparseforge.training import fit
 from sparseforge.updates import HardPrune, Update
 from sparseforge.version import __version__
 
@@ -33,6 +35,7 @@ __all__ = [
     "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
     "load", "load_checkpoint", "save", "save_checkpoint",
     "io", "kernels", "merge", "peft",
+    "fit", "training",
 ]
 
 

@@ -18,17 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.io.checkpoint import save_checkpoint
+from sparseforge.extras import require
 from sparseforge.files import atomic_path, write_json_atomic
 from sparseforge.methods.gmp import GMP
 from sparseforge.patterns import check_sparsity
 from sparseforge.report import report
 from sparseforge.sparsifier import Sparsifier
+from sparseforge.training import FitState, History, ProgressCallback, SGDConfig, SparsifierCallback, fit
 from sparseforge.zoo.data import fashion_mnist
 from sparseforge.zoo.models import build_model
-from sparseforge.zoo.training import evaluate, train_epoch
+from sparseforge.zoo.training import evaluate
 
 
 @dataclass
@@ -46,8 +49,8 @@ class DemoConfig:
     dense_epochs: int = 8
     sparse_epochs: int = 8
     batch_size: int = 128
-    lr: float = 0.05
-    weight_decay: float = 5e-4
+    lr: float = SGDConfig.lr
+    weight_decay: float = SGDConfig.weight_decay
     prune_end: float = 0.6
     seed: int = 0
     data_dir: str | None = None
@@ -82,46 +85,46 @@ class _Console:
             self.console.print(*args, markup=False)
 
 
-def _optimizer(model: torch.nn.Module, cfg: DemoConfig, steps: int):
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    return opt, sched
+def _train_phase(model: torch.nn.Module, train: Any, test: Any, cfg: DemoConfig, epochs: int, label: str,
+                 out: _Console, history: list[dict[str, Any]], started: float,
+                 method: Any = None) -> Sparsifier | None:
+    """Train ``model`` for ``epochs`` with :func:`~sparseforge.training.fit` (under ``method`` when given).
 
+    The same SGD (Nesterov momentum 0.9) with its own cosine decay in every phase; one history
+    row and one printed line per epoch; returns the phase's Sparsifier (None when dense).
+    """
+    opt, sched = SGDConfig(lr=cfg.lr, weight_decay=cfg.weight_decay).build(model.parameters(), epochs * len(train))
+    sparsifying = SparsifierCallback(method) if method is not None else None
 
-def _train_phase(model, train, test, cfg, epochs, label, out, history, started, sparsifier_factory=None):
-    steps = epochs * len(train)
-    opt, sched = _optimizer(model, cfg, steps)
-    sparsifier = sparsifier_factory(model, opt, steps) if sparsifier_factory else None
+    def test_metrics(m: torch.nn.Module) -> dict[str, float]:
+        ev = evaluate(m, test)
+        return {"test_loss": ev["loss"], "test_accuracy": ev["accuracy"]}
 
-    def on_step() -> None:
-        sched.step()
-        if sparsifier is not None:
-            sparsifier.step()
-
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        with out.progress.task(f"{label} epoch {epoch}/{epochs}: batches", len(train)) as bar:
-            stats = train_epoch(model, train, opt, on_step,
-                                progress=lambda i, n, loss: bar.update(i + 1, info=f"loss {loss:.3f}"))
-        test_stats = evaluate(model, test)
-        sparsity = sparsifier.sparsity() if sparsifier is not None else 0.0
-        now = time.perf_counter()
-        history.append(
-            {"phase": label, "epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
-             "test_loss": test_stats["loss"], "test_accuracy": test_stats["accuracy"], "sparsity": sparsity,
-             "epoch_seconds": now - start, "total_seconds": now - started}
-        )
+    def add_row(row: dict[str, Any], state: FitState) -> None:
+        total = time.perf_counter() - started  # the demo's clock: all phases
+        history.append({"phase": label, "epoch": row["epoch"], "train_loss": row["train_loss"],
+                        "train_accuracy": row["train_accuracy"], "test_loss": row["test_loss"],
+                        "test_accuracy": row["test_accuracy"], "sparsity": row["sparsity"],
+                        "epoch_seconds": row["epoch_seconds"], "total_seconds": total})
         out.print(
-            f"[{label:>6}] epoch {epoch:2d}/{epochs}  loss {stats['loss']:.4f}  "
-            f"test acc {test_stats['accuracy']:6.2f}%  sparsity {100 * sparsity:5.1f}%  "
-            f"epoch {now - start:.1f} s, total {now - started:.1f} s"
+            f"[{label:>6}] epoch {row['epoch']:2d}/{epochs}  loss {row['train_loss']:.4f}  "
+            f"test acc {row['test_accuracy']:6.2f}%  sparsity {100 * row['sparsity']:5.1f}%  "
+            f"epoch {row['epoch_seconds']:.1f} s, total {total:.1f} s"
         )
-    return sparsifier
+
+    callbacks = [
+        History(test_metrics, extra=lambda state: {"sparsity": sparsifying.sparsity() if sparsifying else 0.0},
+                on_row=add_row),
+        ProgressCallback(out.progress, lambda state: f"{label} epoch {state.epoch + 1}/{epochs}: batches",
+                         per_epoch=True, info=lambda state: f"loss {float(state.loss.item()):.3f}"),
+    ]
+    fit(model, train, opt, F.cross_entropy, epochs=epochs, scheduler=sched,
+        callbacks=[sparsifying, *callbacks] if sparsifying else callbacks)
+    return sparsifying.sparsifier if sparsifying else None
 
 
 def _plot(path: Path, history: list[dict[str, Any]], layer_rows: list[dict[str, Any]], cfg: DemoConfig) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "sparseforge demo (its training.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -168,6 +171,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Any]:
     (``threads``) say how many. Progress goes to stderr unless ``quiet``.
     """
     cfg.validate()
+    require("matplotlib", "sparseforge demo (its training.png)")  # before training, not after it
     out = _Console(quiet)
     try:
         return _run(cfg, out, quiet)
@@ -200,14 +204,8 @@ def _run(cfg: DemoConfig, out: _Console, quiet: bool) -> dict[str, Any]:
     _train_phase(baseline, train, test, cfg, cfg.sparse_epochs, "base", out, history, started)
     train.load_state_dict(loader_state)
     sparse = copy.deepcopy(model)
-    per_epoch = len(train)
-
-    def make_sparsifier(m, opt, steps):
-        method = GMP(sparsity=cfg.sparsity, end=cfg.prune_end, frequency=max(1, per_epoch // 4))
-        return Sparsifier(m, method, total_steps=steps, optimizer=opt)
-
-    sparsifier = _train_phase(sparse, train, test, cfg, cfg.sparse_epochs, "sparse", out, history, started,
-                              make_sparsifier)
+    method = GMP(sparsity=cfg.sparsity, end=cfg.prune_end, frequency=max(1, len(train) // 4))
+    sparsifier = _train_phase(sparse, train, test, cfg, cfg.sparse_epochs, "sparse", out, history, started, method)
     sparsifier.finalize()
 
     dense_eval = evaluate(baseline, test)

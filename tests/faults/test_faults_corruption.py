@@ -149,7 +149,9 @@ def _write_formats(root: Path) -> list[Format]:
 
 def _training_checkpoint(folder: Path) -> Format:
     """A training checkpoint as `sparseforge train` writes it (torch.save of the payload with its digest)."""
-    from sparseforge.distributed.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _load_state, state_digest
+    from sparseforge.training.checkpoint import (
+        CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_training_checkpoint, state_digest,
+    )
 
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -166,7 +168,7 @@ def _training_checkpoint(folder: Path) -> Format:
     folder.mkdir(parents=True)
     torch.save(payload, folder / "step-00000002.pt")
     return Format("training-checkpoint", folder, ["step-00000002.pt"],
-                  lambda f: _load_state(f / "step-00000002.pt", torch.device("cpu")))
+                  lambda f: load_training_checkpoint(f / "step-00000002.pt", torch.device("cpu")))
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +416,7 @@ def test_metadata_flip_reads_as_corrupted_and_newer_versions_as_newer(formats, t
 
 def test_training_checkpoint_is_named_as_such(tmp_path) -> None:
     """A torch.save training checkpoint given where a model file belongs: say what it is and what to pass."""
-    from sparseforge.distributed.train import CHECKPOINT_FORMAT
+    from sparseforge.training.checkpoint import CHECKPOINT_FORMAT
 
     run = tmp_path / "run"
     step = run / "checkpoints" / "step-00000008.pt"

@@ -284,9 +284,8 @@ print("finished", flush=True)
 
 def test_killed_trainer_checkpoint_resumes_and_leaves_nothing(tmp_path: Path) -> None:
     mode = "mid-write"  # (before-rename is the same atomic_path as every writer above; one trainer run is enough)
-    from sparseforge.distributed.train import (
-        TrainRecipe, _checkpoints, _load_state, from_mapping, latest_checkpoint, run,
-    )
+    from sparseforge.distributed.train import TrainRecipe, from_mapping, run
+    from sparseforge.training.checkpoint import latest_checkpoint, list_checkpoints, load_training_checkpoint
     from sparseforge.zoo.data import load_fashion_mnist
 
     try:
@@ -314,9 +313,9 @@ def test_killed_trainer_checkpoint_resumes_and_leaves_nothing(tmp_path: Path) ->
         proc.stderr.close()
     STATS["kills"] += 1
     ckpts = out / "checkpoints"
-    assert [step for step, _ in _checkpoints(out)] == [1, 2]  # the third never got its name
-    assert latest_checkpoint(out) == ckpts / "step-00000002.pt" and _load_state(latest_checkpoint(out),
-                                                                                 torch.device("cpu"))["step"] == 2
+    assert [step for step, _ in list_checkpoints(out)] == [1, 2]  # the third never got its name
+    assert latest_checkpoint(out) == ckpts / "step-00000002.pt"
+    assert load_training_checkpoint(latest_checkpoint(out), torch.device("cpu"))["step"] == 2
     left = [p.name for p in ckpts.iterdir() if TEMPORARY.match(p.name)]
     assert left and all(p.startswith(".step-00000003.pt.") for p in left)
     STATS["left_temporaries"] += len(left)

@@ -8,6 +8,7 @@ import sys
 
 from sparseforge.bench import benchmarks
 from sparseforge.errors import SparseforgeError
+from sparseforge.extras import EXTRAS
 from sparseforge.files import write_json_atomic
 
 
@@ -31,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         result = modules[args.name].run(args)
     except SparseforgeError as e:
         print(f"sparseforge.bench: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        package, extras = EXTRAS[top]
+        print(f"sparseforge.bench: error: the {args.name} benchmark needs {package}, which is not installed: "
+              f"pip install 'sparseforge[{extras[-1]}]'", file=sys.stderr)
         return 2
     out = args.json or os.path.join("bench", "results", f"{args.name}{'-quick' if args.quick else ''}.json")
     write_json_atomic(out, result)

@@ -7,7 +7,6 @@ and writes its JSON through the runner (``python -m sparseforge.bench``).
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 import time
@@ -17,15 +16,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.methods.base import Method
 from sparseforge.report import report
-from sparseforge.sparsifier import Sparsifier
+from sparseforge.training import FitState, History, LambdaCallback, SGDConfig, SparsifierCallback, fit
 from sparseforge.zoo.data import fashion_mnist
 from sparseforge.zoo.models import build_model
-from sparseforge.zoo.training import evaluate, train_epoch
+from sparseforge.zoo.training import evaluate
 
 
 @dataclass
@@ -40,9 +40,9 @@ class RunConfig:
     model: str = "lenet300"
     epochs: int = 20
     batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = SGDConfig.lr
+    momentum: float = SGDConfig.momentum
+    weight_decay: float = SGDConfig.weight_decay
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
@@ -66,10 +66,8 @@ class RunResult:
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig, steps: int):
-    """SGD (Nesterov) + cosine decay over ``steps``: the optimizer every reproduction uses."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
-    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    """SGD (Nesterov) + cosine decay over ``steps`` with ``cfg``'s settings (:class:`~sparseforge.training.SGDConfig`)."""
+    return SGDConfig(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay).build(model.parameters(), steps)
 
 
 def train_run(
@@ -81,7 +79,7 @@ def train_run(
     start_step: int = 0,
     on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> tuple[RunResult, nn.Module]:
-    """Train ``model`` (default: a fresh ``cfg.model`` seeded with ``cfg.seed``) under ``method``.
+    """Train ``model`` (default: a fresh ``cfg.model`` seeded with ``cfg.seed``) under ``method``, with :func:`fit`.
 
     Args:
         cfg: the run's settings.
@@ -112,42 +110,34 @@ def train_run(
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(start_step):
             sched.step()
-    first_epoch, skip = divmod(int(start_step), len(train))
-    train.load_state_dict({"epoch": first_epoch, "seed": cfg.seed})
-    sparsifier = None
-    if method is not None:
-        remaining = steps - start_step
-        m = method(remaining) if callable(method) and not isinstance(method, Method) else method
-        sparsifier = Sparsifier(model, m, total_steps=remaining, optimizer=opt)
-    step = int(start_step)
+    # fit starts inside epoch start_step // len(train) at its batch start_step % len(train): the
+    # loader's next pass must be that epoch's.
+    train.load_state_dict({"epoch": int(start_step) // len(train), "seed": cfg.seed})
+    sparsifying = SparsifierCallback(method, finalize=True) if method is not None else None
 
-    def after_step() -> None:
-        nonlocal step
-        sched.step()
-        if sparsifier is not None:
-            sparsifier.step()
-        step += 1
-        if on_step is not None:
-            on_step(step, model)
+    def test_metrics(m: nn.Module) -> dict[str, float]:
+        ev = evaluate(m, test)
+        return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
 
-    start = time.perf_counter()
-    history = []
-    for epoch in range(first_epoch + 1, cfg.epochs + 1):
-        # A run resumed mid-epoch trains that epoch's remaining batches, in its order.
-        batches = itertools.islice(iter(train), skip, None) if skip else train
-        skip = 0
-        stats = train_epoch(model, batches, opt, after_step)
-        row = {"epoch": epoch, "train_loss": stats["loss"],
-               "sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0}
-        if epoch == cfg.epochs or epoch % 5 == 0:
-            ev = evaluate(model, test)
-            row |= {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
-        history.append(row)
+    history: list[dict[str, Any]] = []
+
+    def add_row(row: dict[str, Any], state: FitState) -> None:
+        kept = {k: row[k] for k in ("epoch", "train_loss", "sparsity", "test_accuracy", "test_loss") if k in row}
+        history.append(kept)
         if log is not None:
-            acc = f"  test {row['test_accuracy']:.2f}%" if "test_accuracy" in row else ""
-            log(f"{label} epoch {epoch}/{cfg.epochs} loss {stats['loss']:.4f} sparsity {row['sparsity']:.3f}{acc}")
-    if sparsifier is not None:
-        sparsifier.finalize()
+            acc = f"  test {kept['test_accuracy']:.2f}%" if "test_accuracy" in kept else ""
+            log(f"{label} epoch {kept['epoch']}/{cfg.epochs} loss {kept['train_loss']:.4f} "
+                f"sparsity {kept['sparsity']:.3f}{acc}")
+
+    callbacks = [History(test_metrics, evaluate_every=5, on_row=add_row,
+                         extra=lambda state: {"sparsity": sparsifying.sparsity() if sparsifying else 0.0})]
+    if sparsifying is not None:
+        callbacks.append(sparsifying)
+    if on_step is not None:
+        callbacks.append(LambdaCallback(on_step_end=lambda state: on_step(state.step, model)))
+    start = time.perf_counter()
+    fit(model, train, opt, F.cross_entropy, epochs=cfg.epochs, scheduler=sched, callbacks=callbacks,
+        start_step=int(start_step))
     ev = evaluate(model, test)
     rep = report(model)
     result = RunResult(

@@ -4,29 +4,35 @@ Claim from "Deep Gradient Compression: Reducing the Communication Bandwidth
 for Distributed Training" (Lin et al., ICLR 2018): gradient compression of
 270x to 600x without loss of accuracy (ResNet, CIFAR-10 / ImageNet), thanks
 to momentum correction, local clipping, momentum factor masking and warm-up.
-Checked here on Fashion-MNIST with LeNet-300-100 under DDP: 2 processes on
-gloo (CPU, one thread each), global batch 128 split evenly (each global batch
-is the single-process loader's batch, rank r takes every other example), the
-same seeds, data order and cosine schedule for every variant:
+Checked here on Fashion-MNIST with LeNet-300-100 under DDP, with the trainer
+users run: every variant is a ``sparseforge train`` recipe
+(:func:`sparseforge.distributed.train.run`, i.e. :func:`sparseforge.fit` with
+the comm-hook callback) run by 2 processes in one gloo process group (CPU, one
+thread each): global batch 128 split in two contiguous halves of 64, the
+incomplete last batch of an epoch dropped, epoch ``e`` in the ``(seed, e)``
+order, the same seeds, data order and cosine schedule for every variant:
 
 - ``allreduce``: plain DDP averaging, SGD with Nesterov momentum 0.9 and
-  weight decay 5e-4 (the project's reproduction optimizer, bench/common.py);
-- ``dgc-1%`` and ``dgc-0.1%``: :func:`sparseforge.distributed.register_dgc`
-  at densities 0.01 and 0.001, Nesterov momentum correction 0.9 and the weight
-  decay in the hook, momentum factor masking, sampled threshold (1%), the
-  paper's exponential warm-up (densities 1/4, 1/16, ... down to the target)
-  over the first ``--warmup-epochs`` (default 0.5 of 10: the paper's 4 of ~90
-  ImageNet epochs scaled to our run), SGD with momentum 0 and weight decay 0;
-- ``powersgd-r2``: PyTorch's PowerSGD hook at rank 2, plain all-reduce for the
-  first 10% of steps (PyTorch's suggested start), same SGD as all-reduce.
+  weight decay 5e-4 (:class:`sparseforge.training.SGDConfig`, the recipe's
+  ``train:`` defaults);
+- ``dgc-1%`` and ``dgc-0.1%``: ``distributed.comm: dgc`` at densities 0.01 and
+  0.001, Nesterov momentum correction 0.9 and the weight decay in the hook
+  (the trainer then builds SGD with momentum 0 and weight decay 0), momentum
+  factor masking, sampled threshold (1%), the paper's exponential warm-up
+  (densities 1/4, 1/16, ... down to the target) over the first
+  ``--warmup-epochs`` (default 0.5 of 10: the paper's 4 of ~90 ImageNet epochs
+  scaled to our run);
+- ``powersgd-r2``: ``distributed.comm: powersgd`` at rank 2, plain all-reduce
+  for the first 10% of steps (PyTorch's suggested start), same SGD as all-reduce.
 
-Full run: 10 epochs, 2 seeds (about 15 minutes on a shared 2-core CPU).
-Reported per variant: final test accuracy (mean over seeds), gradient bytes
-this rank sent per step (whole run, and after DGC's warm-up), the ratio of
-all-reduce's bytes to them, wall time of the training loop. Bytes are the
-payload each rank contributes to the collectives (see
-``sparseforge.distributed.dgc``): with 2 ranks, what ring all-reduce and ring
-all-gather put on the wire per rank.
+Full run: 10 epochs, 2 seeds. Reported per variant: final test accuracy (mean
+over seeds), gradient bytes this rank sent per step (whole run, and after the
+warm-up, as the trainer's metrics report them), the ratio of all-reduce's bytes
+to them, the run's seconds (the trainer's: data, training, a test evaluation
+and a checkpoint per epoch), and whether both ranks ended with the same weights
+(the trainer's cross-rank weight digest). Bytes are the payload each rank
+contributes to the collectives (see ``sparseforge.distributed.dgc``): with 2
+ranks, what ring all-reduce and ring all-gather put on the wire per rank.
 """
 
 from __future__ import annotations
@@ -44,28 +50,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from sparseforge.bench.common import add_common_arguments, print_table, resolve_common, summarize
-from sparseforge.distributed.dgc import (
-    DGCConfig,
-    register_allreduce_counter,
-    register_dgc,
-    register_powersgd,
-)
+from sparseforge.distributed.train import TrainRecipe
+from sparseforge.distributed.train import run as train
 from sparseforge.errors import SparseforgeError
-from sparseforge.zoo.data import fashion_mnist
-from sparseforge.zoo.models import build_model
-from sparseforge.zoo.training import evaluate
+from sparseforge.recipes import from_mapping
+from sparseforge.training import SGDConfig
 
 EPOCHS = 10
 WORLD = 2
 WARMUP_EPOCHS = 0.5  # the paper's 4 warm-up epochs of ~90 (ImageNet), scaled to our 10: 0.44, rounded up
 BATCH = 128  # global batch: 64 per rank
-LR = 0.05
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
+SGD = SGDConfig()  # lr 0.05, Nesterov momentum 0.9, weight decay 5e-4
 CLAIM_DENSITY = 0.001
 CLAIM_POINTS = 1.0
 CLAIM_RATIO = 100.0
@@ -83,88 +80,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of steps of plain all-reduce before PowerSGD (default 0.1)")
 
 
-def _digest(model: torch.nn.Module) -> list[float]:
-    return [float(p.detach().double().sum()) for p in model.parameters()]
-
-
-def _train_variant(variant: str, seed: int, rank: int, settings: dict[str, Any]) -> dict[str, Any]:
-    train, test = fashion_mnist(BATCH, settings["data_dir"], seed, settings["limit_train"], settings["limit_test"])
-    steps_per_epoch = len(train)
+def variant_recipe(variant: str, seed: int, settings: dict[str, Any]) -> TrainRecipe:
+    """The ``sparseforge train`` recipe of one variant and seed (dense training, gloo, no sparsity method)."""
+    recipe = {
+        "model": settings["model"],
+        "data": {"dir": settings["data_dir"], "limit_train": settings["limit_train"],
+                 "limit_test": settings["limit_test"]},
+        "method": {"name": "none"},
+        "train": {"epochs": settings["epochs"], "batch_size": BATCH, "lr": SGD.lr, "momentum": SGD.momentum,
+                  "weight_decay": SGD.weight_decay, "seed": seed},
+        "distributed": {"backend": "gloo"},
+        "checkpoint": {"keep": 1},
+    }
+    steps_per_epoch = from_mapping(TrainRecipe, recipe, "bench dgc").steps_per_epoch()
     total = settings["epochs"] * steps_per_epoch
-    warmup = int(round(settings["warmup_epochs"] * steps_per_epoch))
-    torch.manual_seed(seed)
-    model = build_model(settings["model"])
-    ddp = DistributedDataParallel(model)
-    dgc_on = variant in DENSITY
-    # Steady state starts after DGC's warm-up, after PowerSGD's all-reduce steps, at once for all-reduce.
-    steady_from = 0
-    if dgc_on:
-        steady_from = warmup
-        state = register_dgc(ddp, DGCConfig(density=DENSITY[variant], momentum=MOMENTUM, nesterov=True,
-                                            weight_decay=WEIGHT_DECAY, warmup_steps=warmup, seed=seed))
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0)
-        state.check_optimizer(opt)
-    else:
-        if variant == "powersgd-r2":
-            steady_from = max(2, int(settings["powersgd_start"] * total))
-            state = register_powersgd(ddp, rank=2, start_powerSGD_iter=steady_from)
-        else:
-            state = register_allreduce_counter(ddp)
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
-    after_warmup: dict[str, float] | None = state.stats() if steady_from == 0 else None
-    history = []
-    step = 0
-    seconds = 0.0
-    for epoch in range(1, settings["epochs"] + 1):
-        ddp.train()
-        start = time.perf_counter()
-        loss_sum, batches = 0.0, 0
-        for xb, yb in train:
-            # every rank walks the same global batch and takes its share (rank r: examples r, r + 2, ...)
-            x, y = xb[rank::WORLD], yb[rank::WORLD]
-            loss = F.cross_entropy(ddp(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            loss_sum += float(loss.detach())
-            batches += 1
-            if step == steady_from:
-                after_warmup = state.stats()
-        seconds += time.perf_counter() - start
-        row = {"epoch": epoch, "train_loss": loss_sum / max(batches, 1), "bytes_per_step": state.stats()["bytes_per_step"]}
-        if epoch == settings["epochs"] or epoch % 5 == 0:
-            row["test_accuracy"] = evaluate(model, test)["accuracy"]
-        history.append(row)
-        if rank == 0:
-            acc = f" test {row['test_accuracy']:.2f}%" if "test_accuracy" in row else ""
-            print(f"{variant} seed {seed} epoch {epoch}: loss {row['train_loss']:.4f}{acc} "
-                  f"({row['bytes_per_step']:.0f} B/step, {seconds:.0f}s)", flush=True)
-    ev = evaluate(model, test)
-    stats = state.stats()
-    steady = None
-    if after_warmup is not None and stats["steps"] > after_warmup["steps"]:
-        n = stats["steps"] - after_warmup["steps"]
-        steady = {"steps": n, "bytes_per_step": (stats["bytes_sent"] - after_warmup["bytes_sent"]) / n,
-                  "dense_bytes_per_step": (stats["dense_bytes"] - after_warmup["dense_bytes"]) / n}
-    digests: list[Any] = [None] * WORLD
-    dist.all_gather_object(digests, _digest(model))
-    return {"variant": variant, "seed": seed, "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-            "seconds": seconds, "steps": step, "steady_from_step": steady_from, "stats": stats,
-            "after_warmup": steady, "ranks_identical": all(d == digests[0] for d in digests),
-            "history": history}
+    if variant in DENSITY:
+        warmup = int(round(settings["warmup_epochs"] * steps_per_epoch))
+        recipe["distributed"] |= {"comm": "dgc", "dgc": {
+            "density": DENSITY[variant], "nesterov": True, "weight_decay": SGD.weight_decay,
+            "warmup_steps": warmup, "seed": seed}}  # momentum: train.momentum, moved into the hook
+    elif variant == "powersgd-r2":
+        recipe["distributed"] |= {"comm": "powersgd", "powersgd_rank": 2,
+                                  "powersgd_start_step": max(2, int(settings["powersgd_start"] * total))}
+    return from_mapping(TrainRecipe, recipe, f"bench dgc {variant}")
+
+
+def _train_variant(variant: str, seed: int, rank: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """One variant and seed through the trainer; this rank's summary of the metrics it returns."""
+    recipe = variant_recipe(variant, seed, settings)
+    metrics = train(recipe, folder / f"{variant}-seed{seed}", resume=False, quiet=True)
+    comm = metrics["comm"]
+    stats, steady = comm["stats_by_rank"][rank], comm["after_warmup_by_rank"][rank]
+    row = {"variant": variant, "seed": seed, "test_accuracy": metrics["final"]["test_accuracy"],
+           "test_loss": metrics["final"]["test_loss"], "seconds": metrics["seconds"],
+           "train_seconds": sum(h["epoch_seconds"] for h in metrics["history"]), "steps": metrics["steps"],
+           "steady_from_step": steady["from_step"] if steady else None, "stats": stats, "after_warmup": steady,
+           "ranks_identical": metrics["weights_identical"],
+           "history": [{k: h[k] for k in ("epoch", "train_loss", "test_accuracy", "test_loss") if k in h}
+                       for h in metrics["history"]]}
+    if rank == 0:
+        after = f", {steady['bytes_per_step']:.0f} after warm-up" if steady else ""
+        print(f"{variant} seed {seed}: test {row['test_accuracy']:.2f}%, {stats['bytes_per_step']:.0f} B/step{after} "
+              f"({row['seconds']:.0f}s; ranks identical: {row['ranks_identical']})", flush=True)
+    return row
 
 
 def _worker(rank: int, store_path: str, out_path: str, settings: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
+    # One thread per rank: the trainer takes OMP_NUM_THREADS as the user's choice.
+    os.environ["OMP_NUM_THREADS"] = "1"
     if Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=300))
     try:
-        runs = [_train_variant(v, seed, rank, settings) for seed in range(settings["seeds"])
+        folder = Path(out_path).parent / "runs"
+        runs = [_train_variant(v, seed, rank, settings, folder) for seed in range(settings["seeds"])
                 for v in settings["variants"]]
         if rank == 0:
             Path(out_path).write_text(json.dumps(runs))
@@ -220,11 +190,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              "-" if s["accuracy_minus_allreduce"] is None else f"{s['accuracy_minus_allreduce']:+.2f}",
              f"{s['bytes_per_step']:.0f}", f"{s['ratio']:.1f}x" if s["ratio"] else "-",
              "-" if s["ratio_after_warmup"] is None else f"{s['ratio_after_warmup']:.1f}x",
-             f"{s['seconds']:.1f}"] for s in summary]
+             f"{s['seconds']:.1f}", "yes" if s["ranks_identical"] else "NO"] for s in summary]
     print_table(f"DDP on Fashion-MNIST {args.model}, {WORLD} gloo ranks, {common['epochs']} epochs, "
                 f"{common['seeds']} seed(s); all-reduce sends {dense_per_step:.0f} B/step per rank",
                 ["variant", "test acc %", "± std", "vs all-reduce", "B/step/rank", "ratio (run)",
-                 "ratio (after warm-up)", "train s"], rows)
+                 "ratio (after warm-up)", "run s", "ranks identical"], rows)
     claim = next((s for s in summary if s["variant"] == "dgc-0.1%"), None)
     holds = None
     if claim is not None and base is not None:
@@ -242,9 +212,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"with >= {CLAIM_RATIO:.0f}x fewer gradient bytes per step at the target density (after the warm-up, "
                   "as the paper reports gradient sizes); the whole run's ratio is reported too"),
         "holds": holds,
-        "settings": settings | {"world_size": WORLD, "global_batch": BATCH, "lr": LR, "momentum": MOMENTUM,
-                                "nesterov": True, "weight_decay": WEIGHT_DECAY, "threads_per_rank": 1,
-                                "backend": "gloo", "torch": torch.__version__,
+        "settings": settings | {"world_size": WORLD, "global_batch": BATCH, "lr": SGD.lr, "momentum": SGD.momentum,
+                                "nesterov": True, "weight_decay": SGD.weight_decay, "threads_per_rank": 1,
+                                "backend": "gloo", "torch": torch.__version__, "trainer": "sparseforge train "
+                                "(sparseforge.distributed.train.run: fit + CommHookCallback)",
+                                "data_order": "(seed, epoch) permutation, contiguous halves per rank, "
+                                "incomplete last batch dropped",
+                                "recipes": {v: variant_recipe(v, 0, settings).training_part() for v in variants},
                                 "dense_bytes_per_step": dense_per_step, "wall_seconds": elapsed},
         "summary": summary,
         "runs": runs,

@@ -48,7 +48,7 @@ from sparseforge.methods.base import Method
 from sparseforge.methods.gmp import GMP
 from sparseforge.methods.issp import ISSP
 from sparseforge.report import report
-from sparseforge.sparsifier import Sparsifier
+from sparseforge.training import SparsifierCallback
 from sparseforge.zoo.superres import ESPCN, bicubic_psnr, evaluate_sr, superres_data, train_sr
 
 CONFIGS = ("dense", "gmp", "iht", "iss-p")
@@ -99,17 +99,10 @@ def _superres(args: argparse.Namespace, seeds: int, log) -> dict[str, Any]:
             opt = torch.optim.Adam(model.parameters(), lr=args.sr_lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
             method = make_method(name, args.sparsity, args.shrink, args.end, steps)
-            sp = None if method is None else Sparsifier(model, method, total_steps=steps, optimizer=opt)
-
-            def on_step(sp=sp, sched=sched) -> None:
-                sched.step()
-                if sp is not None:
-                    sp.step()
-
             start = time.perf_counter()
-            loss = train_sr(model, data.sampler, opt, steps, on_step=on_step, loss="l1")
-            if sp is not None:
-                sp.finalize()
+            # train_sr is sparseforge.fit over the patch sampler; the Sparsifier attaches as a callback.
+            loss = train_sr(model, data.sampler, opt, steps, loss="l1", scheduler=sched,
+                            callbacks=[] if method is None else [SparsifierCallback(method, finalize=True)])
             ev = evaluate_sr(model, data.test, scale)
             rep = report(model)
             row = {"task": "superres", "config": name, "seed": seed, "psnr": ev["psnr"],

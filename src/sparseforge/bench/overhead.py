@@ -2,7 +2,8 @@
 
 For each model, a dense copy and a copy under a ``Sparsifier`` at 90%
 sparsity (fixed mask, magnitude, SGD with momentum) take training steps on the
-same batch of 128; the two are timed in alternating blocks within one run
+same batch of 128, each the step :func:`sparseforge.fit` takes (the
+Sparsifier as its callback); the two are timed in alternating blocks within one run
 (the order flips every round) and the medians of the per-step times are
 compared. Inputs are random tensors of Fashion-MNIST's shape: step time does
 not depend on the pixel values, and the benchmark needs no data files.
@@ -22,6 +23,7 @@ from sparseforge.methods.base import Method
 from sparseforge.schedules import OneShot
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.timing import time_interleaved
+from sparseforge.training import SparsifierCallback, TrainingRun
 from sparseforge.zoo.models import build_model
 
 TARGET_PCT = {"conv4": 3.0, "lenet300": 6.0}
@@ -36,19 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sparsity: float | None):
+    """One training step of :func:`sparseforge.fit` on ``(x, y)``, with a Sparsifier callback when ``sparsity``."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    sparsifier = None
+    callbacks = []
     if sparsity is not None:
         sparsifier = Sparsifier(model, Method(schedule=OneShot(final=sparsity)), optimizer=opt)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if sparsifier is not None:
-            sparsifier.step()
-
-    return step
+        callbacks.append(SparsifierCallback(sparsifier))
+    run = TrainingRun(model, None, opt, nn.functional.cross_entropy, callbacks=callbacks)
+    run.start()
+    return lambda: run.step(x, y)
 
 
 def measure(name: str, batch_size: int, rounds: int, sparsity: float) -> dict[str, Any]:

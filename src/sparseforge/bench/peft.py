@@ -50,6 +50,7 @@ from torch.nn import functional as F
 
 from sparseforge.bench.common import print_table, summarize
 from sparseforge.timing import median_ms, time_interleaved
+from sparseforge.training import TrainingRun
 
 TARGETS = ("encoder.*",)
 LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "paca": 3e-4}
@@ -148,8 +149,28 @@ def length_grouped_batches(lengths: list[int], batch: int, gen: torch.Generator)
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+class GroupedTexts:
+    """Training data for :func:`sparseforge.fit`: each pass is one epoch of :func:`length_grouped_batches`, tokenized.
+
+    The generator ``gen`` advances with every pass, so pass ``e`` is the ``e``-th epoch's order.
+    """
+
+    def __init__(self, texts: list[str], labels: torch.Tensor, tokenize: Any, lengths: list[int], batch: int,
+                 gen: torch.Generator) -> None:
+        self.texts, self.labels, self.tokenize = texts, labels, tokenize
+        self.lengths, self.batch, self.gen = lengths, batch, gen
+
+    def __len__(self) -> int:
+        # Windows of 8 batches each split into ceil(window / batch) batches: ceil(n / batch) in all.
+        return math.ceil(len(self.texts) / self.batch)
+
+    def __iter__(self) -> Any:
+        for idx in length_grouped_batches(self.lengths, self.batch, self.gen):
+            yield self.tokenize([self.texts[j] for j in idx]), self.labels[idx]
+
+
 def _finetune(base, tokenizer, data, method: str, rank: int | None, seed: int, s: dict[str, Any]) -> dict[str, Any]:
-    """One fine-tuning run; the held-out accuracy after merging."""
+    """One fine-tuning run (through :func:`sparseforge.fit`); the held-out accuracy after merging."""
     import sparseforge as sf
 
     train_x, train_y, eval_x, eval_y = data
@@ -164,15 +185,10 @@ def _finetune(base, tokenizer, data, method: str, rank: int | None, seed: int, s
                                        return_tensors="pt"))
     lengths = [len(ids) for ids in tokenizer(train_x, truncation=True, max_length=s["max_length"])["input_ids"]]
     start = time.perf_counter()
-    losses = []
-    for _ in range(s["epochs"]):
-        for idx in length_grouped_batches(lengths, s["batch_size"], gen):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(tok([train_x[j] for j in idx])), train_y[idx])
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+    losses: list[float] = []
+    sf.fit(model, GroupedTexts(train_x, train_y, tok, lengths, s["batch_size"], gen), opt, F.cross_entropy,
+           epochs=s["epochs"], scheduler=sched,
+           callbacks=[sf.training.LambdaCallback(on_step_end=lambda state: losses.append(state.loss.item()))])
     seconds = time.perf_counter() - start
     model.eval()
     batches = [tok(eval_x[i:i + 64]) for i in range(0, len(eval_x), 64)]
@@ -240,12 +256,12 @@ def rss_child(method: str, rank: int, batch: int, seq_lens: list[int], threads: 
     opt = torch.optim.AdamW([p for g in groups for p in g], lr=1e-5)
     labels = torch.tensor(data.train_labels[:batch])
     out = {"method": method, "loaded_mib": peak(), "peak_mib": {}}
+    run = TrainingRun(model, None, opt, F.cross_entropy)  # fit's step, on batches of our choosing
+    run.start()
     for n in sorted(seq_lens):
         inputs = _fixed_batch(m.tokenizer, data.train_texts, batch, n)
         for _ in range(2):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(inputs), labels).backward()
-            opt.step()
+            run.step(inputs, labels)
         out["peak_mib"][str(n)] = peak()
     return out
 
@@ -312,13 +328,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for method in ("paca", "lora"):
             model, groups, _ = models[method]
             opt = torch.optim.AdamW([p for grp in groups for p in grp], lr=1e-5)
-
-            def step(model=model, opt=opt) -> None:
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(inputs), labels).backward()
-                opt.step()
-
-            fns[method] = step
+            run = TrainingRun(model, None, opt, F.cross_entropy)  # the step fit takes, timed alone
+            run.start()
+            fns[method] = lambda run=run, inputs=inputs: run.step(inputs, labels)
         times, _ = time_interleaved(fns, s["rounds"], block_seconds=0.0, warmup_blocks=1)
         for method in ("paca", "lora", "full"):
             steps.append({"method": method, "rank": None if method == "full" else rank, "seq_len": n, "batch": batch,

@@ -28,7 +28,7 @@ The rules of a run (:func:`run`):
   (:func:`~sparseforge.distributed.check_masks_identical`) and recorded.
 - **Optimizer.** SGD with Nesterov momentum (``train.momentum``, 0.9) and
   weight decay, learning rate cosine-annealed to 0 over the run, as in every
-  reproduction (``sparseforge.bench.common.make_optimizer``). With
+  reproduction and the demo (:class:`sparseforge.training.SGDConfig`). With
   ``distributed.comm: dgc`` the momentum moves into the communication hook
   (Deep Gradient Compression's momentum correction, "Deep Gradient
   Compression: Reducing the Communication Bandwidth for Distributed
@@ -55,34 +55,63 @@ The rules of a run (:func:`run`):
 - **Progress.** Rank 0 prints one line per epoch (its time and the run's
   total so far) on stdout, and a live bar on stderr (plain lines when stderr
   is not a terminal; see :mod:`sparseforge.progress`); ``quiet`` turns both off.
+
+The loop itself is :func:`sparseforge.training.fit`; a run is its callbacks:
+the Sparsifier, the DDP comm hook, the per-epoch history, the checkpoints and
+the progress (see :func:`_train`). ``metrics.json`` also holds every rank's
+digest of the trained weights (``weight_digests``: DDP keeps them identical)
+and, per rank, the bytes per step the comm hook sent after its warm-up
+(``comm.after_warmup_by_rank``).
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import inspect
 import math
 import os
-import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
+from sparseforge.distributed import dgc
+from sparseforge.distributed.masks import check_masks_identical
 from sparseforge.errors import SparseforgeError
-from sparseforge.formats import TRAINING_CHECKPOINT_FORMAT
+from sparseforge.files import write_json_atomic
 from sparseforge.progress import Progress
 from sparseforge.recipes import from_mapping, read_yaml, to_mapping
+from sparseforge.report import report
+from sparseforge.sparsifier import Sparsifier
 from sparseforge.threads import set_threads
+from sparseforge.training import (
+    Callback,
+    CheckpointCallback,
+    CommHookCallback,
+    FitState,
+    History,
+    LambdaCallback,
+    ProgressCallback,
+    SGDConfig,
+    ShardedPermutation,
+    SparsifierCallback,
+    World,
+    fit,
+)
+from sparseforge.training.checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and _VERSION re-exported, as before
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    latest_checkpoint,
+    state_digest,
+)
+from sparseforge.training.data import epoch_permutation, rank_slice  # noqa: F401 - re-exported
 
 __all__ = [
     "CheckpointConfig",
@@ -104,12 +133,6 @@ __all__ = [
 
 TRAIN_EXAMPLES = 60000
 """Examples in the Fashion-MNIST training split (``data.limit_train`` keeps the first ones)."""
-
-CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT  # defined beside the other formats, which io tells apart
-CHECKPOINT_VERSION = 2
-#: Versions this trainer resumes from: 1 was written without the content digest.
-READABLE_CHECKPOINT_VERSIONS = (1, 2)
-_CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
 def _methods() -> dict[str, Callable[..., Any] | None]:
@@ -193,9 +216,9 @@ class TrainConfig:
 
     epochs: int = 1
     batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = SGDConfig.lr
+    momentum: float = SGDConfig.momentum
+    weight_decay: float = SGDConfig.weight_decay
     seed: int = 0
 
 
@@ -394,207 +417,65 @@ def default_out_dir(recipe: TrainRecipe, recipe_path: str | os.PathLike[str] | N
     return Path("runs") / (Path(recipe_path).stem if recipe_path else "train")
 
 
-# -- data sharding ---------------------------------------------------------------------
+# -- plug-ins ---------------------------------------------------------------------------
 
 
-def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of epoch ``epoch``: a permutation of ``range(num_examples)`` drawn from ``(seed, epoch)``.
+def _zoo() -> SimpleNamespace:
+    """The models and data ``sparseforge train`` trains: the zoo's, found here (and, for the model
+    names, in :meth:`TrainRecipe.validate`).
 
-    The same on every rank and for every world size (numpy's SeedSequence mixes the
-    pair, so nearby seeds and epochs give unrelated orders).
-
-    >>> epoch_permutation(5, 0, 0).tolist() == epoch_permutation(5, 0, 0).tolist()
-    True
-    >>> sorted(epoch_permutation(5, 0, 1).tolist())
-    [0, 1, 2, 3, 4]
+    registry: once model architectures register in :mod:`sparseforge.architectures` (issue 15,
+    item 1, merged in parallel), ``build_model`` and ``models`` become that registry's ``build``
+    and names; Fashion-MNIST and ``evaluate`` stay the zoo's until datasets register too.
     """
-    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)
-    gen = torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))
-    return torch.randperm(num_examples, generator=gen)
+    from sparseforge.zoo.data import fashion_mnist
+    from sparseforge.zoo.models import MODELS, build_model
+    from sparseforge.zoo.training import evaluate
 
-
-def rank_slice(batch: int, batch_size: int, rank: int, world_size: int) -> slice:
-    """Positions in the epoch's permutation that rank ``rank`` trains on at global batch ``batch``.
-
-    Global batch ``b`` covers ``[b * B, (b + 1) * B)``; rank ``r`` of ``W`` takes the
-    ``r``-th of ``W`` equal contiguous pieces (``B`` must be a multiple of ``W``).
-
-    >>> [rank_slice(1, 8, r, 2) for r in range(2)]
-    [slice(8, 12, None), slice(12, 16, None)]
-    """
-    local = batch_size // world_size
-    start = batch * batch_size + rank * local
-    return slice(start, start + local)
-
-
-# -- checkpoints -----------------------------------------------------------------------
-
-
-def _checkpoint_dir(out_dir: Path) -> Path:
-    return out_dir / "checkpoints"
-
-
-def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    folder = _checkpoint_dir(out_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        m = _CHECKPOINT_RE.match(p.name)  # temporary files of an interrupted write do not match
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete training checkpoint in run folder ``out_dir``, or None.
-
-    Checkpoints are renamed into place only once fully written, so every
-    ``step-N.pt`` is complete; a file that still fails to load (a damaged disk)
-    is skipped with a warning in favour of the one before.
-    """
-    for _, path in reversed(_checkpoints(Path(out_dir))):
-        try:
-            _load_state(path, torch.device("cpu"), mmap=True)
-            return path
-        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to an older one
-            import warnings
-
-            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
-    return None
-
-
-def _load_state(path: Path, device: torch.device, mmap: bool = False) -> dict[str, Any]:
-    # weights_only=False: the file holds plain Python data besides tensors (the recipe, the
-    # metrics, the methods' RNG states) and is one this trainer wrote into its own run folder.
-    # mmap: a cheap readability check that does not read the tensors.
-    try:
-        state = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
-    except OSError as e:
-        raise SparseforgeError(f"cannot read {path}: {e.strerror or e}") from None
-    except Exception as e:  # noqa: BLE001 - a damaged zip or pickle fails in many ways, all of them "unreadable"
-        raise SparseforgeError(f"{path} is not a readable training checkpoint (truncated or corrupted: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise SparseforgeError(f"{path} is not a sparseforge training checkpoint")
-    version = state.get("version")
-    if version not in READABLE_CHECKPOINT_VERSIONS:
-        raise SparseforgeError(f"{path} has checkpoint version {version!r}; this sparseforge reads "
-                               f"{', '.join(map(str, READABLE_CHECKPOINT_VERSIONS))}")
-    if version >= 2:
-        # torch.load does not check the zip's CRCs: a flipped byte in a tensor loads silently.
-        digest = state.pop("sha256", None)
-        if digest is None or digest != state_digest(state):
-            raise SparseforgeError(f"{path} is corrupted: its content does not match its checksum")
-    return state
-
-
-def state_digest(state: Any) -> str:
-    """SHA-256 over a nested checkpoint payload: its structure, every tensor's dtype, shape and
-    bytes, every array's bytes and every other leaf's ``repr``. Keys named ``sha256`` are left
-    out, so the digest can be stored in the payload it covers."""
-    h = hashlib.sha256()
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous().reshape(-1)
-            h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
-        elif isinstance(obj, np.ndarray):
-            h.update(f"A{obj.dtype}{obj.shape}".encode())
-            h.update(np.ascontiguousarray(obj).tobytes())
-        elif isinstance(obj, dict):
-            keys = [key for key in obj if key != "sha256"]
-            h.update(f"D{len(keys)}".encode())
-            for key in keys:
-                h.update(repr(key).encode())
-                visit(obj[key])
-        elif isinstance(obj, (list, tuple)):
-            h.update(f"{type(obj).__name__}{len(obj)}".encode())
-            for item in obj:
-                visit(item)
-        else:
-            h.update(repr(obj).encode())
-
-    visit(state)
-    return h.hexdigest()
+    return SimpleNamespace(models=MODELS, build_model=build_model, fashion_mnist=fashion_mnist, evaluate=evaluate)
 
 
 # -- the worker ------------------------------------------------------------------------
 
 
-@dataclass
-class _World:
-    rank: int
-    size: int
-    local_rank: int
-    owns_group: bool
-    distributed: bool  # a process group exists (also a one-process one, for a comm hook)
+def _init_world(recipe: TrainRecipe, device_backend: str) -> tuple[World, bool]:
+    """Join the torchrun group (env vars RANK, WORLD_SIZE, MASTER_ADDR...) when WORLD_SIZE > 1.
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def _init_world(recipe: TrainRecipe, device_backend: str) -> _World:
-    """Join the torchrun group (env vars RANK, WORLD_SIZE, MASTER_ADDR...) when WORLD_SIZE > 1."""
+    Returns the world and whether this call created its process group (then :func:`run` destroys it).
+    """
     timeout = timedelta(seconds=recipe.distributed.timeout_s)
     if dist.is_available() and dist.is_initialized():
-        return _World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
-                      owns_group=False, distributed=True)
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                     distributed=True), False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group(device_backend, timeout=timeout)
-        return _World(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), owns_group=True,
-                      distributed=True)
+        return World(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), distributed=True), True
     if recipe.distributed.comm != "allreduce":
         # The hook compresses and (for DGC) carries the momentum: without it one process would
         # train a different model than N processes do. A one-process group in memory runs it.
         dist.init_process_group(device_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        return _World(0, 1, 0, owns_group=True, distributed=True)
-    return _World(0, 1, 0, owns_group=False, distributed=False)
+        return World(0, 1, 0, distributed=True), True
+    return World(0, 1, 0, distributed=False), False
 
 
-def _register_comm(ddp_model: nn.Module, recipe: TrainRecipe) -> Any:
-    """Install the recipe's gradient communication hook (all-reduce is counted too); returns its state."""
-    from sparseforge.distributed import dgc
+def _comm_callback(recipe: TrainRecipe, device: torch.device) -> CommHookCallback:
+    """The recipe's gradient communication hook (all-reduce is counted too), as a callback of the run.
 
-    comm = recipe.distributed.comm
-    if comm == "dgc":
-        return dgc.register_dgc(ddp_model, recipe.distributed.dgc_config(recipe.train.momentum))
-    if comm == "powersgd":
-        d = recipe.distributed
+    Its steady state (what ``comm.after_warmup_by_rank`` reports) starts after DGC's warm-up,
+    after PowerSGD's all-reduce steps, at once for all-reduce.
+    """
+    d = recipe.distributed
+    ids = [device.index] if device.type == "cuda" else None
+    if d.comm == "dgc":
+        config = d.dgc_config(recipe.train.momentum)
+        return CommHookCallback(lambda ddp: dgc.register_dgc(ddp, config), steady_from=config.warmup_steps,
+                                device_ids=ids)
+    if d.comm == "powersgd":
         start = d.powersgd_start_step if d.powersgd_start_step is not None else max(2, recipe.total_steps() // 10)
-        return dgc.register_powersgd(ddp_model, rank=d.powersgd_rank, start_powerSGD_iter=start)
-    return dgc.register_allreduce_counter(ddp_model)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def _gather(world: _World, obj: Any) -> list[Any]:
-    if not world.distributed or world.size == 1:
-        return [obj]
-    out: list[Any] = [None] * world.size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _all_sum(world: _World, values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world.distributed and world.size > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+        return CommHookCallback(lambda ddp: dgc.register_powersgd(ddp, rank=d.powersgd_rank, start_powerSGD_iter=start),
+                                steady_from=start, device_ids=ids)
+    return CommHookCallback(dgc.register_allreduce_counter, device_ids=ids)
 
 
 def run(recipe: TrainRecipe, out_dir: str | os.PathLike[str] | None = None, resume: bool = True,
@@ -624,29 +505,19 @@ def run(recipe: TrainRecipe, out_dir: str | os.PathLike[str] | None = None, resu
     backend = recipe.distributed.resolved_backend()
     if not (dist.is_available() and dist.is_initialized()):
         recipe.check_launch(int(os.environ.get("WORLD_SIZE", "1")))  # before joining: every rank fails alike
-    world = _init_world(recipe, backend)
+    world, owns_group = _init_world(recipe, backend)
     try:
         recipe.check_launch(world.size)
-        with Progress(world.rank == 0 and not quiet) as shown:  # rank 0's progress, on stderr
+        with Progress(world.lead and not quiet) as shown:  # rank 0's progress, on stderr
             return _train(recipe, out, resume, quiet, world, backend, shown)
     finally:
-        if world.owns_group and dist.is_initialized():
+        if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _World, backend: str,
+def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: World, backend: str,
            shown: Progress) -> dict[str, Any]:
-    from torch.nn.parallel import DistributedDataParallel
-
-    from sparseforge.distributed.masks import check_masks_identical
-    from sparseforge.io.checkpoint import save_checkpoint
-    from sparseforge.files import atomic_path, remove_stale_temporaries, write_json_atomic
-    from sparseforge.report import report
-    from sparseforge.sparsifier import Sparsifier
-    from sparseforge.zoo.data import fashion_mnist
-    from sparseforge.zoo.models import build_model
-    from sparseforge.zoo.training import evaluate
-
+    """One rank's run: the recipe's model, data and callbacks put together and trained by :func:`fit`."""
     started = time.perf_counter()
     t, rank, W = recipe.train, world.rank, world.size
     if backend == "nccl":
@@ -656,49 +527,32 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
         device = torch.device("cpu")
     # The user's OMP_NUM_THREADS (the launcher's default for N processes), else the idle cores.
     threads = set_threads(W)
-    lead = rank == 0
+    lead = world.lead
     progress_on = lead and not quiet
+    zoo = _zoo()
 
-    # -- data: every rank holds the whole (small) training set and indexes its piece.
+    # -- data: every rank holds the whole (small) training set and takes its piece of each global batch.
     with shown.phase("reading Fashion-MNIST"):
-        train_loader, test_loader = fashion_mnist(t.batch_size, recipe.data.dir, t.seed, recipe.data.limit_train,
-                                                  recipe.data.limit_test)
-    x_train, y_train = train_loader.x.to(device), train_loader.y.to(device)
-    n_train = x_train.shape[0]
+        train_loader, test_loader = zoo.fashion_mnist(t.batch_size, recipe.data.dir, t.seed, recipe.data.limit_train,
+                                                      recipe.data.limit_test)
+    data = ShardedPermutation(train_loader.x.to(device), train_loader.y.to(device), t.batch_size, t.seed, rank, W)
     spe, total = recipe.steps_per_epoch(), recipe.total_steps()
 
     # -- the model, optimizer, schedule and Sparsifier (before the DDP wrapper).
     torch.manual_seed(t.seed)
-    model = build_model(recipe.model).to(device)
+    model = zoo.build_model(recipe.model).to(device)
     dgc_on = recipe.distributed.comm == "dgc"
-    momentum = 0.0 if dgc_on else t.momentum  # DGC's hook applies the momentum (momentum correction)
     weight_decay = t.weight_decay
     if dgc_on and float(recipe.distributed.dgc.get("weight_decay", 0.0)) > 0:
         weight_decay = 0.0  # the hook adds it before its momentum, as the DGC authors' code does
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=momentum, nesterov=momentum > 0,
-                          weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
+    # DGC's hook applies the momentum (momentum correction): the optimizer then has none.
+    opt, sched = SGDConfig(lr=t.lr, momentum=0.0 if dgc_on else t.momentum,
+                           weight_decay=weight_decay).build(model.parameters(), total)
     method = recipe.method.build(total)
     sparsifier = Sparsifier(model, method, total_steps=total, optimizer=opt) if method is not None else None
 
-    # -- resume (rank 0 picks the file, so every rank loads the same one).
-    ckpt_dir = _checkpoint_dir(out)
-    if not resume:
-        if lead:  # the old run's outputs too: a new run killed early must not leave them looking current
-            for p in [p for _, p in _checkpoints(out)] + [out / "metrics.json", out / "model.safetensors"]:
-                p.unlink(missing_ok=True)
-        world.barrier()
-    latest = latest_checkpoint(out) if resume and lead else None
-    chosen = [str(latest) if latest is not None else None]
-    if world.distributed and W > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    step, history, seconds_before, sums = 0, [], 0.0, [0.0, 0.0, 0.0]
-    hook_states, hook_world = None, W
-    comm_before: list[dict[str, Any]] = []
-    if chosen[0] is not None:
-        with shown.phase(f"loading {chosen[0]}"):
-            state = _load_state(Path(chosen[0]), device)
-        saved = from_mapping(TrainRecipe, state["recipe"], f"the recipe saved in {chosen[0]}").training_part()
+    def check_recipe(payload: Mapping[str, Any]) -> None:
+        saved = from_mapping(TrainRecipe, payload["recipe"], "the recipe saved in the checkpoint").training_part()
         mine = recipe.training_part()
         if saved != mine:
             diff = [k for k in mine if mine[k] != saved.get(k)]
@@ -706,164 +560,94 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: _Wo
                 f"the run folder {out} holds checkpoints of another recipe (differences in: {', '.join(diff)}): "
                 "use another --out, or --no-resume to start over there"
             )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if sparsifier is not None:
-            sparsifier.load_state_dict(state["sparsifier"])
-        step = int(state["step"])
-        history = list(state["history"])
-        seconds_before = float(state["seconds"])
-        comm_before = list(state.get("comm", []))
-        hook_states = state.get("hook_states")
-        hook_world = int(state["world_size"])
-        if lead:
-            sums = list(state["epoch_sums"])  # the epoch's global sums so far, counted once (on rank 0)
-        if state["world_size"] == W:
-            _set_rng_state(state["rng"][rank], device)
+
+    def announce(state: FitState) -> None:
+        if not progress_on:
+            return
+        if state.resumed_from is not None:
+            print(f"resuming {out} at step {state.step}/{total} from {state.resumed_from.name} "
+                  f"(written by {checkpointing.resumed_world_size} process(es), now {W}; {threads.describe()})",
+                  flush=True)
         else:
-            # Another world size: no saved stream fits this rank; derive one from (seed, step, rank).
-            torch.manual_seed(int(np.random.SeedSequence([t.seed, step, rank]).generate_state(1)[0]))
+            print(f"sparseforge train: {recipe.model}, method {recipe.method.name}"
+                  f"{'' if method is None else f' at sparsity {recipe.method.sparsity:g}'}, {t.epochs} epoch(s) of "
+                  f"{spe} steps, global batch {t.batch_size} over {W} process(es) ({backend}), "
+                  f"{threads.describe()} -> {out}", flush=True)
+
+    def print_row(row: dict[str, Any], state: FitState) -> None:
         if progress_on:
-            print(f"resuming {out} at step {step}/{total} from {Path(chosen[0]).name} "
-                  f"(written by {state['world_size']} process(es), now {W}; {threads.describe()})", flush=True)
-        del state
-    elif lead and progress_on:
-        print(f"sparseforge train: {recipe.model}, method {recipe.method.name}"
-              f"{'' if method is None else f' at sparsity {recipe.method.sparsity:g}'}, {t.epochs} epoch(s) of "
-              f"{spe} steps, global batch {t.batch_size} over {W} process(es) ({backend}), "
-              f"{threads.describe()} -> {out}", flush=True)
+            print(f"epoch {row['epoch']:3d}/{t.epochs}  train loss {row['train_loss']:.4f}  "
+                  f"test acc {row['test_accuracy']:6.2f}%  sparsity {100 * row['sparsity']:5.1f}%  "
+                  f"epoch {row['epoch_seconds']:.1f} s, total {row['total_seconds']:.1f} s", flush=True)
 
-    net: nn.Module = model
-    comm_state = None
-    if world.distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        comm_state = _register_comm(net, recipe)
-        if dgc_on and hasattr(comm_state, "check_optimizer"):
-            comm_state.check_optimizer(opt)
-        if hook_states is not None and hasattr(comm_state, "load_state_dict"):
-            # Each rank's own unsent residual and momentum on the same world size; on another
-            # one only the warm-up position carries over (no rank's residual belongs to the new ranks).
-            same = hook_world == W and len(hook_states) == W
-            comm_state.load_state_dict(hook_states[rank if same else 0], list(model.parameters()), residuals=same)
+    # -- the callbacks: what makes this run a `sparseforge train` run.
+    sparsifying = SparsifierCallback(sparsifier) if sparsifier is not None else None
+    comm = _comm_callback(recipe, device) if world.distributed else None
+    def test(m: torch.nn.Module) -> dict[str, float]:
+        ev = zoo.evaluate(m, test_loader)
+        return {"test_loss": ev["loss"], "test_accuracy": ev["accuracy"]}
 
-    def save(epoch: int, batch: int) -> None:
-        """Every rank joins (RNG states and loss sums are gathered); rank 0 writes, the others wait."""
-        rngs = _gather(world, _rng_state(device))
-        global_sums = _all_sum(world, sums, device) if W > 1 else list(sums)
-        stats = _gather(world, comm_state.stats() if comm_state is not None else None)
-        hooks = (_gather(world, comm_state.state_dict(list(model.parameters())))
-                 if hasattr(comm_state, "state_dict") else None)
-        if lead:
-            payload = {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
-                "step": step, "epoch": epoch, "batch_in_epoch": batch, "rng": rngs, "world_size": W,
-                "recipe": to_mapping(recipe), "history": history, "epoch_sums": global_sums,
-                "seconds": seconds_before + time.perf_counter() - started,
-                "comm": comm_before + [s for s in stats if s is not None][:1],
-                "hook_states": hooks,
-            }
-            payload["sha256"] = state_digest(payload)
-            with atomic_path(ckpt_dir / f"step-{step:08d}.pt") as tmp, open(tmp, "wb") as f:
-                torch.save(payload, f)  # a file object: a full disk raises OSError(ENOSPC), not torch's RuntimeError
-            for _, old in _checkpoints(out)[:-recipe.checkpoint.keep]:
-                old.unlink(missing_ok=True)
-            # Each checkpoint has a new name, so atomic_path's cleanup (same name) never meets the
-            # temporary file of a write that was killed: remove those of every dead writer here.
-            remove_stale_temporaries(ckpt_dir)
-        world.barrier()
+    history = History(test, extra=lambda state: {"sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0},
+                      on_row=print_row)
+    checkpointing = CheckpointCallback(
+        out, every_steps=recipe.checkpoint.every_steps, keep=recipe.checkpoint.keep, resume=resume,
+        # Entries a checkpoint of this trainer always has, whichever callbacks the run holds.
+        extra={"recipe": to_mapping(recipe), "sparsifier": None, "comm": [], "hook_states": None},
+        check=check_recipe, seed=t.seed, also_remove=("metrics.json", "model.safetensors"), progress=shown)
+    callbacks: list[Callback] = [c for c in (sparsifying, comm) if c is not None] + [history, checkpointing]
+    callbacks += [LambdaCallback(order=55, on_fit_start=announce),
+                  ProgressCallback(shown, "train: steps",
+                                   info=lambda s: f"epoch {s.epoch + 1}/{t.epochs}, loss {float(s.loss.detach()):.3f}")]
+    if recipe.debug.step_delay_s:
+        callbacks.append(LambdaCallback(on_step_end=lambda state: time.sleep(recipe.debug.step_delay_s)))
+    state = fit(model, data, opt, F.cross_entropy, epochs=t.epochs, scheduler=sched, callbacks=callbacks,
+                world=world, device=device, started=started)
 
-    every = recipe.checkpoint.every_steps
-    bar = shown.start("train: steps", total, completed=step)
-    try:
-        while step < total:
-            epoch, start_batch = divmod(step, spe)
-            epoch_started = time.perf_counter()  # for a run resumed mid-epoch: this process's part of it
-            order = epoch_permutation(n_train, t.seed, epoch).to(device)
-            net.train()
-            for b in range(start_batch, spe):
-                idx = order[rank_slice(b, t.batch_size, rank, W)]
-                xb, yb = x_train[idx], y_train[idx]
-                opt.zero_grad(set_to_none=True)
-                logits = net(xb)
-                loss = F.cross_entropy(logits, yb)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if sparsifier is not None:
-                    sparsifier.step()
-                step += 1
-                with torch.no_grad():
-                    sums[0] += float(loss.detach()) * yb.shape[0]
-                    sums[1] += float((logits.argmax(1) == yb).sum())
-                    sums[2] += yb.shape[0]
-                bar.advance(info=f"epoch {epoch + 1}/{t.epochs}, loss {float(loss.detach()):.3f}")
-                if recipe.debug.step_delay_s:
-                    time.sleep(recipe.debug.step_delay_s)
-                if every is not None and step % every == 0 and step < total and step % spe:
-                    save(epoch, b + 1)
-            # -- end of the epoch: global training sums, test on rank 0, checkpoint.
-            loss_sum, correct, count = _all_sum(world, sums, device) if W > 1 else sums
-            sums = [0.0, 0.0, 0.0]
-            row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / count,
-                   "train_accuracy": 100.0 * correct / count,
-                   "sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0}
-            if lead:
-                ev = evaluate(model, test_loader)
-                row |= {"test_loss": ev["loss"], "test_accuracy": ev["accuracy"]}
-            now = time.perf_counter()
-            # The epoch's own time, and the run's (earlier segments of a resumed run included), as the demo.
-            row |= {"epoch_seconds": now - epoch_started, "total_seconds": seconds_before + now - started}
-            if progress_on:
-                print(f"epoch {epoch + 1:3d}/{t.epochs}  train loss {row['train_loss']:.4f}  "
-                      f"test acc {row['test_accuracy']:6.2f}%  sparsity {100 * row['sparsity']:5.1f}%  "
-                      f"epoch {row['epoch_seconds']:.1f} s, total {row['total_seconds']:.1f} s", flush=True)
-            history.append(row)
-            if every is None or step % every == 0 or step == total:
-                save(epoch + 1, 0)
-        bar.finish()
-    finally:
-        bar.finish(ok=False)  # after an error: the display stops, and the error says the rest
-
-    # -- the end: masks identical on every rank, finalized model, metrics.
+    # -- the end: masks identical on every rank, weights too, finalized model, metrics.
     digest = check_masks_identical(sparsifier) if sparsifier is not None else None
-    digests = _gather(world, digest)
-    comm_stats = _gather(world, comm_state.stats() if comm_state is not None else None)
+    digests = world.gather(digest)
+    weight_digests = world.gather(state_digest(model.state_dict()))
+    comm_stats = world.gather(comm.stats() if comm is not None else None)
     final_sparsity = sparsifier.sparsity() if sparsifier is not None else 0.0
     if sparsifier is not None:
         sparsifier.finalize()
-    seconds = seconds_before + time.perf_counter() - started
+    seconds = state.elapsed()
+    rows = history.rows
     metrics = {
         "recipe": to_mapping(recipe),
         "world_size": W,
         "backend": backend if world.distributed else None,
-        "steps": step,
+        "steps": state.step,
         "steps_per_epoch": spe,
-        "history": history,
-        "final": {"test_accuracy": history[-1].get("test_accuracy") if history else None,
-                  "test_loss": history[-1].get("test_loss") if history else None,
+        "history": rows,
+        "final": {"test_accuracy": rows[-1].get("test_accuracy") if rows else None,
+                  "test_loss": rows[-1].get("test_loss") if rows else None,
                   "sparsity": final_sparsity},
         "mask_digests": digests,
         "masks_identical": digest is not None and len(set(digests)) == 1,
+        # The trained weights of every rank (before finalizing): DDP keeps them bit-identical.
+        "weight_digests": weight_digests,
+        "weights_identical": len(set(weight_digests)) == 1,
         "comm": {"kind": recipe.distributed.comm,
-                 "stats_by_rank": comm_stats if comm_state is not None else None,
-                 "earlier_segments": comm_before},
+                 "stats_by_rank": comm_stats if comm is not None else None,
+                 "after_warmup_by_rank": world.gather(comm.after_warmup()) if comm is not None else None,
+                 "earlier_segments": comm.earlier if comm is not None else []},
         "seconds": seconds,
         "threads": threads.to_dict(),
         "torch": torch.__version__,
     }
     if lead:
+        from sparseforge.io.checkpoint import save_checkpoint  # io sits above distributed: imported when used
+
         rep = report(model)
         metrics["report"] = rep.to_dict()
         with shown.phase(f"writing {out}/model.safetensors and metrics.json"):
             save_checkpoint(model, out / "model.safetensors", arch=recipe.model,
-                            extra={"test_accuracy": metrics["final"]["test_accuracy"], "steps": step,
+                            extra={"test_accuracy": metrics["final"]["test_accuracy"], "steps": state.step,
                                    "method": recipe.method.name, "sparsity": final_sparsity})
             write_json_atomic(out / "metrics.json", metrics)
         if progress_on:
-            print(f"done: {step} steps, test accuracy {metrics['final']['test_accuracy']:.2f}%, sparsity "
+            print(f"done: {state.step} steps, test accuracy {metrics['final']['test_accuracy']:.2f}%, sparsity "
                   f"{100 * final_sparsity:.1f}%, total {seconds:.1f} s; {out}/metrics.json, {out}/model.safetensors",
                   flush=True)
     world.barrier()

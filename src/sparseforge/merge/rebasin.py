@@ -38,6 +38,7 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.compact.dependency import DependencyGraph, analyze
+from sparseforge.extras import require
 from sparseforge.merge.core import weighted_average
 from sparseforge.quality import evaluate
 
@@ -246,7 +247,8 @@ def weight_matching(
     >>> all(torch.equal(t, a.state_dict()[k]) for k, t in apply_permutation(b, graph, perms).items())
     True
     """
-    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs 0.4 s to import
+    # Here, not at the top: scipy is optional (the rebasin extra) and scipy.optimize costs 0.4 s to import.
+    linear_sum_assignment = require("scipy.optimize", "weight matching (Git Re-Basin)").linear_sum_assignment
 
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise SparseforgeError(f"max_iter must be a positive integer, got {max_iter!r}")

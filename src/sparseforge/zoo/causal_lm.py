@@ -57,6 +57,7 @@ from sparseforge.io.hf import load_pretrained, save_pretrained
 from sparseforge.quality import perplexity
 from sparseforge.progress import Progress, using
 from sparseforge.tokens import calibration_batches, token_stream
+from sparseforge.training import FitState, LambdaCallback, ProgressCallback, fit
 from sparseforge.zoo.text import fortunes
 
 __all__ = [
@@ -276,28 +277,22 @@ def train_causal_lm(
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     warmup = max(1, round(0.05 * steps)) if warmup is None else max(1, warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
-    gen = torch.Generator().manual_seed(seed)
-    order: list[torch.Tensor] = []
+    windows = _ShiftedWindows(stream, seq_len, epoch_windows, batch_size, torch.Generator().manual_seed(seed))
     losses: list[float] = []
-    model.train()
+
+    def track(state: FitState) -> None:
+        losses.append(float(state.loss.detach()))
+
+    def recent_loss(state: FitState) -> str:
+        recent = losses[-50:]
+        return f"loss {sum(recent) / len(recent):.3f}"
+
     with using(progress) as shown:
-        with shown.task("training the causal LM: steps", steps) as bar:
-            for step in range(steps):
-                if len(order) < batch_size:
-                    shift = int(torch.randint(0, seq_len, (1,), generator=gen))
-                    windows = stream[shift:shift + epoch_windows * seq_len].view(epoch_windows, seq_len)
-                    order = list(windows[torch.randperm(epoch_windows, generator=gen)].split(batch_size))
-                    order = [b for b in order if b.shape[0] == batch_size]
-                x = order.pop(0)
-                loss = model(input_ids=x, labels=x, use_cache=False).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                recent = losses[-50:]
-                bar.advance(info=f"loss {sum(recent) / len(recent):.3f}")
+        fit(model, windows, optimizer, lambda outputs, _: outputs.loss, steps=steps, scheduler=scheduler,
+            forward=lambda net, x: net(input_ids=x, labels=x, use_cache=False),
+            callbacks=[LambdaCallback(after_backward=lambda state: torch.nn.utils.clip_grad_norm_(
+                           model.parameters(), 1.0), on_step_end=track),
+                       ProgressCallback(shown, "training the causal LM: steps", info=recent_loss)])
         train_seconds = time.perf_counter() - start
         tail = losses[-max(1, steps // 20):]
         model.eval()
@@ -331,6 +326,31 @@ def train_causal_lm(
     save_pretrained(model, out, tokenizer, metadata, metadata_file=METADATA_FILE)
     _log(progress, f"saved to {out}")
     return out
+
+
+class _ShiftedWindows:
+    """The training batches of :func:`train_causal_lm`, endless: ``(x, x)`` with ``x`` of ``batch_size`` windows.
+
+    Every epoch the stream is cut into ``epoch_windows`` windows of ``seq_len`` tokens after a
+    random shift, in a random order (both drawn from ``gen``); incomplete batches are dropped.
+    """
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, epoch_windows: int, batch_size: int,
+                 gen: torch.Generator) -> None:
+        self.stream, self.seq_len, self.epoch_windows = stream, seq_len, epoch_windows
+        self.batch_size, self.gen = batch_size, gen
+
+    def __iter__(self) -> Any:
+        order: list[torch.Tensor] = []
+        while True:
+            if len(order) < self.batch_size:
+                shift = int(torch.randint(0, self.seq_len, (1,), generator=self.gen))
+                windows = self.stream[shift:shift + self.epoch_windows * self.seq_len].view(self.epoch_windows,
+                                                                                             self.seq_len)
+                order = list(windows[torch.randperm(self.epoch_windows, generator=self.gen)].split(self.batch_size))
+                order = [b for b in order if b.shape[0] == self.batch_size]
+            x = order.pop(0)
+            yield x, x
 
 
 def default_cache_path() -> Path:

@@ -3,8 +3,8 @@
 A small benchmark for sparsity on a regression task, built from data that
 needs no download:
 
-- Images: the natural photographs in ``skimage.data`` (``pip install
-  scikit-image``), converted to luminance (BT.601 luma
+- Images: the natural photographs in ``skimage.data`` (scikit-image, in the
+  ``bench`` extra: ``pip install 'sparseforge[bench]'``), converted to luminance (BT.601 luma
   ``Y = 0.299 R + 0.587 G + 0.114 B``) in [0, 1], as super-resolution papers
   evaluate on the Y channel. They are split *by image* into
   :data:`TRAIN_IMAGES` and :data:`TEST_IMAGES`, so no held-out pixel is ever
@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.extras import require
+from sparseforge.training import Callback, FitState, LambdaCallback, fit
 
 __all__ = [
     "ESPCN",
@@ -102,13 +104,8 @@ def luminance(image: np.ndarray) -> torch.Tensor:
 
 def load_luminance(name: str) -> torch.Tensor:
     """The ``skimage.data`` image ``name`` as luminance in [0, 1] (see :func:`luminance`)."""
-    try:
-        import skimage.data
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SparseforgeError(
-            "the super-resolution data come from scikit-image: pip install 'scikit-image>=0.21'"
-        ) from e
-    loader = getattr(skimage.data, name, None)
+    skimage_data = require("skimage.data", "the super-resolution images (skimage.data)")
+    loader = getattr(skimage_data, name, None)
     if loader is None or not callable(loader):
         raise SparseforgeError(f"skimage.data has no image {name!r}; use e.g. one of {', '.join(TRAIN_IMAGES)}")
     try:
@@ -357,27 +354,28 @@ def train_sr(
     steps: int,
     on_step: Callable[[], None] | None = None,
     loss: str = "l1",
+    scheduler: Any = None,
+    callbacks: Sequence[Callback] = (),
 ) -> float:
-    """Train ``model`` for ``steps`` batches of ``sampler``; return the mean loss of the last 100.
+    """Train ``model`` for ``steps`` batches of ``sampler`` with :func:`sparseforge.fit`; return the mean loss of the last 100.
 
     Each step: zero grads, forward, ``loss`` (``l1``, as SR papers train, or
-    ``mse``), backward, ``optimizer.step()``, then ``on_step()`` (where an LR
-    scheduler and a sparsifier step).
+    ``mse``), backward, ``optimizer.step()``, ``scheduler.step()``, then the
+    ``callbacks`` (e.g. a :class:`~sparseforge.training.SparsifierCallback`) and ``on_step()``.
     """
     if loss not in ("l1", "mse"):
         raise SparseforgeError(f"loss must be 'l1' or 'mse', got {loss!r}")
     fn = F.l1_loss if loss == "l1" else F.mse_loss
-    model.train()
     recent: list[float] = []
-    for _ in range(int(steps)):
-        lr, hr = sampler.sample()
-        optimizer.zero_grad(set_to_none=True)
-        value = fn(model(lr), hr)
-        value.backward()
-        optimizer.step()
+
+    def after_step(state: FitState) -> None:
         if on_step is not None:
             on_step()
-        recent.append(float(value.detach()))
+        recent.append(float(state.loss.detach()))
         if len(recent) > 100:
             recent.pop(0)
+
+    patches = iter(sampler.sample, None)  # endless: sample() never returns None
+    fit(model, patches, optimizer, fn, steps=int(steps), scheduler=scheduler,
+        callbacks=[*callbacks, LambdaCallback(on_step_end=after_step)])
     return float(np.mean(recent)) if recent else math.nan

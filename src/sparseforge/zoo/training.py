@@ -1,8 +1,9 @@
-"""A small classification training/evaluation loop shared by the demo and benchmarks.
+"""Classification evaluation, and one epoch of cross-entropy training through :func:`sparseforge.fit`.
 
-Deliberately minimal: cross-entropy, one optimizer, a hook after every step
-(where a sparsifier updates its masks) and an optional progress callback.
-Batches are moved to the model's device, so the same loop runs on CPU or GPU.
+:func:`train_epoch` is a short form of ``fit(..., epochs=1)``: one optimizer,
+a hook after every step (where a sparsifier updates its masks) and an optional
+progress callback. Batches are moved to the model's device, so the same loop
+runs on CPU or GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.quality import evaluate
+from sparseforge.training import History, LambdaCallback, fit
 
 __all__ = ["evaluate", "train_epoch"]
 
@@ -35,7 +37,7 @@ def train_epoch(
     on_step: Callable[[], None] | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, float]:
-    """Train a classifier for one pass over ``loader`` with cross-entropy.
+    """Train a classifier for one pass over ``loader`` with cross-entropy: one epoch of :func:`sparseforge.fit`.
 
     Each batch: zero grads, forward, backward, ``optimizer.step()``, then
     ``on_step()``. The hook runs after the optimizer so that a sparsifier can
@@ -60,38 +62,20 @@ def train_epoch(
     Raises:
         SparseforgeError: the loader yielded no examples.
     """
-    device = _model_device(model)
-    model.train()
     try:
         num_batches = len(loader)  # type: ignore[arg-type]
     except TypeError:
         num_batches = 0
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
-    steps = 0
-    for i, (xb, yb) in enumerate(loader):
-        xb = xb.to(device, non_blocking=True)
-        yb = yb.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
-        loss.backward()
-        optimizer.step()
-        steps += 1
-        if on_step is not None:
-            on_step()
-        n = int(yb.shape[0])
-        total_loss += loss.detach().double() * n
-        correct += (logits.detach().argmax(dim=1) == yb).sum()
-        count += n
-        if progress is not None:
-            progress(i, num_batches, float(loss.item()))
-    if count == 0:
+    if num_batches == 0 and hasattr(loader, "__len__"):
         raise SparseforgeError("cannot train: the loader yielded no examples")
-    return {
-        "loss": total_loss.item() / count,
-        "accuracy": 100.0 * correct.item() / count,
-        "examples": count,
-        "steps": steps,
-    }
+    callbacks = [History()]
+    if on_step is not None:
+        callbacks.append(LambdaCallback(on_step_end=lambda state: on_step()))
+    if progress is not None:
+        callbacks.append(LambdaCallback(on_step_end=lambda state: progress(state.batch - 1, num_batches,
+                                                                           float(state.loss.item()))))
+    state = fit(model, loader, optimizer, F.cross_entropy, epochs=1, callbacks=callbacks)
+    history = callbacks[0]
+    row = history.rows[-1]
+    return {"loss": row["train_loss"], "accuracy": row["train_accuracy"], "examples": int(history.last_sums[2]),
+            "steps": state.step}
