@@ -17,6 +17,10 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.registry import Registry
+
+SCORES: Registry[Callable[[], Score]] = Registry("score")
+"""Score names -> factories (classes) building the score with its defaults; ``as_score`` looks them up."""
 
 
 class Score(ABC):
@@ -52,6 +56,7 @@ class Score(ABC):
         return s.movedim(dim, 0).reshape(s.shape[dim], -1).sum(dim=1)
 
 
+@SCORES.register("magnitude")
 @dataclass
 class Magnitude(Score):
     """|w|: the magnitude criterion ("Learning both Weights and Connections", Han et al. 2015)."""
@@ -63,6 +68,7 @@ class Magnitude(Score):
         return "magnitude"
 
 
+@SCORES.register("random")
 @dataclass
 class Random(Score):
     """Uniform random scores from a seeded generator: random pruning, the usual control.
@@ -94,6 +100,7 @@ class Random(Score):
         return "random"
 
 
+@SCORES.register("gradient")
 @dataclass
 class GradientMagnitude(Score):
     """|g|: the magnitude of the loss gradient, as RigL uses to choose connections to grow."""
@@ -107,6 +114,7 @@ class GradientMagnitude(Score):
         return "gradient"
 
 
+@SCORES.register("snip")
 @dataclass
 class SNIP(Score):
     """|w * g|: connection sensitivity ("SNIP: Single-shot Network Pruning based on
@@ -121,6 +129,7 @@ class SNIP(Score):
         return "snip"
 
 
+@SCORES.register("taylor")
 @dataclass
 class Taylor(Score):
     """(w * g)^2: first-order Taylor importance ("Importance Estimation for Neural
@@ -141,6 +150,7 @@ class Taylor(Score):
         return "taylor"
 
 
+@SCORES.register("l1")
 @dataclass
 class L1Norm(Score):
     """|w|, named for channel pruning: a channel's summed score is the L1 norm of its
@@ -153,6 +163,7 @@ class L1Norm(Score):
         return "l1"
 
 
+@SCORES.register("l2")
 @dataclass
 class L2Norm(Score):
     """w^2: a channel's summed score is the squared L2 norm of its slices (same order as the L2 norm)."""
@@ -164,27 +175,17 @@ class L2Norm(Score):
         return "l2"
 
 
-SCORES: dict[str, Callable[[], Score]] = {
-    "magnitude": Magnitude,
-    "random": Random,
-    "gradient": GradientMagnitude,
-    "snip": SNIP,
-    "taylor": Taylor,
-    "l1": L1Norm,
-    "l2": L2Norm,
-}
-
-
 def as_score(spec: Score | str | None) -> Score:
-    """Parse a score name (``magnitude``, ``random``, ``gradient``, ``snip``, ``taylor``, ``l1``, ``l2``) or pass a Score."""
+    """A Score, or one built with its defaults from a name registered in :data:`SCORES` (None: magnitude).
+
+    >>> as_score("snip"), as_score(None)
+    (SNIP(), Magnitude())
+    """
     if spec is None:
         return Magnitude()
     if isinstance(spec, Score):
         return spec
-    key = str(spec).strip().lower()
-    if key not in SCORES:
-        raise SparseforgeError(f"unknown score {spec!r}; use one of {sorted(SCORES)}")
-    return SCORES[key]()
+    return SCORES.get(str(spec))()
 
 
 def mean_gradients(
