@@ -21,7 +21,7 @@ from sparseforge.zoo.data import (
     load_fashion_mnist,
     write_idx_gz,
 )
-from sparseforge.zoo.models import MODELS, Conv4, LeNet300100, ResNet20, build_model
+from sparseforge.zoo.models import Conv4, LeNet300100, ResNet20, build_model, classifier_names
 from sparseforge.zoo.training import evaluate, train_epoch
 
 REAL_DIR = DEFAULT_DATA_DIR
@@ -319,7 +319,7 @@ def test_tensor_loader_sequential_and_drop_last() -> None:
 # --------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", classifier_names())
 def test_model_forward_shape(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(name)
@@ -368,8 +368,10 @@ def test_model_names_are_readable() -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(SparseforgeError, match="conv4, lenet300, resnet20"):
+    with pytest.raises(SparseforgeError, match=r"unknown architecture 'vgg16' \(known: lenet300, conv4, resnet20, hf\)"):
         build_model("vgg16")
+    with pytest.raises(SparseforgeError, match="did you mean 'resnet20'"):
+        build_model("resnet-2O")
     with pytest.raises(SparseforgeError, match="width"):
         build_model("lenet300", width=8)
     with pytest.raises(SparseforgeError, match="num_classes"):

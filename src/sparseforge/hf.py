@@ -34,18 +34,19 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from sparseforge.architectures import HF
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.transformer import is_hf_model
 from sparseforge.files import atomic_dir
 from sparseforge.oserrors import write_errors
 
 __all__ = [
-    "ARCH", "Quality", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_causal_lm",
+    "ARCH", "ARCHITECTURE", "Quality", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_causal_lm",
     "is_pretrained_dir", "load_pretrained", "perplexity", "quality", "save_pretrained", "sentence_embeddings",
 ]
 
 #: the ``arch`` name sparseforge files give a transformers model
-ARCH = "hf"
+ARCH = HF  # the name sparseforge files store for a transformers model
 HF_HINT = "install the Hugging Face extra: pip install 'sparseforge[hf]'"
 METADATA_FILE = "sparseforge.json"
 #: the checksums of a folder's files, in the format of ``sha256sum`` (``sha256sum -c SHA256SUMS`` checks them)
@@ -259,6 +260,25 @@ def build_from_metadata(kwargs: dict[str, Any]) -> nn.Module:
                                f"transformers {transformers.__version__} does not have")
     config = cls.config_class.from_dict(dict(kwargs["config"]))
     return cls(config).eval()
+
+
+class HFArchitecture:
+    """Hugging Face ``transformers`` models, rebuilt from the class name and config a file stores."""
+
+    def __call__(self, **kwargs: Any) -> nn.Module:
+        return build_from_metadata(kwargs)
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return is_hf_model(model)
+
+    @staticmethod
+    def arch_kwargs(model: nn.Module) -> dict[str, Any]:
+        return arch_kwargs(model)
+
+
+ARCHITECTURE = HFArchitecture()
+"""The entry of :data:`~sparseforge.architectures.ARCHITECTURES` named ``hf`` (registered there lazily)."""
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -13,7 +13,6 @@ values, builds on this one; see DESIGN.md, "save/load".)
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -24,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from sparseforge.architectures import ARCHITECTURES, arch_kwargs_of, build, name_of
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import safetensors_dtype, write_safetensors
 
@@ -151,10 +151,8 @@ def foreign_format(path: str | os.PathLike[str]) -> str | None:
 
 
 def arch_of(model: nn.Module) -> str | None:
-    """The zoo name of ``model``'s class, or None for a model from elsewhere."""
-    from sparseforge.zoo.models import MODELS
-
-    return next((name for name, cls in MODELS.items() if type(model) is cls), None)
+    """The registered architecture name of ``model`` (:func:`sparseforge.architectures.name_of`), or None."""
+    return name_of(model)
 
 
 def arch_metadata(
@@ -162,50 +160,35 @@ def arch_metadata(
 ) -> tuple[str | None, dict[str, Any]]:
     """(architecture name, constructor kwargs) to store with ``model``.
 
-    Default name: the zoo name of the model's class (None for other models);
-    default kwargs: for a zoo model, every constructor argument that the model
-    keeps as an attribute of the same name (``num_classes``, ``width``), so a
-    non-default model is rebuilt at its own size; a ``transformers`` model
-    gets ``"hf"`` with its class name and config (:mod:`sparseforge.hf`); else ``{}``.
+    Default name: the registered architecture of the model
+    (:data:`~sparseforge.architectures.ARCHITECTURES`: a zoo model's name,
+    ``"hf"`` for a ``transformers`` model; None for other models); default
+    kwargs: what that architecture says rebuilds the model
+    (:func:`~sparseforge.architectures.arch_kwargs_of`: for a zoo model,
+    every constructor argument that the model keeps as an attribute of the
+    same name, so a non-default model is rebuilt at its own size; for a
+    ``transformers`` model its class name and config); else ``{}``.
     """
-    if arch is None and arch_kwargs is None:
-        from sparseforge.export.transformer import is_hf_model
-
-        if is_hf_model(model):  # class and config, so the file rebuilds it (sparseforge.hf)
-            from sparseforge.hf import ARCH, arch_kwargs as hf_kwargs
-
-            return ARCH, hf_kwargs(model)
-    arch = arch or arch_of(model)
+    arch = arch or name_of(model)
     if arch_kwargs is None:
-        arch_kwargs = {}
-        if arch:
-            params = inspect.signature(type(model).__init__).parameters
-            arch_kwargs = {name: getattr(model, name) for name in params
-                           if name != "self" and isinstance(getattr(model, name, None), (int, float, str, bool))}
+        arch_kwargs = arch_kwargs_of(arch, model) if arch and arch in ARCHITECTURES else {}
     return arch, arch_kwargs
 
 
 def model_for(path: str | os.PathLike[str], meta: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
-    """The model a file's weights go into: ``model``, or a zoo model built from ``meta``.
+    """The model a file's weights go into: ``model``, or one built from ``meta`` by its registered architecture.
 
     ``meta`` has ``arch``, ``arch_kwargs`` and ``compact`` (the sizes of the
     modules :func:`sparseforge.compact` shrank, rebuilt here). Raises
     :class:`SparseforgeError` when no model is given and the file names no
-    zoo architecture nor a transformers model.
+    registered architecture (:data:`~sparseforge.architectures.ARCHITECTURES`).
     """
     if model is None:
         if not meta.get("arch"):
             raise SparseforgeError(
                 f"{path} does not name a zoo architecture; pass the model to load it into"
             )
-        from sparseforge.hf import ARCH, build_from_metadata
-
-        if meta["arch"] == ARCH:
-            model = build_from_metadata(meta.get("arch_kwargs", {}))
-        else:
-            from sparseforge.zoo.models import build_model
-
-            model = build_model(meta["arch"], **meta.get("arch_kwargs", {}))
+        model = build(meta["arch"], **meta.get("arch_kwargs", {}))
     if meta.get("compact"):
         from sparseforge.export.compact import resize_modules
 
