@@ -145,7 +145,7 @@ BAD = {
     "backend mpi2": ({"distributed": {"backend": "mpi2"}}, 1, "distributed.backend must be one of"),
     "nccl without CUDA": ({"distributed": {"backend": "nccl"}}, 2, "nccl needs CUDA"),
     "batch 100 on 3": ({"train": {"batch_size": 100}}, 3, "cannot be split equally over 3 processes"),
-    "unknown method": ({"method": {"name": "rigl2"}}, 1, "method.name must be one of 'none', 'rigl'"),
+    "unknown method": ({"method": {"name": "rigl2"}}, 1, "method.name: unknown method 'rigl2'; did you mean 'rigl'? (known: none, "),
     "unknown key": ({"train": {"epohcs": 3}}, 1, "unknown key 'train.epohcs' (did you mean 'epochs'?)"),
     "unknown method option": ({"method": {"options": {"frequncy": 4}}}, 1, "did you mean 'frequency'"),
     "fewer examples than a batch": ({"data": {"limit_train": 32}}, 1, "fewer than one global batch"),
