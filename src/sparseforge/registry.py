@@ -213,7 +213,8 @@ class Registry(Generic[T]):
         for alias_key, key in self._keys.items():  # a close alias suggests its canonical name
             if self._entries[key].name in listed:
                 spellings.setdefault(alias_key, self._entries[key].name)
-        close = difflib.get_close_matches(_normalize(str(name if closest_to is None else closest_to)), list(spellings), n=1, cutoff=0.6)
+        query = _normalize(str(name if closest_to is None else closest_to))
+        close = difflib.get_close_matches(query, list(spellings), n=1, cutoff=0.6)
         hint = f"; did you mean {spellings[close[0]]!r}?" if close else ""
         return SparseforgeError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(listed)}){note}")
 
