@@ -368,7 +368,8 @@ def test_model_names_are_readable() -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(SparseforgeError, match=r"unknown architecture 'vgg16' \(known: lenet300, conv4, resnet20, hf\)"):
+    with pytest.raises(SparseforgeError,
+                       match=r"unknown architecture 'vgg16' \(known: lenet300, conv4, resnet20, hf\)"):
         build_model("vgg16")
     with pytest.raises(SparseforgeError, match="did you mean 'resnet20'"):
         build_model("resnet-2O")
