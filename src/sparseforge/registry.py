@@ -102,6 +102,9 @@ class Registry(Generic[T]):
 
         Returns the object (so the decorated name still refers to it).
 
+        Registering the same object under the same name and aliases again
+        changes nothing.
+
         Raises:
             SparseforgeError: the name or an alias is taken (by another entry,
                 or by this one under another spelling) and ``replace`` is False.
@@ -144,6 +147,10 @@ class Registry(Generic[T]):
         new_keys = [key, *(_normalize(a) for a in aliases)]
         if len(set(new_keys)) != len(new_keys):
             raise SparseforgeError(f"{self.kind} {name!r}: its aliases {aliases} repeat a spelling of one name")
+        same = self._entries.get(key)
+        if same is not None and same.aliases == aliases and (
+                (obj is not None and same.obj is obj) or (target is not None and same.target == target)):
+            return obj  # the same registration again (a module imported twice): nothing to change
         taken = [k for k in new_keys if k in self._keys and self._keys[k] != key]
         if key in self._entries:
             taken.insert(0, key)
