@@ -11,7 +11,6 @@ global allocations give the budget it frees to the other layers.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -411,7 +410,10 @@ class OWL(Allocation):
         return [min(per_block[block_of(n)], _max_sparsity(math.prod(s), self.min_keep)) for n, s in zip(names, shapes)]
 
 
-ALLOCATIONS.register("er", functools.partial(ERK, kernel=False))  # Erdos-Renyi: ERK without the kernel term
+@ALLOCATIONS.register("er")
+def ErdosRenyi() -> ERK:
+    """Erdos-Renyi densities: ERK without the kernel term (SET's allocation for Linear layers)."""
+    return ERK(kernel=False)
 
 
 def as_allocation(spec: Allocation | str | Mapping[str, float] | None) -> Allocation:
