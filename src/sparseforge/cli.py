@@ -1,6 +1,11 @@
 """The ``sparseforge`` command line: ``demo``, ``train``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``, ``merge``.
 
 Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
+
+Names the commands take (scores, allocations, patterns, merge methods, quantization
+schemes, model architectures) come from the registries (:mod:`sparseforge.registry`);
+``sparseforge --plugin MODULE COMMAND ...`` imports a user's module first, so that what
+it registers is a choice too.
 """
 
 from __future__ import annotations
@@ -28,11 +33,18 @@ EPILOG = """examples:
   sparseforge merge --method ties --base base.safetensors a.safetensors b.safetensors --density 0.2 --out m.safetensors
   sparseforge merge --recipe merge.yaml                       # a YAML merge recipe
   sparseforge train examples/train-rigl.yaml --nproc 2     # sparse training from a YAML recipe on torchrun/DDP
+  sparseforge --plugin my_plugins prune model.safetensors --score my_score --sparsity 0.5 --out p.safetensors
 """
+
+
+def _names(registry) -> str:
+    """``a, b, c``: a registry's names, for help texts."""
+    return ", ".join(registry.names())
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from sparseforge.demo import DemoConfig
+    from sparseforge.zoo.models import classifier_names
 
     d = DemoConfig()
     p = sub.add_parser(
@@ -45,7 +57,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "metrics.json, training.png and model.safetensors."
         ),
     )
-    p.add_argument("--model", default=d.model, help=f"zoo model: lenet300, conv4, resnet20 (default {d.model})")
+    p.add_argument("--model", default=d.model,
+                   help=f"model architecture: {', '.join(classifier_names())}, or a plug-in's (default {d.model})")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help=f"final sparsity in [0, 1) (default {d.sparsity})")
     p.add_argument("--dense-epochs", type=int, default=d.dense_epochs, help=f"dense training epochs (default {d.dense_epochs})")
     p.add_argument("--sparse-epochs", type=int, default=d.sparse_epochs,
@@ -102,11 +115,16 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                         ".sfz (compressed) or .safetensors (checkpoint)")
     p.add_argument("--method", default=None, choices=("magnitude", "wanda", "sparsegpt", "maskllm"),
                    help="one-shot method with calibration data (default for a Hugging Face folder: wanda)")
-    p.add_argument("--score", default="magnitude", help="without --method: magnitude (default), random, gradient, snip, taylor")
+    from sparseforge.allocation import ALLOCATIONS
+    from sparseforge.patterns import PATTERNS
+    from sparseforge.scores import SCORES
+
+    p.add_argument("--score", default="magnitude", help=f"without --method: {_names(SCORES)} (default magnitude)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of the targeted weights to prune, in [0, 1); optional for N:M (default 0.5 with --method)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4, 4:8), block:B, channel")
-    p.add_argument("--allocation", default="uniform", help="uniform (default), owl, global, erk, er, lamp")
+    p.add_argument("--pattern", default="unstructured",
+                   help=", ".join(cls.spelling or name for name, cls in PATTERNS.items()) + " (default unstructured)")
+    p.add_argument("--allocation", default="uniform", help=f"{_names(ALLOCATIONS)} (default uniform)")
     p.add_argument("--include", nargs="+", default=None, metavar="GLOB",
                    help="module name globs to prune (default: the Linear layers of a transformer's blocks; all Linear/Conv otherwise)")
     p.add_argument("--exclude", nargs="+", default=(), metavar="GLOB", help="module name globs to leave dense")
@@ -161,7 +179,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="where to write: a .sfz or .safetensors file (as --format), or a folder for --format hf")
     p.add_argument("--format", default="sfz", choices=("sfz", "safetensors", "hf"),
                    help="(default sfz); hf: a save_pretrained folder (transformers models)")
-    p.add_argument("--values", default="fp16", choices=("fp16", "fp32", "int8", "int4"),
+    from sparseforge.export.sfz import VALUES
+
+    p.add_argument("--values", default="fp16", choices=VALUES,
                    help="sfz weight values: fp16 (default), fp32 (exact), int8/int4 (codes + per-channel scales)")
     _add_quiet(p)
 
@@ -180,8 +200,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="where to write: .sfz (compressed codes) or .safetensors (dequantized weights)")
-    p.add_argument("--scheme", default="int8", choices=("int8", "int4", "gptq-int8", "gptq-int4"),
-                   help="(default int8)")
+    from sparseforge.quant.rtn import SCHEMES
+
+    p.add_argument("--scheme", default="int8", choices=SCHEMES.names(), help="(default int8)")
     p.add_argument("--group-size", type=int, nargs="?", const=128, default=None, metavar="G",
                    help="inputs per scale along the input dimension (bare flag: 128; default: one scale per output channel)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
@@ -210,7 +231,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="the models' .safetensors files (fine-tuned models, for task-vector methods)")
     p.add_argument("--recipe", default=None, metavar="YAML", help="a YAML merge recipe; other flags override its values")
-    p.add_argument("--method", default=None, help="average (default), task_arithmetic, ties, dare, dare_ties")
+    from sparseforge.merge.streaming import file_methods
+
+    p.add_argument("--method", default=None, help=f"{', '.join(file_methods())} (default average)")
     p.add_argument("--base", default=None, help="the base (pre-trained) model's file, for the task-vector methods")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                    help="one weight per model (average: normalized to sum 1; task vectors: multiply each)")
@@ -266,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sparseforge import __version__
 
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE before the command: a plug-in that registers its own scores, "
+                             "allocations, methods, merge methods or model architectures (repeatable; "
+                             "found on sys.path or in the current folder)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     _add_train(sub)
@@ -331,7 +358,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sparseforge.distributed.launch import launch
 
     return launch(args.recipe, nproc=args.nproc, out=args.out, resume=not args.no_resume, quiet=args.quiet,
-                  print_command=args.print_command)
+                  print_command=args.print_command, plugins=args.plugin)
 
 
 @_with_progress
@@ -639,10 +666,11 @@ def _cmd_export(args: argparse.Namespace, shown: Progress) -> int:
 @_with_progress
 def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
     from sparseforge.hf import ARCH, quality
-    from sparseforge.quant.rtn import quantize_, rounded_to_zero
+    from sparseforge.quant.rtn import SCHEMES, quantize_, rounded_to_zero
     from sparseforge.report import report
 
-    scheme = str(args.scheme).lower()
+    scheme = SCHEMES.canonical(args.scheme)
+    calibrated = SCHEMES.get(scheme).calibrated
     _check_out(args.out, (".sfz", ".safetensors"), "quantize writes a compressed .sfz file (the codes) or a "
                ".safetensors checkpoint (the dequantized weights)")
     fmt = "sfz" if args.out.endswith(".sfz") else "safetensors"
@@ -652,13 +680,13 @@ def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
     held_out: list[str] = []
     # Text is needed for GPTQ's calibration and for the quality report; round-to-nearest itself needs
     # none, so a model without a tokenizer (an .sfz written by prune) is quantized without the report.
-    measure = hf and (scheme.startswith("gptq") or meta.get("tokenizer") is not None or bool(args.tokenizer))
+    measure = hf and (calibrated or meta.get("tokenizer") is not None or bool(args.tokenizer))
     if measure:
         with shown.phase("reading and tokenizing the calibration text"):
             tokenizer, batches, held_out = _text_calibration(args, meta)
         with shown.phase(f"quality of the dense model on {len(held_out)} held-out texts"):
             before = quality(model, tokenizer, held_out, seq_len=args.seq_len)
-    if scheme.startswith("gptq"):
+    if calibrated:
         from sparseforge.quant.gptq import gptq_
 
         if hf:
@@ -680,7 +708,7 @@ def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
     extra = dict(meta["extra"]) | {"quantized": {"scheme": scheme, "group_size": args.group_size,
                                                  "source": str(args.checkpoint), "rounded_to_zero": zeroed}}
     with shown.phase(f"writing {args.out}"):
-        _write(model, args.out, meta, fmt, scheme.removeprefix("gptq-"), extra)
+        _write(model, args.out, meta, fmt, f"int{SCHEMES.get(scheme).bits}", extra)
     rep = report(model)
     if args.json:
         print(json.dumps(rep.to_dict() | {"scheme": scheme, "rounded_to_zero": zeroed}, indent=2))
@@ -755,8 +783,31 @@ COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "prune": _cmd_prune, "inspec
             "merge": _cmd_merge}
 
 
+def plugin_modules(argv: Sequence[str]) -> list[str]:
+    """The modules named by ``--plugin MODULE`` (or ``--plugin=MODULE``) before the command in ``argv``."""
+    modules, i = [], 0
+    while i < len(argv) and str(argv[i]).startswith("-"):
+        if argv[i] == "--plugin" and i + 1 < len(argv):
+            modules.append(str(argv[i + 1]))
+            i += 2
+            continue
+        if str(argv[i]).startswith("--plugin="):
+            modules.append(str(argv[i]).split("=", 1)[1])
+        i += 1
+    return modules
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparseforge`` command; returns the exit status."""
+    from sparseforge.registry import import_plugins
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Before the parser is built: the choices and help texts then list what the plug-ins register.
+        import_plugins(plugin_modules(argv))
+    except SparseforgeError as e:
+        print(f"sparseforge: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
