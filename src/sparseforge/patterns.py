@@ -204,7 +204,7 @@ class Block(Pattern):
     """
 
     size: int = 4
-    spelling = "block:B (e.g. block:4)"
+    spelling = "block:B"
 
     def __post_init__(self) -> None:
         if int(self.size) < 1:
@@ -268,7 +268,7 @@ class NM(Pattern):
     n: int = 2
     m: int = 4
     free_sparsity = False
-    spelling = "N:M (e.g. 2:4)"
+    spelling = "N:M"
 
     @classmethod
     def from_spec(cls, args: str | None) -> NM:
