@@ -1,6 +1,6 @@
 """sparseforge: make neural networks sparse and small, with savings you can measure.
 
-The public API, re-exported. See DESIGN.md for the architecture: a sparsity
+The public API, re-exported. See docs/architecture.md for the architecture: a sparsity
 method is a composition of a Target, a Pattern, a Score, an Allocation, a
 Schedule and an Update.
 """

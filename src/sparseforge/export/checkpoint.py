@@ -7,7 +7,7 @@ and the tensor named, and a SHA-256 of the header (every metadata entry and
 every tensor's name, dtype and shape: ``header_sha256``) so that a flipped
 byte in the metadata is detected too (files written before it still load).
 Writes are atomic (:func:`sparseforge.files.write_safetensors`). (The compressed format, with bitmasks and packed
-values, builds on this one; see DESIGN.md, "save/load".)
+values, builds on this one: :mod:`sparseforge.export.sfz`.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A sparsity method: one choice for each part (DESIGN.md), nothing else.
+"""A sparsity method: one choice for each part (docs/architecture.md), nothing else.
 
 Named methods (GMP, RigL, ...) are functions in this package that return a
 :class:`Method` preset; users may also build one directly from parts.
