@@ -119,6 +119,9 @@ def test_lazy_entries_import_their_module_on_first_use_only(tmp_path, monkeypatc
     assert reg.table().splitlines()[2] == "| `far` |  | Defined in a higher layer. |"
     with pytest.raises(SparseforgeError, match="'package.module:attribute'"):
         reg.register_lazy("bad", "no_colon_here")
+    reg.register_lazy("gone", f"{module}:Missing")
+    with pytest.raises(SparseforgeError, match=f"thing 'gone' is registered as {module}:Missing, which cannot be"):
+        reg.get("gone")
     del sys.modules[module]
 
 

@@ -202,9 +202,13 @@ class Registry(Generic[T]):
     def _resolve(self, entry: _Entry) -> T:
         if entry.target is not None:
             module, _, attr = entry.target.partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
+            try:
+                obj: Any = importlib.import_module(module)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            except (ImportError, AttributeError) as e:
+                raise SparseforgeError(f"{self.kind} {entry.name!r} is registered as {entry.target}, which cannot "
+                                       f"be imported: {e}") from None
             entry.obj, entry.target = obj, None
         return entry.obj
 
