@@ -6,6 +6,7 @@ Schedule and an Update.
 """
 
 from sparseforge import allocation, distributed, merge, methods, patterns, peft, schedules, scores, targets, updates
+from sparseforge import architectures, registry
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.export.compact import CompactReport, compact, load_compacted
@@ -34,4 +35,5 @@ __all__ = [
     "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
     "load", "save",
     "merge", "peft",
+    "architectures", "registry",
 ]
