@@ -115,7 +115,7 @@ def test_flags_override_the_recipe(zoo, tmp_path):
     ({"out": "m.safetensors"}, "missing required key 'models'"),
     ({"models": ["a.safetensors"], "out": "m.safetensors", "method": "ties"}, "give the base"),
     ({"models": ["a.safetensors"], "out": "m.safetensors", "method": "magic"},
-     "choose one of average, task_arithmetic, ties, dare, dare_ties"),
+     "unknown merge method 'magic' (known: average, task_arithmetic, ties, dare, dare_ties)"),
     ({"models": ["a.safetensors"], "out": "m.safetensors", "method": "regmean"}, "Python API only"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, capsys, fields, message):
@@ -127,7 +127,7 @@ def test_bad_recipes_are_one_line_errors(tmp_path, capsys, fields, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "nope"], "choose one of average, task_arithmetic, ties, dare, dare_ties"),
+    (["--method", "nope"], "unknown merge method 'nope' (known: average, task_arithmetic, ties, dare, dare_ties)"),
     (["--method", "fisher"], "Python API only"),
     (["--method", "ties"], "give the base"),
     (["--weights", "1", "-1"], "do not sum sensibly"),

@@ -204,7 +204,8 @@ def test_gptq_rejects_bad_scheme_and_group_before_changing_anything() -> None:
     model = build_model("lenet300")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [torch.randn(4, 1, 28, 28)]
-    with pytest.raises(sf.SparseforgeError, match="unknown GPTQ scheme"):
+    with pytest.raises(sf.SparseforgeError, match=r"unknown quantization scheme 'gptq-int3'; did you mean "
+                                                  r"'gptq-int[48]'\? \(known: gptq-int8, gptq-int4\)"):
         gptq_(model, batches, "gptq-int3")
     with pytest.raises(sf.SparseforgeError, match="fc1.weight has 784 inputs"):
         gptq_(model, batches, "gptq-int4", group_size=128)

@@ -5,7 +5,7 @@ imported) and every ``import`` of a sparseforge module is an edge: at module
 level or inside a function alike (a function-local import is a dependency
 too, only a later one), except inside ``if TYPE_CHECKING:`` blocks, which
 never run. Plug-in lookups by ``"module:attr"`` strings (the architecture
-table of :mod:`sparseforge.io.architectures`) are not imports and not edges:
+registry of :mod:`sparseforge.architectures`) are not imports and not edges:
 that is how a lower layer reaches a registered object without depending on
 its package.
 
@@ -81,7 +81,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # The Fashion-MNIST training loop of `sparseforge train` builds zoo models and data and writes the final
     # checkpoint; the fit branch replaces it by sf.fit with models and data as registered plug-ins.
     ("sparseforge.distributed.train", "sparseforge.zoo.data"): "training loop, fit branch",
-    ("sparseforge.distributed.train", "sparseforge.zoo.models"): "training loop, fit branch",
     ("sparseforge.distributed.train", "sparseforge.zoo.training"): "training loop, fit branch",
     ("sparseforge.distributed.train", "sparseforge.io.checkpoint"): "training loop, fit branch",
     # The demo command, and the prune/quantize recipes that reach the zoo for calibration data; they become

@@ -167,7 +167,7 @@ def test_task_vector_methods_need_a_base(files, method):
     ({"method": "ties", "weights": [1.0, -1.0, 1.0]}, "non-negative"),
     ({"method": "ties", "density": 0.0}, r"density must be a number in \(0, 1\]"),
     ({"method": "task_arithmetic", "density": 0.5}, "density applies to"),
-    ({"method": "nope"}, "choose one of average, task_arithmetic, ties, dare, dare_ties"),
+    ({"method": "nope"}, r"unknown merge method 'nope' \(known: average, task_arithmetic, ties, dare, dare_ties\)"),
     ({"method": "fisher"}, "Python API only"),
 ])
 def test_bad_options_are_refused_before_reading(files, kwargs, match):

@@ -21,7 +21,7 @@ from sparseforge.zoo.data import (
     load_fashion_mnist,
     write_idx_gz,
 )
-from sparseforge.zoo.models import MODELS, Conv4, LeNet300100, ResNet20, build_model
+from sparseforge.zoo.models import Conv4, LeNet300100, ResNet20, build_model, classifier_names
 from sparseforge.zoo.training import evaluate, train_epoch
 
 REAL_DIR = DEFAULT_DATA_DIR
@@ -319,7 +319,7 @@ def test_tensor_loader_sequential_and_drop_last() -> None:
 # --------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", classifier_names())
 def test_model_forward_shape(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(name)
@@ -368,8 +368,11 @@ def test_model_names_are_readable() -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(SparseforgeError, match="conv4, lenet300, resnet20"):
+    with pytest.raises(SparseforgeError,
+                       match=r"unknown architecture 'vgg16' \(known: lenet300, conv4, resnet20, hf\)"):
         build_model("vgg16")
+    with pytest.raises(SparseforgeError, match="did you mean 'resnet20'"):
+        build_model("resnet-2O")
     with pytest.raises(SparseforgeError, match="width"):
         build_model("lenet300", width=8)
     with pytest.raises(SparseforgeError, match="num_classes"):
@@ -423,13 +426,13 @@ def test_one_epoch_of_lenet_learns() -> None:
 
 
 def test_every_zoo_model_is_in_the_architecture_table_files_rebuild_from() -> None:
-    """io rebuilds models from a file's arch name through its table, which must list every zoo model
-    (and recognise each one's class without importing anything)."""
-    from sparseforge.io.architectures import ARCHITECTURES, HF_ARCH, architecture_of, build_architecture
+    """io rebuilds models from a file's arch name through the architecture registry, which must list
+    every zoo model and recognise each one's class."""
+    from sparseforge.architectures import ARCHITECTURES, HF, build, name_of
     from sparseforge.zoo.models import MODELS
 
-    assert set(ARCHITECTURES) - {HF_ARCH} == set(MODELS)
+    assert set(ARCHITECTURES.names()) - {HF} >= set(MODELS)
     for name, cls in MODELS.items():
-        model = build_architecture(name, {"num_classes": 7})
-        assert type(model) is cls and architecture_of(model) == name
-    assert architecture_of(torch.nn.Linear(2, 2)) is None
+        model = build(name, num_classes=7)
+        assert type(model) is cls and name_of(model) == name
+    assert name_of(torch.nn.Linear(2, 2)) is None

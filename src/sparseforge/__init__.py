@@ -1,12 +1,12 @@
 """sparseforge: make neural networks sparse and small, with savings you can measure.
 
-The public API, re-exported. See DESIGN.md for the architecture: a sparsity
+The public API, re-exported. See docs/architecture.md for the architecture: a sparsity
 method is a composition of a Target, a Pattern, a Score, an Allocation, a
 Schedule and an Update.
 """
 
 from sparseforge import allocation, distributed, io, kernels, merge, methods, patterns, peft, schedules, scores, targets, updates
-from sparseforge import training
+from sparseforge import architectures, registry, training
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.compact import CompactReport, compact
@@ -36,6 +36,7 @@ __all__ = [
     "load", "load_checkpoint", "save", "save_checkpoint",
     "io", "kernels", "merge", "peft",
     "fit", "training",
+    "architectures", "registry",
 ]
 
 

@@ -13,13 +13,17 @@ from __future__ import annotations
 import fnmatch
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import Pattern, Unstructured, check_sparsity
+from sparseforge.registry import Registry
+
+ALLOCATIONS: Registry[Callable[[], Allocation]] = Registry("allocation")
+"""Allocation names -> factories building it with its defaults; ``as_allocation`` looks them up."""
 
 
 def _max_sparsity(numel: int, min_keep: int) -> float:
@@ -62,6 +66,7 @@ class Allocation(ABC):
         """
 
 
+@ALLOCATIONS.register("uniform")
 @dataclass(frozen=True)
 class Uniform(Allocation):
     """Every layer gets the same sparsity (clamped so each keeps ``min_keep`` weights)."""
@@ -79,6 +84,7 @@ def _erk_raw(shape: torch.Size, kernel: bool) -> float:
     return (shape[0] + shape[1]) / (shape[0] * shape[1])
 
 
+@ALLOCATIONS.register("erk")
 @dataclass(frozen=True)
 class ERK(Allocation):
     """Erdos-Renyi(-Kernel) densities, as defined in RigL ("Rigging the Lottery:
@@ -220,6 +226,7 @@ def _global_counts(
     return counts
 
 
+@ALLOCATIONS.register("global")
 @dataclass(frozen=True)
 class Global(Allocation):
     """One threshold across all layers: the lowest scores of the whole model are pruned.
@@ -257,6 +264,7 @@ class Global(Allocation):
         return [c / n for c, n in zip(counts, numels)]
 
 
+@ALLOCATIONS.register("lamp")
 @dataclass(frozen=True)
 class LAMP(Global):
     """Layer-Adaptive Magnitude-based Pruning ("Layer-adaptive Sparsity for the
@@ -319,6 +327,7 @@ def block_of(name: str) -> str:
     return name
 
 
+@ALLOCATIONS.register("owl")
 @dataclass(frozen=True)
 class OWL(Allocation):
     """Outlier-weighted layerwise sparsity: blocks with more outlier scores are pruned less.
@@ -401,25 +410,22 @@ class OWL(Allocation):
         return [min(per_block[block_of(n)], _max_sparsity(math.prod(s), self.min_keep)) for n, s in zip(names, shapes)]
 
 
-ALLOCATIONS = {
-    "uniform": Uniform,
-    "owl": OWL,
-    "global": Global,
-    "erk": ERK,
-    "er": lambda: ERK(kernel=False),
-    "lamp": LAMP,
-}
+@ALLOCATIONS.register("er")
+def ErdosRenyi() -> ERK:
+    """Erdos-Renyi densities: ERK without the kernel term (SET's allocation for Linear layers)."""
+    return ERK(kernel=False)
 
 
 def as_allocation(spec: Allocation | str | Mapping[str, float] | None) -> Allocation:
-    """Parse ``uniform``, ``global``, ``erk``, ``er``, ``lamp``, ``owl``, a ``{glob: sparsity}`` dict, or pass one."""
+    """An Allocation: one built with its defaults from a name of :data:`ALLOCATIONS` (``uniform``,
+    ``global``, ``erk``, ``er``, ...), an :class:`Explicit` one from a ``{glob: sparsity}`` dict, or
+    ``spec`` itself (None: uniform)."""
     if spec is None:
         return Uniform()
     if isinstance(spec, Allocation):
         return spec
     if isinstance(spec, Mapping):
         return Explicit(per_layer=dict(spec))
-    key = str(spec).strip().lower()
-    if key not in ALLOCATIONS:
-        raise SparseforgeError(f"unknown allocation {spec!r}; use one of {sorted(ALLOCATIONS)} or a dict")
-    return ALLOCATIONS[key]()
+    if str(spec) not in ALLOCATIONS:
+        raise ALLOCATIONS.error(spec, note=", or a {glob: sparsity} dict")
+    return ALLOCATIONS.get(str(spec))()

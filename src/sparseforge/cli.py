@@ -1,6 +1,11 @@
 """The ``sparseforge`` command line: ``demo``, ``train``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``, ``merge``.
 
 Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
+
+Names the commands take (scores, allocations, patterns, merge methods, quantization
+schemes, model architectures) come from the registries (:mod:`sparseforge.registry`);
+``sparseforge --plugin MODULE COMMAND ...`` imports a user's module first, so that what
+it registers is a choice too.
 """
 
 from __future__ import annotations
@@ -33,11 +38,18 @@ EPILOG = """examples:
   sparseforge merge --method ties --base base.safetensors a.safetensors b.safetensors --density 0.2 --out m.safetensors
   sparseforge merge --recipe merge.yaml                       # a YAML merge recipe
   sparseforge train examples/train-rigl.yaml --nproc 2     # sparse training from a YAML recipe on torchrun/DDP
+  sparseforge --plugin my_plugins prune model.safetensors --score my_score --sparsity 0.5 --out p.safetensors
 """
+
+
+def _names(registry) -> str:
+    """``a, b, c``: a registry's names, for help texts."""
+    return ", ".join(registry.names())
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from sparseforge.demo import DemoConfig
+    from sparseforge.zoo.models import classifier_names
 
     d = DemoConfig()
     p = sub.add_parser(
@@ -50,7 +62,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "metrics.json, training.png and model.safetensors."
         ),
     )
-    p.add_argument("--model", default=d.model, help=f"zoo model: lenet300, conv4, resnet20 (default {d.model})")
+    p.add_argument("--model", default=d.model,
+                   help=f"model architecture: {', '.join(classifier_names())}, or a plug-in's (default {d.model})")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help=f"final sparsity in [0, 1) (default {d.sparsity})")
     p.add_argument("--dense-epochs", type=int, default=d.dense_epochs, help=f"dense training epochs (default {d.dense_epochs})")
     p.add_argument("--sparse-epochs", type=int, default=d.sparse_epochs,
@@ -111,11 +124,16 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                         ".sfz (compressed) or .safetensors (checkpoint)")
     p.add_argument("--method", default=None, choices=PRUNE_METHODS,
                    help="one-shot method with calibration data (default for a Hugging Face folder: wanda)")
-    p.add_argument("--score", default=None, help="without --method: magnitude (default), random, gradient, snip, taylor")
+    from sparseforge.allocation import ALLOCATIONS
+    from sparseforge.patterns import PATTERNS
+    from sparseforge.scores import SCORES
+
+    p.add_argument("--score", default=None, help=f"without --method: {_names(SCORES)} (default magnitude)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of the targeted weights to prune, in [0, 1); optional for N:M (default 0.5 with --method)")
-    p.add_argument("--pattern", default=None, help="unstructured (default), N:M (e.g. 2:4, 4:8), block:B, channel")
-    p.add_argument("--allocation", default=None, help="uniform (default), owl, global, erk, er, lamp")
+    p.add_argument("--pattern", default=None,
+                   help=", ".join(cls.spelling or name for name, cls in PATTERNS.items()) + " (default unstructured)")
+    p.add_argument("--allocation", default=None, help=f"{_names(ALLOCATIONS)} (default uniform)")
     p.add_argument("--include", nargs="+", default=None, metavar="GLOB",
                    help="module name globs to prune (default: the Linear layers of a transformer's blocks; all Linear/Conv otherwise)")
     p.add_argument("--exclude", nargs="+", default=None, metavar="GLOB", help="module name globs to leave dense")
@@ -225,7 +243,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="the models' .safetensors files (fine-tuned models, for task-vector methods)")
     p.add_argument("--recipe", default=None, metavar="YAML", help="a YAML merge recipe; other flags override its values")
-    p.add_argument("--method", default=None, help="average (default), task_arithmetic, ties, dare, dare_ties")
+    from sparseforge.merge.streaming import file_methods
+
+    p.add_argument("--method", default=None, help=f"{', '.join(file_methods())} (default average)")
     p.add_argument("--base", default=None, help="the base (pre-trained) model's file, for the task-vector methods")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                    help="one weight per model (average: normalized to sum 1; task vectors: multiply each)")
@@ -281,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sparseforge.version import __version__
 
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE before the command: a plug-in that registers its own scores, "
+                             "allocations, methods, merge methods or model architectures (repeatable; "
+                             "found on sys.path or in the current folder)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     _add_train(sub)
@@ -320,7 +344,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sparseforge.distributed.launch import launch
 
     return launch(args.recipe, nproc=args.nproc, out=args.out, resume=not args.no_resume, quiet=args.quiet,
-                  print_command=args.print_command)
+                  print_command=args.print_command, plugins=args.plugin)
 
 
 def _recipe(cls: type, args: argparse.Namespace, flags: dict, usage: str):
@@ -535,8 +559,31 @@ COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "prune": _cmd_prune, "inspec
             "merge": _cmd_merge}
 
 
+def plugin_modules(argv: Sequence[str]) -> list[str]:
+    """The modules named by ``--plugin MODULE`` (or ``--plugin=MODULE``) before the command in ``argv``."""
+    modules, i = [], 0
+    while i < len(argv) and str(argv[i]).startswith("-"):
+        if argv[i] == "--plugin" and i + 1 < len(argv):
+            modules.append(str(argv[i + 1]))
+            i += 2
+            continue
+        if str(argv[i]).startswith("--plugin="):
+            modules.append(str(argv[i]).split("=", 1)[1])
+        i += 1
+    return modules
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparseforge`` command; returns the exit status."""
+    from sparseforge.registry import import_plugins
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Before the parser is built: the choices and help texts then list what the plug-ins register.
+        import_plugins(plugin_modules(argv))
+    except SparseforgeError as e:
+        print(f"sparseforge: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

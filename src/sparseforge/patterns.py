@@ -18,11 +18,17 @@ import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.registry import Registry
+
+PATTERNS: Registry[type[Pattern]] = Registry("pattern")
+"""Pattern families by name: ``as_pattern("block:8")`` finds ``block`` here and builds it from ``"8"``
+(:meth:`Pattern.from_spec`); ``"2:4"`` is the ``nm`` family."""
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
@@ -92,6 +98,19 @@ class Pattern(ABC):
     #: whether the pattern is pruned over a whole model at once (dependency groups), not tensor by tensor.
     model_level: bool = False
 
+    #: how the family is written in a string (``as_pattern``), for help and error messages.
+    spelling: ClassVar[str] = ""
+
+    @classmethod
+    def from_spec(cls, args: str | None) -> Pattern:
+        """The pattern written ``family:args`` (``args`` None when only the family is written).
+
+        Default: a family without arguments; a family that takes some overrides this.
+        """
+        if args:
+            raise SparseforgeError(f"pattern {cls.spelling or cls.__name__} takes no arguments, got {args!r}")
+        return cls()
+
     def check(self, shape: torch.Size, name: str = "tensor") -> None:
         """Raise a :class:`SparseforgeError` if the pattern cannot apply to ``shape``."""
 
@@ -136,9 +155,12 @@ class Pattern(ABC):
         return self.expand(keep, score.shape)
 
 
+@PATTERNS.register("unstructured", aliases=("dense", "element"))
 @dataclass(frozen=True)
 class Unstructured(Pattern):
     """Any single weight may be pruned: the keep-mask is the top-k of the scores."""
+
+    spelling = "unstructured"
 
     def group_scores(self, score: torch.Tensor) -> torch.Tensor:
         return score.reshape(-1)
@@ -187,6 +209,7 @@ class RowWise(Unstructured):
         return "unstructured within rows"
 
 
+@PATTERNS.register("channel", aliases=("channels", "filter", "row"))
 @dataclass(frozen=True)
 class Channel(Pattern):
     """Whole output units are pruned: rows of a Linear weight, filters of a convolution.
@@ -194,6 +217,8 @@ class Channel(Pattern):
     This is the pattern that :func:`compact`-style export turns into a smaller
     dense layer ("Pruning Filters for Efficient ConvNets", Li et al. 2017).
     """
+
+    spelling = "channel"
 
     def group_scores(self, score: torch.Tensor) -> torch.Tensor:
         return _as_matrix(score).mean(dim=1)
@@ -210,6 +235,7 @@ class Channel(Pattern):
         return "channel"
 
 
+@PATTERNS.register("channel-groups", aliases=("groups",))
 @dataclass(frozen=True)
 class ChannelGroups(Channel):
     """Whole channels of dependency groups: every slice tied to a channel is pruned with it.
@@ -230,11 +256,13 @@ class ChannelGroups(Channel):
     heads: bool = True
     #: pruned over the model's dependency groups, not tensor by tensor.
     model_level = True
+    spelling = "channel-groups"
 
     def __str__(self) -> str:
         return "channel-groups" if self.heads else "channel-groups(heads=False)"
 
 
+@PATTERNS.register("block")
 @dataclass(frozen=True)
 class Block(Pattern):
     """b x b blocks of the weight seen as (outputs, inputs x kernel) are pruned whole.
@@ -247,10 +275,19 @@ class Block(Pattern):
     """
 
     size: int = 4
+    spelling = "block:B"
 
     def __post_init__(self) -> None:
         if int(self.size) < 1:
             raise SparseforgeError(f"block size must be a positive integer, got {self.size!r}")
+
+    @classmethod
+    def from_spec(cls, args: str | None) -> Block:
+        """``block:B``: b x b blocks (the size must be written)."""
+        if args is None or not args.strip().isdigit():
+            raise SparseforgeError(f"a block pattern is written block:B with an integer size B (e.g. block:4), got "
+                                   f"{'block' if args is None else f'block:{args}'!r}")
+        return cls(int(args))
 
     def _grid(self, shape: torch.Size) -> tuple[int, int, int, int]:
         rows = shape[0] if len(shape) > 1 else 1
@@ -282,6 +319,7 @@ class Block(Pattern):
         return f"block:{self.size}"
 
 
+@PATTERNS.register("nm", aliases=("n:m",))
 @dataclass(frozen=True)
 class NM(Pattern):
     """N:M semi-structured sparsity: N weights kept in every M consecutive inputs.
@@ -301,6 +339,15 @@ class NM(Pattern):
     n: int = 2
     m: int = 4
     free_sparsity = False
+    spelling = "N:M"
+
+    @classmethod
+    def from_spec(cls, args: str | None) -> NM:
+        """``N:M`` (or ``nm:N:M``): N kept in every M consecutive inputs."""
+        m = _NM_RE.match(args or "")
+        if m is None:
+            raise SparseforgeError(f"an N:M pattern is written N:M with integers (e.g. 2:4), got {args!r}")
+        return cls(int(m.group(1)), int(m.group(2)))
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
@@ -361,11 +408,13 @@ class NM(Pattern):
 
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_BLOCK_RE = re.compile(r"^\s*block\s*[:=]?\s*(\d+)\s*$")
+# "block:4", "block=4", "block 4", "block4": a family name, then its arguments.
+_FAMILY_RE = re.compile(r"^\s*([a-z][a-z_\- ]*?)\s*(?:[:=]\s*(.*?)|(\d.*?))?\s*$")
 
 
 def as_pattern(spec: Pattern | str | None) -> Pattern:
-    """Parse a pattern: ``"unstructured"``, ``"channel"``, ``"channel-groups"``, ``"block:4"``, ``"2:4"``, or a Pattern.
+    """Parse a pattern: ``"unstructured"``, ``"channel"``, ``"channel-groups"``, ``"block:4"``, ``"2:4"`` (any
+    family of :data:`PATTERNS`, written ``family`` or ``family:args``), or pass a Pattern.
 
     >>> as_pattern("2:4")
     NM(n=2, m=4)
@@ -377,17 +426,13 @@ def as_pattern(spec: Pattern | str | None) -> Pattern:
     if isinstance(spec, Pattern):
         return spec
     text = str(spec).strip().lower()
-    if text in ("unstructured", "dense", "element"):
-        return Unstructured()
-    if text in ("channel", "channels", "filter", "row"):
-        return Channel()
-    if text in ("channel-groups", "channel_groups", "groups"):
-        return ChannelGroups()
-    if m := _NM_RE.match(text):
-        return NM(int(m.group(1)), int(m.group(2)))
-    if m := _BLOCK_RE.match(text):
-        return Block(int(m.group(1)))
-    raise SparseforgeError(
-        f"unknown pattern {spec!r}; use 'unstructured', 'channel', 'channel-groups', 'block:B' (e.g. block:4) "
-        "or 'N:M' (e.g. 2:4)"
-    )
+    if text in PATTERNS:
+        return PATTERNS.get(text).from_spec(None)
+    if _NM_RE.match(text):
+        return NM.from_spec(text)
+    m = _FAMILY_RE.match(text)
+    if m is None or m.group(1) not in PATTERNS:
+        forms = [f"'{cls.spelling or name}'" for name, cls in PATTERNS.items()]
+        written = ", ".join(forms[:-1]) + f" or {forms[-1]}" if len(forms) > 1 else forms[0]
+        raise PATTERNS.error(spec, closest_to=m.group(1) if m else text, note=f"; write {written}")
+    return PATTERNS.get(m.group(1)).from_spec(m.group(2) if m.group(2) is not None else m.group(3))

@@ -31,6 +31,8 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.oneshot.calibrated import METHODS as ONESHOT_BY_NAME
+from sparseforge.io.sfz import VALUES
+from sparseforge.quant.rtn import SCHEMES
 from sparseforge.progress import Progress, using
 from sparseforge.recipes import from_mapping, read_yaml
 from sparseforge.report import PruneReport, SparsityReport, report
@@ -41,13 +43,12 @@ __all__ = [
 
 R = TypeVar("R")
 
-# The choices of the recipes' options, which the command line offers too (one list each: the registries of
-# issue 15 will supply them).
+# The choices of the recipes' options, which the command line offers too: read from where each is defined.
 PRUNE_METHODS = (*ONESHOT_BY_NAME, "maskllm")
 """Methods of :attr:`PruneRecipe.method`: pruned layer by layer on calibration data."""
-QUANT_SCHEMES = ("int8", "int4", "gptq-int8", "gptq-int4")
+QUANT_SCHEMES = tuple(SCHEMES.names())
 EXPORT_FORMATS = ("sfz", "safetensors", "hf")
-SFZ_VALUES = ("fp16", "fp32", "int8", "int4")
+SFZ_VALUES = VALUES
 
 # Names that are files, not folders: an out like these is a mistake where a folder would be written.
 _FILE_LIKE = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy", ".h5", ".onnx", ".gguf", ".json",

@@ -14,6 +14,10 @@ from dataclasses import dataclass, replace
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import check_sparsity
+from sparseforge.registry import Registry
+
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule")
+"""Schedule names -> classes; ``as_schedule(name, **arguments)`` builds one."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Schedule:
         return (step - start) % int(self.frequency) == 0 or step == end
 
 
+@SCHEDULES.register("constant")
 @dataclass(frozen=True)
 class Constant(Schedule):
     """The same sparsity ``final`` at every step from ``start``; masks updated every
@@ -107,6 +112,7 @@ class Constant(Schedule):
         return self.final if step >= int(self.start) else 0.0
 
 
+@SCHEDULES.register("oneshot")
 @dataclass(frozen=True)
 class OneShot(Schedule):
     """Dense until step ``start`` (alias ``at``), then ``final`` at once, one mask update.
@@ -124,6 +130,7 @@ class OneShot(Schedule):
         return self.final if step >= int(self.start) else 0.0
 
 
+@SCHEDULES.register("linear")
 @dataclass(frozen=True)
 class Linear(Schedule):
     """Sparsity rises linearly from ``initial`` at ``start`` to ``final`` at ``end``."""
@@ -132,6 +139,7 @@ class Linear(Schedule):
         return self.initial + (self.final - self.initial) * progress
 
 
+@SCHEDULES.register("cubic")
 @dataclass(frozen=True)
 class Cubic(Schedule):
     """The gradual pruning schedule of "To prune, or not to prune" (Zhu and Gupta, 2017).
@@ -151,15 +159,13 @@ class Cubic(Schedule):
         return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
 
 
-SCHEDULES = {"constant": Constant, "oneshot": OneShot, "linear": Linear, "cubic": Cubic}
-
-
 def as_schedule(spec: Schedule | str, **kwargs) -> Schedule:
-    """Parse a schedule name (``constant``, ``oneshot``, ``linear``, ``cubic``) with its arguments."""
+    """A Schedule, or one built from a name of :data:`SCHEDULES` (``constant``, ``oneshot``, ``linear``,
+    ``cubic``) with its arguments.
+
+    >>> as_schedule("one-shot", final=0.5, start=10)
+    OneShot(final=0.5, initial=0.0, start=10, end=None, frequency=1)
+    """
     if isinstance(spec, Schedule):
         return spec
-    key = str(spec).strip().lower().replace("-", "").replace("_", "")
-    if key not in SCHEDULES:
-        raise SparseforgeError(f"unknown schedule {spec!r}; use one of {sorted(SCHEDULES)}")
-    return SCHEDULES[key](**kwargs)
-
+    return SCHEDULES.get(str(spec))(**kwargs)

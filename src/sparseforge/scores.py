@@ -36,6 +36,10 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.registry import Registry
+
+SCORES: Registry[Callable[[], Score]] = Registry("score")
+"""Score names -> factories (classes) building the score with its defaults; ``as_score`` looks them up."""
 
 if TYPE_CHECKING:  # only for annotations: the statistics are computed in sparseforge.oneshot
     from sparseforge.oneshot.calibration import LayerStats
@@ -107,6 +111,7 @@ class Score(ABC):
         return s.movedim(dim, 0).reshape(s.shape[dim], -1).sum(dim=1)
 
 
+@SCORES.register("magnitude")
 @dataclass
 class Magnitude(Score):
     """|w|: the magnitude criterion ("Learning both Weights and Connections", Han et al. 2015)."""
@@ -118,6 +123,7 @@ class Magnitude(Score):
         return "magnitude"
 
 
+@SCORES.register("random")
 @dataclass
 class Random(Score):
     """Uniform random scores from a seeded generator: random pruning, the usual control.
@@ -149,6 +155,7 @@ class Random(Score):
         return "random"
 
 
+@SCORES.register("gradient")
 @dataclass
 class GradientMagnitude(Score):
     """|g|: the magnitude of the loss gradient, as RigL uses to choose connections to grow."""
@@ -162,6 +169,7 @@ class GradientMagnitude(Score):
         return "gradient"
 
 
+@SCORES.register("snip")
 @dataclass
 class SNIP(Score):
     """|w * g|: connection sensitivity ("SNIP: Single-shot Network Pruning based on
@@ -176,6 +184,7 @@ class SNIP(Score):
         return "snip"
 
 
+@SCORES.register("taylor")
 @dataclass
 class Taylor(Score):
     """(w * g)^2: first-order Taylor importance ("Importance Estimation for Neural
@@ -196,6 +205,7 @@ class Taylor(Score):
         return "taylor"
 
 
+@SCORES.register("l1")
 @dataclass
 class L1Norm(Score):
     """|w|, named for channel pruning: a channel's summed score is the L1 norm of its
@@ -208,6 +218,7 @@ class L1Norm(Score):
         return "l1"
 
 
+@SCORES.register("l2")
 @dataclass
 class L2Norm(Score):
     """w^2: a channel's summed score is the squared L2 norm of its slices (same order as the L2 norm)."""
@@ -219,6 +230,7 @@ class L2Norm(Score):
         return "l2"
 
 
+@SCORES.register("wanda")
 @dataclass
 class Wanda(Score):
     """|W_ij| * ||X_j||_2, compared within each output row: "A Simple and Effective Pruning
@@ -250,28 +262,17 @@ class Wanda(Score):
         return "wanda"
 
 
-SCORES: dict[str, Callable[[], Score]] = {
-    "magnitude": Magnitude,
-    "random": Random,
-    "gradient": GradientMagnitude,
-    "snip": SNIP,
-    "taylor": Taylor,
-    "l1": L1Norm,
-    "l2": L2Norm,
-    "wanda": Wanda,
-}
-
-
 def as_score(spec: Score | str | None) -> Score:
-    """Parse a score name (``magnitude``, ``random``, ``gradient``, ``snip``, ``taylor``, ``l1``, ``l2``, ``wanda``) or pass a Score."""
+    """A Score, or one built with its defaults from a name registered in :data:`SCORES` (None: magnitude).
+
+    >>> as_score("snip"), as_score(None)
+    (SNIP(), Magnitude())
+    """
     if spec is None:
         return Magnitude()
     if isinstance(spec, Score):
         return spec
-    key = str(spec).strip().lower()
-    if key not in SCORES:
-        raise SparseforgeError(f"unknown score {spec!r}; use one of {sorted(SCORES)}")
-    return SCORES[key]()
+    return SCORES.get(str(spec))()
 
 
 def mean_gradients(

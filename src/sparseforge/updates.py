@@ -25,9 +25,13 @@ import torch
 from sparseforge.allocation import Allocation, Uniform
 from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import NM, Pattern
+from sparseforge.registry import Registry
 from sparseforge.schedules import Schedule
 from sparseforge.scores import Random, Score, as_score
 from sparseforge.targets import Layer
+
+UPDATES: Registry[type[Update]] = Registry("update")
+"""Update names -> classes; ``as_update(name)`` builds one with its defaults."""
 
 
 def check_compatible(layers: Sequence[Layer], pattern: Pattern, allocation: Allocation) -> None:
@@ -177,6 +181,7 @@ class Update(ABC):
         pass
 
 
+@UPDATES.register("hard-prune")
 @dataclass
 class HardPrune(Update):
     """Prune to the scheduled sparsity by score; the pruned weights become exact zeros.
@@ -215,11 +220,25 @@ class HardPrune(Update):
         return "hard-prune" if self.init is None else f"hard-prune(init={self.init})"
 
 
+def as_update(spec: Update | str | None) -> Update:
+    """An Update, or one built with its defaults from a name of :data:`UPDATES` (None: hard pruning).
+
+    >>> as_update("soft-shrink")
+    SoftShrink(shrink=0.95)
+    """
+    if spec is None:
+        return HardPrune()
+    if isinstance(spec, Update):
+        return spec
+    return UPDATES.get(str(spec))()
+
+
 def cosine_drop_fraction(initial: float, progress: float) -> float:
     """RigL's annealing: ``initial / 2 * (1 + cos(pi * progress))``, from ``initial`` to 0."""
     return initial / 2.0 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+@UPDATES.register("prune-regrow")
 @dataclass
 class PruneRegrow(Update):
     """Drop the weakest active weights and grow as many inactive ones, keeping each layer's sparsity.
@@ -331,6 +350,7 @@ class PruneRegrow(Update):
         return f"prune-regrow(grow={self.grow}, drop_fraction={self.drop_fraction}, anneal={self.anneal})"
 
 
+@UPDATES.register("chain")
 @dataclass
 class Chain(Update):
     """Apply several updates in order, each seeing the masks the previous one chose.
@@ -361,6 +381,7 @@ class Chain(Update):
         return " then ".join(str(u) for u in self.updates)
 
 
+@UPDATES.register("soft-shrink")
 @dataclass
 class SoftShrink(Update):
     """Shrink the lowest-scored weights by a factor instead of zeroing them; hard mask only at the end.
@@ -485,6 +506,7 @@ class StraightThrough(Update):
             grad.addcmul_(dense, 1.0 - mask, value=self.decay)
 
 
+@UPDATES.register("sr-ste")
 @dataclass
 class SparseRefinedSTE(StraightThrough):
     """SR-STE: dense weights trained through a mask recomputed from their magnitudes.
@@ -522,6 +544,7 @@ class SparseRefinedSTE(StraightThrough):
 MASK_DECAY_RATES: dict[str, float] = {"linear": 4.0, "exponential": 20.0}
 
 
+@UPDATES.register("mask-decay")
 @dataclass
 class MaskDecay(StraightThrough):
     """MDGF, mask-decay gradient flow: pruned weights fade out of the forward pass.
@@ -618,6 +641,7 @@ def _check_fraction(value: float, what: str) -> float:
     return out
 
 
+@UPDATES.register("structure-decay")
 @dataclass
 class StructureDecay(StraightThrough):
     """SDGF, structure-decay gradient flow: the N:M pattern tightens in steps.

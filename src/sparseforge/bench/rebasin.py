@@ -40,7 +40,7 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.compact.dependency import analyze
 from sparseforge.merge.rebasin import apply_permutation, interpolation_path, loss_barrier, weight_matching
 from sparseforge.zoo.data import fashion_mnist
-from sparseforge.zoo.models import MODELS
+from sparseforge.zoo.models import classifier_names
 
 CLAIM_REDUCTION = 80.0  # percent of the naive barrier removed by weight matching
 # Per-model defaults of a full run: (epochs, limit_train, limit_test). None = the whole set.
@@ -54,7 +54,7 @@ BN_BATCHES = 20  # training batches used to recompute BatchNorm statistics at ea
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
+    parser.add_argument("--models", nargs="+", default=None, choices=classifier_names(),
                         help="architectures (default lenet300 conv4)")
     parser.add_argument("--pairs", type=int, default=None, help="independent pairs per model (default 2; quick 1)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default: lenet300 10, conv4 3)")

@@ -33,6 +33,7 @@ from sparseforge.distributed.torchrun import report_error
 from sparseforge.distributed.train import default_out_dir, load_recipe, run
 from sparseforge.errors import SparseforgeError
 from sparseforge.oserrors import check_writable
+from sparseforge.registry import import_plugins
 from sparseforge.threads import worker_env
 
 
@@ -56,13 +57,16 @@ def watch_parent(interval_s: float = 0.2) -> None:
 
 
 def torchrun_command(recipe_path: str | os.PathLike[str], nproc: int, out: str | os.PathLike[str],
-                     resume: bool = True, quiet: bool = False) -> list[str]:
+                     resume: bool = True, quiet: bool = False, plugins: Sequence[str] = ()) -> list[str]:
     """The command that runs ``recipe_path`` on ``nproc`` local processes under torchrun.
 
-    ``--standalone`` rendezvouses on localhost at a free port: no network needed.
+    ``--standalone`` rendezvouses on localhost at a free port: no network needed. Every
+    worker imports the ``plugins`` (``sparseforge --plugin``) before it reads the recipe.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "sparseforge.distributed.launch", str(recipe_path), "--out", str(out)]
+    for module in plugins:
+        cmd += ["--plugin", module]
     if not resume:
         cmd.append("--no-resume")
     if quiet:
@@ -71,12 +75,14 @@ def torchrun_command(recipe_path: str | os.PathLike[str], nproc: int, out: str |
 
 
 def launch(recipe_path: str | os.PathLike[str], nproc: int = 1, out: str | os.PathLike[str] | None = None,
-           resume: bool = True, quiet: bool = False, print_command: bool = False) -> int:
+           resume: bool = True, quiet: bool = False, print_command: bool = False,
+           plugins: Sequence[str] = ()) -> int:
     """What ``sparseforge train`` does: validate, then train in-process (``nproc`` 1) or under torchrun.
 
     The recipe is checked against ``nproc`` here, before any process starts. With
     ``nproc`` > 1 torchrun runs as a child process and its exit status is returned;
-    ``print_command`` only prints the command. Returns the exit status.
+    ``print_command`` only prints the command. ``plugins``: modules this process has
+    imported (``sparseforge --plugin``), which the workers import too. Returns the exit status.
     """
     recipe = load_recipe(recipe_path)
     recipe.check_launch(nproc)
@@ -87,10 +93,11 @@ def launch(recipe_path: str | os.PathLike[str], nproc: int = 1, out: str | os.Pa
         run(recipe, run_dir, resume=resume, quiet=quiet)
         return 0
     if nproc == 1:
-        print(shlex.join([sys.executable, "-m", "sparseforge", "train", str(recipe_path), "--out", str(run_dir)]
+        print(shlex.join([sys.executable, "-m", "sparseforge", *(a for m in plugins for a in ("--plugin", m)),
+                          "train", str(recipe_path), "--out", str(run_dir)]
                          + ([] if resume else ["--no-resume"]) + (["--quiet"] if quiet else [])))
         return 0
-    cmd = torchrun_command(recipe_path, nproc, run_dir, resume=resume, quiet=quiet)
+    cmd = torchrun_command(recipe_path, nproc, run_dir, resume=resume, quiet=quiet, plugins=plugins)
     if print_command:
         print(shlex.join(cmd))
         return 0
@@ -119,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the run folder (default: the recipe's out, else runs/RECIPE-NAME)")
     p.add_argument("--no-resume", action="store_true", help="delete the folder's checkpoints and start over")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (a plug-in registering the recipe's model or method); repeatable")
     return p
 
 
@@ -129,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         watch_parent()
 
     try:
+        import_plugins(args.plugin)
         recipe = load_recipe(args.recipe)
         out = args.out if args.out is not None else default_out_dir(recipe, args.recipe)
         run(recipe, out, resume=not args.no_resume, quiet=args.quiet)

@@ -118,7 +118,6 @@ __all__ = [
     "DataConfig",
     "DebugConfig",
     "DistributedConfig",
-    "METHODS",
     "MethodConfig",
     "TRAIN_EXAMPLES",
     "TrainConfig",
@@ -135,15 +134,8 @@ TRAIN_EXAMPLES = 60000
 """Examples in the Fashion-MNIST training split (``data.limit_train`` keeps the first ones)."""
 
 
-def _methods() -> dict[str, Callable[..., Any] | None]:
-    from sparseforge.methods import GMP, ISSP, SET, GraNet, RigL, StaticRandom
-
-    return {"none": None, "rigl": RigL, "set": SET, "granet": GraNet, "gmp": GMP, "static": StaticRandom,
-            "issp": ISSP}
-
-
-METHODS: tuple[str, ...] = ("none", "rigl", "set", "granet", "gmp", "static", "issp")
-"""Values of ``method.name``: dense training or a preset of :mod:`sparseforge.methods`."""
+DENSE = "none"
+"""``method.name`` that trains dense; any other name is a preset of :data:`sparseforge.methods.METHODS`."""
 
 
 # -- the recipe ------------------------------------------------------------------------
@@ -165,27 +157,34 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    """The sparsity method: ``name`` (one of :data:`METHODS`; ``none`` trains dense), the
+    """The sparsity method: ``name`` (a preset of :data:`sparseforge.methods.METHODS`; ``none`` trains dense), the
     model-level ``sparsity`` (0.9), and ``options``: other keyword arguments of the
     preset (e.g. ``frequency``, ``drop_fraction``, ``allocation``, ``end``), checked
     by building the method."""
 
-    name: Literal["none", "rigl", "set", "granet", "gmp", "static", "issp"] = "rigl"
+    name: str = "rigl"
     sparsity: float = 0.9
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self, total_steps: int | None = None):
         """The :class:`~sparseforge.methods.Method` (None for ``none``), its schedule checked
         against ``total_steps``; bad options are a :class:`SparseforgeError`."""
-        preset = _methods()[self.name]
-        if preset is None:
+        from sparseforge.methods import METHODS
+
+        if self.name != DENSE and self.name not in METHODS:
+            raise SparseforgeError(f"method.name: {METHODS.error(self.name, known=[DENSE, *METHODS.names()])}")
+        if self.name == DENSE:
             if self.options:
                 raise SparseforgeError(
                     f"method.options {sorted(self.options)} given with method.name 'none' (dense training): "
                     "remove them or name a method"
                 )
             return None
+        preset = METHODS.get(self.name)
         accepted = [n for n, p in inspect.signature(preset).parameters.items() if n != "sparsity"]
+        if "sparsity" not in inspect.signature(preset).parameters:
+            raise SparseforgeError(f"method.name {self.name} takes no sparsity (it fixes its own): a training "
+                                   "recipe's method takes method.sparsity; build this one from Python")
         unknown = [k for k in self.options if k not in accepted]
         if unknown:
             close = difflib.get_close_matches(unknown[0], accepted, n=1)
@@ -293,7 +292,8 @@ class DebugConfig:
 class TrainRecipe:
     """A sparse training run, as written in a YAML recipe (keys one to one with the fields).
 
-    ``model``: a zoo name (``lenet300``, ``conv4``, ``resnet20``); ``out``: the run
+    ``model``: an architecture of :data:`sparseforge.architectures.ARCHITECTURES` (the zoo's ``lenet300``,
+    ``conv4``, ``resnet20``, or a plug-in's); ``out``: the run
     folder (default ``runs/<recipe file name>``; the CLI's ``--out`` wins). See
     :class:`DataConfig`, :class:`MethodConfig`, :class:`TrainConfig`,
     :class:`DistributedConfig`, :class:`CheckpointConfig`.
@@ -326,12 +326,10 @@ class TrainRecipe:
 
     def validate(self) -> None:
         """Check everything that does not depend on the number of processes or the machine."""
-        from sparseforge.zoo.models import MODELS
+        from sparseforge.architectures import ARCHITECTURES
 
-        if self.model not in MODELS:
-            close = difflib.get_close_matches(self.model, list(MODELS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SparseforgeError(f"unknown model {self.model!r}{hint}; choices: {', '.join(sorted(MODELS))}")
+        if self.model not in ARCHITECTURES:
+            raise SparseforgeError(f"model: {ARCHITECTURES.error(self.model)}")
         for name, value in (("data.limit_train", self.data.limit_train), ("data.limit_test", self.data.limit_test)):
             if value is not None and value < 1:
                 raise SparseforgeError(f"{name} must be >= 1 (or null: the whole split), got {value}")
@@ -421,18 +419,13 @@ def default_out_dir(recipe: TrainRecipe, recipe_path: str | os.PathLike[str] | N
 
 
 def _zoo() -> SimpleNamespace:
-    """The models and data ``sparseforge train`` trains: the zoo's, found here (and, for the model
-    names, in :meth:`TrainRecipe.validate`).
-
-    registry: once model architectures register in :mod:`sparseforge.architectures` (issue 15,
-    item 1, merged in parallel), ``build_model`` and ``models`` become that registry's ``build``
-    and names; Fashion-MNIST and ``evaluate`` stay the zoo's until datasets register too.
-    """
+    """The data ``sparseforge train`` trains on (the zoo's Fashion-MNIST and ``evaluate``, until datasets
+    register too); models come from :data:`sparseforge.architectures.ARCHITECTURES` by name."""
+    from sparseforge.architectures import build
     from sparseforge.zoo.data import fashion_mnist
-    from sparseforge.zoo.models import MODELS, build_model
     from sparseforge.zoo.training import evaluate
 
-    return SimpleNamespace(models=MODELS, build_model=build_model, fashion_mnist=fashion_mnist, evaluate=evaluate)
+    return SimpleNamespace(build_model=build, fashion_mnist=fashion_mnist, evaluate=evaluate)
 
 
 # -- the worker ------------------------------------------------------------------------

@@ -7,12 +7,11 @@ and the tensor named, and a SHA-256 of the header (every metadata entry and
 every tensor's name, dtype and shape: ``header_sha256``) so that a flipped
 byte in the metadata is detected too (files written before it still load).
 Writes are atomic (:func:`sparseforge.files.write_safetensors`). (The compressed format, with bitmasks and packed
-values, builds on this one; see DESIGN.md, "save/load".)
+values, builds on this one: :mod:`sparseforge.io.sfz`.)
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from sparseforge.architectures import ARCHITECTURES, arch_kwargs_of, build, name_of
 from sparseforge.compact import resize_modules
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import write_safetensors
@@ -30,12 +30,14 @@ from sparseforge.formats import (
     CHECKPOINT_FORMAT, CHECKPOINT_LEGACY_KEYS, CHECKPOINT_VERSION, HEADER_DIGEST, check_header, foreign_format,
     seal_metadata, tensor_digest, verify_tensor,
 )
-from sparseforge.io.architectures import HF_ARCH, architecture_of, build_architecture
-from sparseforge.io.hf import arch_kwargs as hf_arch_kwargs
-from sparseforge.layers import is_hf_model
 
 FORMAT = CHECKPOINT_FORMAT
 FORMAT_VERSION = CHECKPOINT_VERSION
+
+
+def arch_of(model: nn.Module) -> str | None:
+    """The registered architecture name of ``model`` (:func:`sparseforge.architectures.name_of`), or None."""
+    return name_of(model)
 
 
 def arch_metadata(
@@ -43,39 +45,35 @@ def arch_metadata(
 ) -> tuple[str | None, dict[str, Any]]:
     """(architecture name, constructor kwargs) to store with ``model``.
 
-    Default name: the name of the model's class in the architecture table
-    (:mod:`sparseforge.io.architectures`; None for other models); default
-    kwargs: for a listed model, every constructor argument that the model
-    keeps as an attribute of the same name (``num_classes``, ``width``), so a
-    non-default model is rebuilt at its own size; a ``transformers`` model
-    gets ``"hf"`` with its class name and config (:func:`sparseforge.io.hf.arch_kwargs`); else ``{}``.
+    Default name: the registered architecture of the model
+    (:data:`~sparseforge.architectures.ARCHITECTURES`: a zoo model's name,
+    ``"hf"`` for a ``transformers`` model; None for other models); default
+    kwargs: what that architecture says rebuilds the model
+    (:func:`~sparseforge.architectures.arch_kwargs_of`: for a zoo model,
+    every constructor argument that the model keeps as an attribute of the
+    same name, so a non-default model is rebuilt at its own size; for a
+    ``transformers`` model its class name and config); else ``{}``.
     """
-    if arch is None and arch_kwargs is None and is_hf_model(model):
-        return HF_ARCH, hf_arch_kwargs(model)  # class and config, so that the file rebuilds it
-    arch = arch or architecture_of(model)
+    arch = arch or name_of(model)
     if arch_kwargs is None:
-        arch_kwargs = {}
-        if arch:
-            params = inspect.signature(type(model).__init__).parameters
-            arch_kwargs = {name: getattr(model, name) for name in params
-                           if name != "self" and isinstance(getattr(model, name, None), (int, float, str, bool))}
+        arch_kwargs = arch_kwargs_of(arch, model) if arch and arch in ARCHITECTURES else {}
     return arch, arch_kwargs
 
 
 def model_for(path: str | os.PathLike[str], meta: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
-    """The model a file's weights go into: ``model``, or one built from ``meta`` by its architecture name.
+    """The model a file's weights go into: ``model``, or one built from ``meta`` by its registered architecture.
 
     ``meta`` has ``arch``, ``arch_kwargs`` and ``compact`` (the sizes of the
     modules :func:`sparseforge.compact` shrank, rebuilt here). Raises
     :class:`SparseforgeError` when no model is given and the file names no
-    known architecture (:func:`~sparseforge.io.architectures.build_architecture`).
+    registered architecture (:data:`~sparseforge.architectures.ARCHITECTURES`).
     """
     if model is None:
         if not meta.get("arch"):
             raise SparseforgeError(
                 f"{path} does not name a zoo architecture; pass the model to load it into"
             )
-        model = build_architecture(meta["arch"], meta.get("arch_kwargs", {}))
+        model = build(meta["arch"], **meta.get("arch_kwargs", {}))
     if meta.get("compact"):
         resize_modules(model, meta["compact"])
     return model

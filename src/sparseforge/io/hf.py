@@ -32,19 +32,19 @@ from typing import Any
 from safetensors import SafetensorError
 from torch import nn
 
+from sparseforge.architectures import HF
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import atomic_dir
-from sparseforge.io.architectures import HF_ARCH
 from sparseforge.layers import is_hf_model
 from sparseforge.oserrors import write_errors
 
 __all__ = [
-    "ARCH", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_pretrained_dir", "load_pretrained",
+    "ARCH", "ARCHITECTURE", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_pretrained_dir", "load_pretrained",
     "save_pretrained", "verify_checksums",
 ]
 
 #: the ``arch`` name sparseforge files give a transformers model
-ARCH = HF_ARCH
+ARCH = HF
 HF_HINT = "install the Hugging Face extra: pip install 'sparseforge[hf]'"
 METADATA_FILE = "sparseforge.json"
 #: the checksums of a folder's files, in the format of ``sha256sum`` (``sha256sum -c SHA256SUMS`` checks them)
@@ -252,7 +252,7 @@ def arch_kwargs(model: nn.Module) -> dict[str, Any]:
 def build_from_metadata(**kwargs: Any) -> nn.Module:
     """A freshly initialised transformers model of the ``class`` and ``config`` in ``kwargs`` (see :func:`arch_kwargs`).
 
-    The builder of the ``"hf"`` architecture (:mod:`sparseforge.io.architectures`).
+    The builder of the ``"hf"`` architecture (:mod:`sparseforge.architectures`).
     """
     transformers = _transformers()
     cls = getattr(transformers, str(kwargs.get("class", "")), None)
@@ -261,3 +261,22 @@ def build_from_metadata(**kwargs: Any) -> nn.Module:
                                f"transformers {transformers.__version__} does not have")
     config = cls.config_class.from_dict(dict(kwargs["config"]))
     return cls(config).eval()
+
+
+class HFArchitecture:
+    """Hugging Face ``transformers`` models, rebuilt from the class name and config a file stores."""
+
+    def __call__(self, **kwargs: Any) -> nn.Module:
+        return build_from_metadata(**kwargs)
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return is_hf_model(model)
+
+    @staticmethod
+    def arch_kwargs(model: nn.Module) -> dict[str, Any]:
+        return arch_kwargs(model)
+
+
+ARCHITECTURE = HFArchitecture()
+"""The entry of :data:`~sparseforge.architectures.ARCHITECTURES` named ``hf`` (registered there lazily)."""

@@ -20,6 +20,8 @@ Example:
 """
 
 from sparseforge.merge.core import (
+    MERGE_METHODS,
+    MergeMethod,
     average_tensors,
     check_compatible,
     greedy_soup,
@@ -45,25 +47,26 @@ from sparseforge.merge.rebasin import (
 from sparseforge.merge.sparse_soups import SoupCycle, check_shared_mask, sparse_model_soup, sparse_soup
 from sparseforge.merge.streaming import merge_files
 from sparseforge.merge.task_arithmetic import (
-    PRESETS,
     TaskArithmetic,
+    TaskVectorMethod,
     combine_tensors,
     dare,
     merge_task_arithmetic,
     merge_tensors,
     merged_task_vector,
     preset,
+    presets,
     task_arithmetic,
     task_vector,
     ties,
 )
 
 __all__ = [
-    "GramMatrices", "MergeRecipe", "PRESETS", "SoupCycle", "TaskArithmetic", "apply_permutation", "average_tensors",
-    "check_compatible", "check_shared_mask", "combine_tensors", "consensus_masks", "consensus_merge", "dare",
+    "GramMatrices", "MERGE_METHODS", "MergeMethod", "MergeRecipe", "SoupCycle", "TaskArithmetic", "TaskVectorMethod",
+    "apply_permutation", "average_tensors", "check_compatible", "check_shared_mask", "combine_tensors", "consensus_masks", "consensus_merge", "dare",
     "fisher_diagonal", "fisher_merge", "gram_matrices", "greedy_soup", "interpolate", "interpolation_path",
     "is_mergeable", "load_recipe", "loss_barrier", "map_tensors", "merge_files", "merge_task_arithmetic",
-    "merge_tensors", "merged_task_vector", "normalize_weights", "preset", "random_permutation", "reconstruct",
-    "regmean", "reset_bn_stats", "sparse_model_soup", "sparse_soup", "storage_report", "tall_masks",
+    "merge_tensors", "merged_task_vector", "normalize_weights", "preset", "presets", "random_permutation",
+    "reconstruct", "regmean", "reset_bn_stats", "sparse_model_soup", "sparse_soup", "storage_report", "tall_masks",
     "task_arithmetic", "task_vector", "ties", "uniform_soup", "weight_matching", "weighted_average",
 ]

@@ -15,18 +15,69 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.registry import Registry
 
 __all__ = [
-    "ACC_DTYPE", "average_tensors", "check_compatible", "greedy_soup", "is_mergeable", "map_tensors",
-    "normalize_weights", "uniform_soup", "weighted_average",
+    "ACC_DTYPE", "FILE_OPTIONS", "MERGE_METHODS", "MergeMethod", "Rule", "average_tensors", "check_compatible",
+    "greedy_soup", "is_mergeable", "map_tensors", "normalize_weights", "uniform_soup", "weighted_average",
 ]
 
 State = Mapping[str, Tensor]
+
+Rule = Callable[[str, "Tensor | None", list[Tensor]], Tensor]
+"""A per-tensor merge rule: ``rule(key, base tensor or None, [each model's tensor]) -> merged tensor``."""
+
+FILE_OPTIONS = ("density", "lam", "seed")
+"""The hyperparameters a merge of files passes on (beside ``weights``) to the methods that take them."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A named merge method: how a merge of files (:func:`~sparseforge.merge.merge_files`, merge
+    recipes, ``sparseforge merge``) builds its per-tensor rule.
+
+    Attributes:
+        build: ``build(count, weights=None, **options) -> rule``: checks the
+            options for ``count`` models (raising :class:`SparseforgeError`)
+            and returns the :data:`Rule` applied to every floating tensor.
+            ``options`` are those of :data:`FILE_OPTIONS` listed in ``options``.
+            None for a method that files cannot hold what it needs.
+        needs_base: whether it merges task vectors against a base model (a
+            base is then required; methods without are refused one).
+        options: which of :data:`FILE_OPTIONS` it takes; ``density`` and a
+            ``lam`` other than 1 are refused by the others, ``seed`` ignored.
+        python_only: for a method that needs more than weights (data, masks):
+            why, and it is run from Python only; empty for a file merge method.
+        summary: one line for help and the docs tables.
+
+    Register one with ``MERGE_METHODS.register("name", MergeMethod(build, ...))``
+    (see ``docs/extending.md``).
+    """
+
+    build: Callable[..., Rule] | None = None
+    needs_base: bool = False
+    options: tuple[str, ...] = ()
+    python_only: str = ""
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.options if o not in FILE_OPTIONS]
+        if unknown:
+            raise SparseforgeError(f"merge method options {unknown} are not among {', '.join(FILE_OPTIONS)}")
+        if self.build is None and not self.python_only:
+            raise SparseforgeError("a merge method needs a build function, or python_only saying why it has none")
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+"""Merge methods by name: ``average``, the task-vector presets (``task_arithmetic``, ``ties``, ``dare``,
+``dare_ties``), and Python-only ones (``fisher``, ``regmean``, ``tall``). Merge recipes and
+``sparseforge merge --method`` take the file merge methods among them."""
 
 # Merges compute in float64: base + (finetuned - base) gives back the fine-tuned
 # float32/bf16 value exactly (the difference of two float32 numbers of similar
@@ -200,6 +251,24 @@ def weighted_average(states: Sequence[State], weights: Sequence[float] | None = 
     check_compatible(states)
     w = normalize_weights(weights, len(states))
     return map_tensors(states, lambda name, tensors: average_tensors(tensors, w))
+
+
+def _average_rule(count: int, weights: Sequence[float] | None = None) -> Rule:
+    """The streaming form of :func:`weighted_average`: one key at a time, the same code and buffer rule."""
+    if count == 1:
+        raise SparseforgeError("the average of one model is that model: list two or more model files to "
+                               "merge (to scale one fine-tuned model's change, use task_arithmetic with --base "
+                               "and --lambda)")
+    normalize_weights(weights, count)  # the weights' rules live there; raises on bad ones
+
+    def average(key: str, base_tensor: Tensor | None, tensors: list[Tensor]) -> Tensor:
+        return weighted_average([{key: t} for t in tensors], weights)[key]
+
+    return average
+
+
+MERGE_METHODS.register("average", MergeMethod(
+    _average_rule, summary="weighted average of the models (a uniform model soup by default)"))
 
 
 def uniform_soup(states: Sequence[State]) -> dict[str, Tensor]:

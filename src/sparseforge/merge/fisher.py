@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.merge.core import (
-    ACC_DTYPE, average_tensors, check_compatible, is_mergeable, map_tensors, normalize_weights,
+    ACC_DTYPE, MERGE_METHODS, MergeMethod, average_tensors, check_compatible, is_mergeable, map_tensors,
+    normalize_weights,
 )
 
 __all__ = ["fisher_diagonal", "fisher_merge"]
@@ -193,3 +194,8 @@ def fisher_merge(
         return merged
 
     return map_tensors(states, rule)
+
+
+MERGE_METHODS.register("fisher", MergeMethod(
+    python_only="Fisher merging needs each model's Fisher information (computed on data)",
+    summary="Fisher-weighted averaging (Python: fisher_diagonal, fisher_merge)"))

@@ -45,7 +45,8 @@ class MergeRecipe:
     Args:
         models: the models' files (the fine-tuned ones for task-vector methods). Required.
         out: the merged file. Required.
-        method: ``average`` (default), ``task_arithmetic``, ``ties``, ``dare`` or ``dare_ties``.
+        method: a file merge method of :data:`~sparseforge.merge.core.MERGE_METHODS` (default
+            ``average``; the task-vector presets; one a plug-in registered).
         base: the base model's file; required by the task-vector methods, refused by ``average``.
         weights: one weight per model (default uniform for ``average``, all 1 for task vectors).
         density: fraction of each task vector kept (``ties`` default 0.2, ``dare``/``dare_ties`` 0.1).

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.merge.core import ACC_DTYPE, average_tensors, check_compatible, map_tensors, normalize_weights
+from sparseforge.merge.core import (
+    ACC_DTYPE, MERGE_METHODS, MergeMethod, average_tensors, check_compatible, map_tensors, normalize_weights,
+)
 from sparseforge.oneshot.calibration import capture_inputs
 
 __all__ = ["GramMatrices", "gram_matrices", "regmean"]
@@ -175,3 +177,8 @@ def regmean(
         return merged_t.T.contiguous().to(tensors[0].dtype)
 
     return map_tensors(states, rule)
+
+
+MERGE_METHODS.register("regmean", MergeMethod(
+    python_only="RegMean needs the Gram matrices of each model's Linear inputs (computed on data)",
+    summary="RegMean: Linear layers merged by their input Gram matrices (Python: regmean)"))

@@ -19,11 +19,12 @@ would leave every page read resident, and counted in the process's RSS, for
 as long as the file stays open, so the fallback opens the file per tensor.
 ``python -m sparseforge.bench merge-memory`` measures it.
 
-Methods: ``average`` (weighted average / uniform model soup) and the
-task-vector methods ``task_arithmetic``, ``ties``, ``dare``, ``dare_ties``
-(presets of :class:`~sparseforge.merge.task_arithmetic.TaskArithmetic`, which
-need the base model). Fisher, RegMean and TALL need data or masks besides the
-weights and are Python API only.
+Methods: those of :data:`~sparseforge.merge.core.MERGE_METHODS` that merge
+files (:func:`file_methods`): ``average`` (weighted average / uniform model
+soup), the task-vector methods (presets of
+:class:`~sparseforge.merge.task_arithmetic.TaskArithmetic`, which need the
+base model), and any a plug-in registers. Fisher, RegMean and TALL need data
+or masks besides the weights and are Python API only.
 """
 
 from __future__ import annotations
@@ -48,24 +49,13 @@ from sparseforge.formats import (
     CHECKPOINT_FORMAT, CHECKPOINT_LEGACY_KEYS, CHECKPOINT_VERSION, HEADER_DIGEST, check_header, foreign_format,
     seal_metadata, stored_digests, tensor_digest, verify_tensor,
 )
-from sparseforge.merge.core import check_compatible, is_mergeable, normalize_weights, weighted_average
-from sparseforge.merge.task_arithmetic import PRESETS, merge_tensors, preset
+from sparseforge.merge.core import MERGE_METHODS, Rule, check_compatible, is_mergeable
+from sparseforge.merge.task_arithmetic import TaskVectorMethod  # noqa: F401 - registers the task-vector presets
 from sparseforge.progress import Progress, using
 
-__all__ = ["METHODS", "PYTHON_ONLY", "TASK_METHODS", "merge_files", "merge_rule", "method_name"]
+__all__ = ["file_methods", "merge_files", "merge_rule", "method_name"]
 
 PathLike = str | os.PathLike[str]
-Rule = Callable[[str, Tensor | None, list[Tensor]], Tensor]
-
-TASK_METHODS = tuple(PRESETS)  # task_arithmetic, ties, dare, dare_ties
-METHODS = ("average", *TASK_METHODS)
-PYTHON_ONLY = {
-    "fisher": "Fisher merging needs each model's Fisher information (computed on data)",
-    "regmean": "RegMean needs the Gram matrices of each model's Linear inputs (computed on data)",
-    "tall": "TALL masks need the task vectors and per-task masks",
-}
-_SEEDED = ("dare", "dare_ties")  # the methods whose random drops use the seed
-_DENSITY = ("ties", "dare", "dare_ties")  # the methods that sparsify task vectors
 _SHOW = 5  # how many files or keys an error lists
 
 # safetensors dtype names (get_slice().get_dtype()) -> torch dtypes, for the header check.
@@ -76,18 +66,30 @@ _DTYPES = {name: getattr(torch, attr) for name, attr in {
 }.items() if hasattr(torch, attr)}
 
 
+def file_methods() -> list[str]:
+    """The merge methods of :data:`~sparseforge.merge.core.MERGE_METHODS` that merge files (not Python-only)."""
+    return [name for name, m in MERGE_METHODS.items() if not m.python_only]
+
+
+def _names(test: Callable[[Any], bool]) -> str:
+    return ", ".join(name for name, m in MERGE_METHODS.items() if not m.python_only and test(m))
+
+
 def method_name(method: str) -> str:
-    """The canonical name of a streaming merge method (``dare-ties`` -> ``dare_ties``), or a SparseforgeError listing the choices."""
-    name = str(method).strip().lower().replace("-", "_")
-    if name in METHODS:
-        return name
-    if name in PYTHON_ONLY:
+    """The registered name of a file merge method (``dare-ties`` -> ``dare_ties``), or a SparseforgeError
+    suggesting the closest name and listing the choices."""
+    if not isinstance(method, str) or method not in MERGE_METHODS:
+        python_only = [name for name, m in MERGE_METHODS.items() if m.python_only]
+        note = f"; {', '.join(python_only)} need data or masks and are Python API only" if python_only else ""
+        raise MERGE_METHODS.error(method, known=file_methods(), note=note)
+    name = MERGE_METHODS.canonical(method)
+    why = MERGE_METHODS.get(name).python_only
+    if why:
         raise SparseforgeError(
-            f"merge method {method!r} is Python API only: {PYTHON_ONLY[name]}, which files of weights do not hold; "
-            f"use sparseforge.merge.{name} from Python, or a file merge method: {', '.join(METHODS)}"
+            f"merge method {method!r} is Python API only: {why}, which files of weights do not hold; "
+            f"use sparseforge.merge.{name} from Python, or a file merge method: {', '.join(file_methods())}"
         )
-    raise SparseforgeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)} "
-                           f"(Fisher, RegMean and TALL are Python API only)")
+    return name
 
 
 def merge_rule(
@@ -103,17 +105,18 @@ def merge_rule(
     """Validate a merge's options and return its per-tensor rule ``rule(name, base_tensor, tensors) -> merged``.
 
     Args:
-        method: ``average`` or a task-vector method (``task_arithmetic``, ``ties``, ``dare``, ``dare_ties``).
+        method: a file merge method of :data:`~sparseforge.merge.core.MERGE_METHODS`: ``average`` or a
+            task-vector method (``task_arithmetic``, ``ties``, ``dare``, ``dare_ties``), or one a plug-in registered.
         count: how many models are merged (not counting the base).
-        base: whether a base model is given; task-vector methods need one, ``average`` takes none.
+        base: whether a base model is given; task-vector methods need one, the others take none.
         weights: one weight per model. ``average``: non-negative, not all zero,
             normalized to sum 1 (:func:`~sparseforge.merge.core.normalize_weights`);
             task-vector methods: multiply each task vector (see
             :class:`~sparseforge.merge.task_arithmetic.TaskArithmetic`). Default: uniform / all 1.
-        density: fraction of each task vector kept by ``ties``/``dare``/``dare_ties``
+        density: fraction of each task vector kept by the methods that sparsify task vectors
             (default: the preset's, 0.2 for TIES, 0.1 for DARE); other methods take none.
-        lam: the scaling coefficient lambda of the merged task vector (default 1.0); ``average`` takes none.
-        seed: seed of DARE's drops (default 0); the other methods draw nothing and ignore it.
+        lam: the scaling coefficient lambda of the merged task vector (default 1.0); methods without it take none.
+        seed: seed of DARE's drops (default 0); the methods that draw nothing ignore it.
 
     Raises :class:`SparseforgeError` naming the bad option. The rule is the
     one the in-memory merges apply, so the streamed merge equals
@@ -121,47 +124,24 @@ def merge_rule(
     :func:`~sparseforge.merge.task_arithmetic.merge_task_arithmetic` bit for bit.
     """
     name = method_name(method)
+    spec = MERGE_METHODS.get(name)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise SparseforgeError(f"need at least one model to merge, got {count!r}")
-    if density is not None and name not in _DENSITY:
-        raise SparseforgeError(f"density applies to {', '.join(_DENSITY)} (which sparsify task vectors), not to {name}")
-    if name == "average":
-        if base:
-            raise SparseforgeError("average does not use a base model; a base is for the task-vector methods "
-                                   f"({', '.join(TASK_METHODS)})")
-        if lam != 1.0:
-            raise SparseforgeError(f"lambda scales task vectors ({', '.join(TASK_METHODS)}); average takes none, got {lam}")
-        if count == 1:
-            raise SparseforgeError("the average of one model is that model: list two or more model files to "
-                                   "merge (to scale one fine-tuned model's change, use task_arithmetic with --base "
-                                   "and --lambda)")
-        normalize_weights(weights, count)  # the weights' rules live in core; raises on bad ones
-
-        def average(key: str, base_tensor: Tensor | None, tensors: list[Tensor]) -> Tensor:
-            # weighted_average on one key: the same code, and the same buffer rule, as the in-memory merge.
-            return weighted_average([{key: t} for t in tensors], weights)[key]
-
-        return average
-    if not base:
+    if density is not None and "density" not in spec.options:
+        raise SparseforgeError(f"density applies to {_names(lambda m: 'density' in m.options)} (which sparsify "
+                               f"task vectors), not to {name}")
+    if base and not spec.needs_base:
+        raise SparseforgeError(f"{name} does not use a base model; a base is for the task-vector methods "
+                               f"({_names(lambda m: m.needs_base)})")
+    if lam != 1.0 and "lam" not in spec.options:
+        raise SparseforgeError(f"lambda scales task vectors ({_names(lambda m: 'lam' in m.options)}); {name} takes "
+                               f"none, got {lam}")
+    if spec.needs_base and not base:
         raise SparseforgeError(f"{name} merges task vectors (model - base): give the base (pre-trained) model "
                                "the others were fine-tuned from (--base, or base=)")
-    options: dict[str, Any] = {"lam": lam, "weights": None if weights is None else tuple(weights)}
-    if density is not None:
-        options["density"] = density
-    if name in _SEEDED:
-        options["seed"] = seed
-    spec = preset(name, **options)
-    scales = spec.task_weights(count)  # one weight per task model
-    if count == 1 and name == "task_arithmetic" and lam * float(scales[0]) == 1.0:
-        # base + 1 * (model - base) is the model: a merge that changes nothing is a mistake, not a result.
-        raise SparseforgeError("task_arithmetic of one model with lambda 1 gives that model back unchanged: list "
-                               "two or more fine-tuned models, or scale the task vector with a lambda other than 1 "
-                               "(ties and dare also sparsify a single task vector)")
-
-    def task_vector_merge(key: str, base_tensor: Tensor | None, tensors: list[Tensor]) -> Tensor:
-        return merge_tensors(base_tensor, tensors, spec, name=key)
-
-    return task_vector_merge
+    given = {"density": density, "lam": lam, "seed": seed}
+    options = {k: v for k, v in given.items() if k in spec.options and v is not None}
+    return spec.build(count, weights=weights, **options)
 
 
 class _Source:
@@ -366,7 +346,7 @@ def merge_files(
         extra["merge"] = {
             "method": name, "models": [str(p) for p in paths], "base": None if base_path is None else str(base_path),
             "weights": None if weights is None else [float(w) for w in weights], "density": density,
-            "lambda": lam, "seed": seed if name in _SEEDED else None,
+            "lambda": lam, "seed": seed if "seed" in MERGE_METHODS.get(name).options else None,
         }
         metadata["extra"] = json.dumps(extra)
         metadata = seal_metadata(metadata, merged)

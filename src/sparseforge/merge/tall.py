@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.merge.core import ACC_DTYPE, check_compatible, is_mergeable
+from sparseforge.merge.core import ACC_DTYPE, MERGE_METHODS, MergeMethod, check_compatible, is_mergeable
 from sparseforge.merge.task_arithmetic import TaskArithmetic, merged_task_vector, task_vector
 
 __all__ = ["consensus_masks", "consensus_merge", "reconstruct", "storage_report", "tall_masks"]
@@ -235,3 +235,8 @@ def storage_report(base: State, masks: Sequence[Mapping[str, Tensor]]) -> dict:
         "saved_bytes": finetuned_bytes - tall_bytes,
         "ratio": tall_bytes / finetuned_bytes if finetuned_bytes else 0.0,
     }
+
+
+MERGE_METHODS.register("tall", MergeMethod(
+    python_only="TALL masks need the task vectors and per-task masks",
+    summary="TALL masks and consensus merging (Python: tall_masks, consensus_merge)"))

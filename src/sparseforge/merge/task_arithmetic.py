@@ -27,6 +27,7 @@ an in-memory one, bit for bit.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,10 +36,12 @@ import torch
 from torch import Tensor
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.merge.core import ACC_DTYPE, check_compatible, is_mergeable, map_tensors
+from sparseforge.merge.core import (
+    ACC_DTYPE, FILE_OPTIONS, MERGE_METHODS, MergeMethod, Rule, check_compatible, is_mergeable, map_tensors,
+)
 
 __all__ = [
-    "CONSENSUS", "PRESETS", "SPARSIFY", "TaskArithmetic", "combine_tensors", "dare", "merge_task_arithmetic",
+    "CONSENSUS", "SPARSIFY", "TaskArithmetic", "TaskVectorMethod", "combine_tensors", "dare", "merge_task_arithmetic",
     "merge_tensors", "merged_task_vector", "preset", "task_arithmetic", "task_vector", "ties",
 ]
 
@@ -298,13 +301,44 @@ def _dare_ties_spec(
     return _dare_spec(density=density, lam=lam, seed=seed, consensus="ties", weights=weights)
 
 
-PRESETS: dict[str, Callable[..., TaskArithmetic]] = {
-    "task_arithmetic": _task_arithmetic_spec,
-    "ties": _ties_spec,
-    "dare": _dare_spec,
-    "dare_ties": _dare_ties_spec,
-}
-"""Named methods -> a function of their hyperparameters returning the :class:`TaskArithmetic` spec."""
+@dataclass(frozen=True)
+class TaskVectorMethod(MergeMethod):
+    """A merge method that is a preset of :class:`TaskArithmetic`: ``spec(**hyperparameters)`` builds it."""
+
+    spec: Callable[..., TaskArithmetic] | None = None
+
+
+def _register_preset(name: str, spec: Callable[..., TaskArithmetic], summary: str) -> None:
+    """Register the preset ``spec`` as the merge method ``name`` (its options: the file options it takes)."""
+    params = inspect.signature(spec).parameters
+
+    def build(count: int, weights: Sequence[float] | None = None, **options: object) -> Rule:
+        merge_spec = preset(name, weights=None if weights is None else tuple(weights), **options)
+        scales = merge_spec.task_weights(count)  # one weight per task model
+        if count == 1 and merge_spec.sparsify == "none" and merge_spec.lam * float(scales[0]) == 1.0:
+            # base + 1 * (model - base) is the model: a merge that changes nothing is a mistake, not a result.
+            raise SparseforgeError(f"{name} of one model with lambda 1 gives that model back unchanged: list "
+                                   "two or more fine-tuned models, or scale the task vector with a lambda other than "
+                                   "1 (ties and dare also sparsify a single task vector)")
+
+        def task_vector_merge(key: str, base_tensor: Tensor | None, tensors: list[Tensor]) -> Tensor:
+            return merge_tensors(base_tensor, tensors, merge_spec, name=key)
+
+        return task_vector_merge
+
+    MERGE_METHODS.register(name, TaskVectorMethod(
+        build, needs_base=True, options=tuple(o for o in FILE_OPTIONS if o in params), summary=summary, spec=spec))
+
+
+_register_preset("task_arithmetic", _task_arithmetic_spec, "task arithmetic: base + lambda * the sum of task vectors")
+_register_preset("ties", _ties_spec, "TIES: task vectors trimmed to their top magnitudes, signs elected, disjoint mean")
+_register_preset("dare", _dare_spec, "DARE: task-vector entries dropped at random and the rest rescaled, then summed")
+_register_preset("dare_ties", _dare_ties_spec, "DARE drops with TIES sign consensus")
+
+
+def presets() -> list[str]:
+    """The merge methods of :data:`~sparseforge.merge.core.MERGE_METHODS` that are :class:`TaskArithmetic` presets."""
+    return [name for name, m in MERGE_METHODS.items() if isinstance(m, TaskVectorMethod)]
 
 
 def preset(name: str, **kwargs: object) -> TaskArithmetic:
@@ -312,15 +346,19 @@ def preset(name: str, **kwargs: object) -> TaskArithmetic:
 
     Names: ``task_arithmetic`` (lam), ``ties`` (density=0.2, lam), ``dare``
     (density=0.1, lam, seed, consensus), ``dare_ties`` (density=0.1, lam, seed);
-    all take ``weights``.
+    all take ``weights``. (The presets among :data:`~sparseforge.merge.core.MERGE_METHODS`.)
 
     >>> preset("dare_ties", density=0.3).consensus
     'ties'
     """
-    if name not in PRESETS:
-        raise SparseforgeError(f"unknown merge method {name!r}; choose one of {', '.join(PRESETS)}")
+    if name not in MERGE_METHODS:
+        raise MERGE_METHODS.error(name, known=presets())
+    method = MERGE_METHODS.get(name)
+    if not isinstance(method, TaskVectorMethod):
+        raise SparseforgeError(f"merge method {name!r} is not a task-arithmetic preset; the presets: "
+                               f"{', '.join(presets())}")
     try:
-        return PRESETS[name](**kwargs)
+        return method.spec(**kwargs)
     except TypeError as exc:
         raise SparseforgeError(f"bad options for merge method {name!r}: {exc}") from None
 

@@ -1,6 +1,6 @@
 """Named sparsity methods: each a short preset of the shared parts."""
 
-from sparseforge.methods.base import Method
+from sparseforge.methods.base import METHODS, Method
 from sparseforge.methods.fixed import FixedMask
 from sparseforge.methods.global_magnitude import GlobalMagnitude
 from sparseforge.methods.gmp import GMP
@@ -9,6 +9,6 @@ from sparseforge.methods.issp import ISSP
 from sparseforge.methods.nm_training import SRSTE, ProgressiveNM
 from sparseforge.methods.sparse_training import SET, GraNet, RigL, StaticRandom
 
-__all__ = ["Method", "GMP", "GraNet", "ISSP", "RigL", "SET", "StaticRandom"]
+__all__ = ["METHODS", "Method", "GMP", "GraNet", "ISSP", "RigL", "SET", "StaticRandom"]
 __all__ += ["FixedMask", "GlobalMagnitude", "IMP", "IMPResult", "IMPRound", "Ticket"]
 __all__ += ["ProgressiveNM", "SRSTE"]

@@ -1,4 +1,4 @@
-"""A sparsity method: one choice for each part (DESIGN.md), nothing else.
+"""A sparsity method: one choice for each part (docs/architecture.md), nothing else.
 
 Named methods (GMP, RigL, ...) are functions in this package that return a
 :class:`Method` preset; users may also build one directly from parts.
@@ -6,16 +6,22 @@ Named methods (GMP, RigL, ...) are functions in this package that return a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sparseforge.allocation import Allocation, as_allocation
 from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import NM, Pattern, as_pattern
+from sparseforge.registry import Registry
 from sparseforge.schedules import Cubic, Linear, Schedule
 from sparseforge.scores import Score, as_score
 from sparseforge.targets import Target, as_target
-from sparseforge.updates import HardPrune, Update
+from sparseforge.updates import HardPrune, Update, as_update
+
+METHODS: Registry[Callable[..., Method]] = Registry("method")
+"""Method presets by name (``gmp``, ``rigl``, ...): functions of their hyperparameters returning a
+:class:`Method`. Training recipes name them (``method: {name: rigl}``); ``@METHODS.register("name")``
+above a preset adds one."""
 
 
 @dataclass
@@ -27,7 +33,8 @@ class Method:
         score: how important each weight is. Default magnitude.
         pattern: what shape the zeros take. Default unstructured.
         allocation: how the budget is split over layers. Default uniform.
-        update: what happens at a mask update. Default hard pruning.
+        update: what happens at a mask update (an Update or a name of
+            :data:`~sparseforge.updates.UPDATES`). Default hard pruning.
         target: which tensors are sparsified. Default every Linear/Conv weight.
         name: a label for reports.
 
@@ -42,12 +49,13 @@ class Method:
     score: Score | str = "magnitude"
     pattern: Pattern | str = "unstructured"
     allocation: Allocation | str | Mapping[str, float] = "uniform"
-    update: Update = field(default_factory=HardPrune)
+    update: Update | str = field(default_factory=HardPrune)
     target: Target | Sequence[str] | str | None = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
         self.score = as_score(self.score)
+        self.update = as_update(self.update)
         self.pattern = as_pattern(self.pattern)
         self.allocation = as_allocation(self.allocation)
         self.target = as_target(self.target)

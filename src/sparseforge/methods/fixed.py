@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method
+from sparseforge.methods.base import METHODS, Method
 from sparseforge.schedules import Constant
 from sparseforge.targets import Target
 from sparseforge.updates import Update, UpdateContext
@@ -61,6 +61,7 @@ class GivenMasks(Update):
         return "given-masks"
 
 
+@METHODS.register("fixed-mask")
 def FixedMask(
     masks: Mapping[str, torch.Tensor],
     *,

@@ -6,12 +6,13 @@ from collections.abc import Sequence
 
 from sparseforge.allocation import Global
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method
+from sparseforge.methods.base import METHODS, Method
 from sparseforge.schedules import Cubic, OneShot, Schedule
 from sparseforge.targets import Target
 from sparseforge.updates import HardPrune
 
 
+@METHODS.register("global-magnitude")
 def GlobalMagnitude(
     sparsity: float = 0.9,
     *,

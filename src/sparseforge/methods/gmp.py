@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from sparseforge.allocation import Allocation
-from sparseforge.methods.base import Method
+from sparseforge.methods.base import METHODS, Method
 from sparseforge.patterns import Pattern
 from sparseforge.schedules import Cubic
 from sparseforge.targets import Target
 from sparseforge.updates import HardPrune
 
 
+@METHODS.register("gmp")
 def GMP(
     sparsity: float = 0.9,
     *,

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from sparseforge.allocation import Allocation
-from sparseforge.methods.base import Method
+from sparseforge.methods.base import METHODS, Method
 from sparseforge.patterns import Pattern
 from sparseforge.schedules import Constant
 from sparseforge.targets import Target
 from sparseforge.updates import SoftShrink
 
 
+@METHODS.register("issp")
 def ISSP(
     sparsity: float = 0.9,
     *,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method
+from sparseforge.methods.base import METHODS, Method
 from sparseforge.patterns import NM
 from sparseforge.schedules import Constant
 from sparseforge.targets import Target
@@ -33,6 +33,7 @@ def _pattern(n: int, m: int) -> NM:
     return NM(n, m)
 
 
+@METHODS.register("sr-ste")
 def SRSTE(n: int = 2, m: int = 4, decay: float = 2e-4, frequency: int = 1, target: TargetSpec = None, *,
           end: int | float = 1.0) -> Method:
     """SR-STE N:M training from scratch ("Learning N:M Fine-grained Structured Sparse
@@ -103,6 +104,7 @@ def structure_frames(n: int, m: int, scheme: str) -> list[tuple[int, int]]:
     return frames
 
 
+@METHODS.register("progressive-nm")
 def ProgressiveNM(n: int = 1, m: int = 8, scheme: str = "mdgf-exponential", *, rate: float | None = None,
                   scale_grad: bool = False, frames: Sequence[tuple[int, int]] | None = None,
                   decay: float = 0.0, start: int | float = 0, end: int | float = 1.0, fine_tune: float = 0.0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from sparseforge.allocation import Allocation
-from sparseforge.methods.base import Method
+from sparseforge.methods.base import METHODS, Method
 from sparseforge.schedules import Constant, Cubic
 from sparseforge.scores import Random
 from sparseforge.targets import Target
@@ -19,6 +19,7 @@ AllocationSpec = Allocation | str | Mapping[str, float]
 TargetSpec = Target | Sequence[str] | str | None
 
 
+@METHODS.register("static", aliases=("static-random",))
 def StaticRandom(sparsity: float = 0.9, *, allocation: AllocationSpec = "erk", seed: int = 0,
                  target: TargetSpec = None) -> Method:
     """A random mask drawn once at initialisation and kept for the whole run.
@@ -43,6 +44,7 @@ def StaticRandom(sparsity: float = 0.9, *, allocation: AllocationSpec = "erk", s
     )
 
 
+@METHODS.register("set")
 def SET(sparsity: float = 0.9, *, drop_fraction: float = 0.3, frequency: int = 100, end: int | float = 1.0,
         allocation: AllocationSpec = "erk", seed: int = 0, target: TargetSpec = None) -> Method:
     """Sparse Evolutionary Training ("Scalable training of artificial neural networks
@@ -68,6 +70,7 @@ def SET(sparsity: float = 0.9, *, drop_fraction: float = 0.3, frequency: int = 1
     )
 
 
+@METHODS.register("rigl")
 def RigL(sparsity: float = 0.9, *, drop_fraction: float = 0.3, frequency: int = 100, end: int | float = 0.75,
          allocation: AllocationSpec = "erk", seed: int = 0, target: TargetSpec = None) -> Method:
     """Rigged Lottery ("Rigging the Lottery: Making All Tickets Winners", Evci et al. 2020).
@@ -93,6 +96,7 @@ def RigL(sparsity: float = 0.9, *, drop_fraction: float = 0.3, frequency: int = 
     )
 
 
+@METHODS.register("granet")
 def GraNet(sparsity: float = 0.9, *, initial_sparsity: float = 0.0, drop_fraction: float = 0.5,
            frequency: int = 100, start: int | float = 0, end: int | float = 0.75,
            allocation: AllocationSpec = "global", seed: int = 0, target: TargetSpec = None) -> Method:

@@ -18,7 +18,7 @@ Example:
     'Linear'
 """
 
-from sparseforge.peft.config import CONFIGS, AdapterConfig, LoRA, PaCA, config_from_dict
+from sparseforge.peft.config import ADAPTERS, AdapterConfig, LoRA, PaCA, config_from_dict
 from sparseforge.peft.layer import AdapterLayer
 from sparseforge.peft.lora import LoRALinear
 from sparseforge.peft.model import PeftReport, adapter_layers, apply, merge, trainable_parameters
@@ -26,7 +26,7 @@ from sparseforge.peft.paca import PaCALinear, PartialLinearFunction, select_colu
 from sparseforge.peft.saving import load_adapter, save_adapter
 
 __all__ = [
-    "CONFIGS", "AdapterConfig", "AdapterLayer", "LoRA", "LoRALinear", "PaCA", "PaCALinear", "PartialLinearFunction",
+    "ADAPTERS", "AdapterConfig", "AdapterLayer", "LoRA", "LoRALinear", "PaCA", "PaCALinear", "PartialLinearFunction",
     "PeftReport", "adapter_layers", "apply", "config_from_dict", "load_adapter", "merge", "save_adapter",
     "select_columns", "trainable_parameters",
 ]

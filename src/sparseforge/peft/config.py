@@ -27,6 +27,7 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.peft.layer import AdapterLayer, layer_generator
 from sparseforge.peft.lora import LoRALinear
 from sparseforge.peft.paca import SELECTIONS, PaCALinear, select_columns
+from sparseforge.registry import Registry
 
 
 def _names(value: Sequence[str] | str | None, what: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -36,6 +37,11 @@ def _names(value: Sequence[str] | str | None, what: str, default: tuple[str, ...
     if not all(isinstance(v, str) and v for v in items):
         raise SparseforgeError(f"{what} must be module names or globs (non-empty strings), got {value!r}")
     return items
+
+
+ADAPTERS: Registry[type[AdapterConfig]] = Registry("adapter method", name_of=lambda cls: cls.method)
+"""Adapter methods by their ``method`` name (``paca``, ``lora``): the configurations saved adapters
+name, rebuilt by :func:`config_from_dict`. ``@ADAPTERS.register`` above a config class adds one."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class AdapterConfig:
         raise NotImplementedError
 
 
+@ADAPTERS.register
 @dataclass(frozen=True)
 class PaCA(AdapterConfig):
     """Partial connection adaptation: train ``rank`` input columns of each targeted Linear in place.
@@ -127,6 +134,7 @@ class PaCA(AdapterConfig):
         return PaCALinear(linear, index, self.keep_mask)
 
 
+@ADAPTERS.register
 @dataclass(frozen=True)
 class LoRA(AdapterConfig):
     """Low-rank adaptation, the baseline: ``y = W x + b + (alpha / rank) B A x``, ``W`` and ``b`` frozen.
@@ -163,15 +171,12 @@ class LoRA(AdapterConfig):
         return LoRALinear(linear, self.rank, self.alpha, self.keep_mask, layer_generator(self.seed, name))
 
 
-CONFIGS: dict[str, type[AdapterConfig]] = {"paca": PaCA, "lora": LoRA}
-
-
 def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
     """Rebuild a configuration from :meth:`AdapterConfig.to_dict` (validated; unknown keys are an error)."""
-    if not isinstance(data, Mapping) or data.get("method") not in CONFIGS:
-        method = data.get("method") if isinstance(data, Mapping) else data
-        raise SparseforgeError(f"unknown adapter method {method!r}; valid: {', '.join(CONFIGS)}")
-    cls = CONFIGS[data["method"]]
+    method = data.get("method") if isinstance(data, Mapping) else data
+    if not isinstance(method, str) or method not in ADAPTERS:
+        raise ADAPTERS.error(method)
+    cls = ADAPTERS.get(method)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known - {"method"})
     if unknown:

@@ -31,13 +31,15 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.oneshot.calibration import LayerStats, sequential, set_weight_matrix, weight_matrix
 from sparseforge.oneshot.obs import obs_compress
 from sparseforge.progress import Progress
-from sparseforge.quant.rtn import QUANT_ATTR, SCHEMES, QuantizedTensor
+from sparseforge.quant.rtn import QUANT_ATTR, SCHEMES, QuantizedTensor, QuantScheme
 from sparseforge.targets import Target, as_target
 
-__all__ = ["GPTQ_SCHEMES", "GPTQReport", "gptq_"]
+__all__ = ["GPTQReport", "gptq_"]
 
-GPTQ_SCHEMES = {f"gptq-{k}": v for k, v in SCHEMES.items()}
-"""``gptq-int8`` and ``gptq-int4``: the bit widths the compressed format stores."""
+# GPTQ at every bit width round to nearest has (the widths the compressed format stores): gptq-int8, gptq-int4.
+for _name, _rtn in SCHEMES.items():
+    SCHEMES.register(f"gptq-{_name}", QuantScheme(
+        _rtn.bits, calibrated=True, summary=f"GPTQ to {_name}: rounding errors corrected on calibration data"))
 
 
 @dataclass
@@ -96,10 +98,11 @@ def gptq_(
         >>> sorted(rep.layers), int(model[0].sparseforge_quant.q.abs().max()) <= 7
         (['0', '2'], True)
     """
-    key = str(scheme).lower()
-    if key not in GPTQ_SCHEMES:
-        raise SparseforgeError(f"unknown GPTQ scheme {scheme!r}; valid: {', '.join(GPTQ_SCHEMES)}")
-    bits = GPTQ_SCHEMES[key]
+    gptq = [name for name, s in SCHEMES.items() if s.calibrated]
+    if not isinstance(scheme, str) or scheme not in SCHEMES or not SCHEMES.get(scheme).calibrated:
+        raise SCHEMES.error(scheme, known=gptq)
+    key = SCHEMES.canonical(scheme)
+    bits = SCHEMES.get(key).bits
     layers = {layer.name: layer.module for layer in as_target(target).select(model)
               if isinstance(layer.module, (nn.Linear, nn.Conv2d)) and layer.param_name == "weight"}
     if not layers:

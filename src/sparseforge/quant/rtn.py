@@ -38,15 +38,31 @@ import torch
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
+from sparseforge.registry import Registry
 
 __all__ = [
-    "DEFAULT_GROUP_SIZE", "QUANT_ATTR", "SCHEMES", "QuantizedTensor", "dequantize", "pack_int4",
+    "DEFAULT_GROUP_SIZE", "QUANT_ATTR", "QuantScheme", "SCHEMES", "QuantizedTensor", "dequantize", "pack_int4",
     "quantization_of", "quantize_", "quantize_weight", "rounded_to_zero", "unpack_int4",
 ]
 
 QUANT_ATTR = "sparseforge_quant"
 DEFAULT_GROUP_SIZE = 128
-SCHEMES = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A weight quantization scheme: its bit width, and whether it needs calibration data (GPTQ)."""
+
+    bits: int
+    calibrated: bool = False
+    summary: str = ""
+
+
+SCHEMES: Registry[QuantScheme] = Registry("quantization scheme")
+"""Quantization schemes by name: ``int8``/``int4`` round to nearest (:func:`quantize_`), ``gptq-int8``/
+``gptq-int4`` (:func:`sparseforge.quant.gptq_`, calibrated); the CLI's ``--scheme`` choices."""
+SCHEMES.register("int8", QuantScheme(8, summary="symmetric int8, round to nearest"))
+SCHEMES.register("int4", QuantScheme(4, summary="symmetric int4 in [-7, 7], round to nearest"))
 _LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -216,13 +232,14 @@ def quantize_(
     step become exact zeros (round to nearest): :func:`rounded_to_zero`
     counts them.
     """
-    key = str(scheme).lower()
-    if key.startswith("gptq"):
+    rtn = [name for name, s in SCHEMES.items() if not s.calibrated]
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
+        raise SCHEMES.error(scheme, known=rtn)
+    key = SCHEMES.canonical(scheme)
+    if SCHEMES.get(key).calibrated:
         raise SparseforgeError(f"{scheme!r} needs calibration data: use sparseforge.quant.gptq_(model, batches, "
-                               f"{scheme!r}) (CLI: sparseforge quantize --scheme {key}), or int8/int4 here")
-    if key not in SCHEMES:
-        raise SparseforgeError(f"unknown quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
-    bits = SCHEMES[key]
+                               f"{scheme!r}) (CLI: sparseforge quantize --scheme {key}), or {'/'.join(rtn)} here")
+    bits = SCHEMES.get(key).bits
     kinds = _LAYERS + ((nn.Embedding,) if embeddings else ())
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     for name, m in layers:  # fail before changing anything

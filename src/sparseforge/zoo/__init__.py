@@ -34,7 +34,7 @@ from sparseforge.zoo.data import (
     resolve_data_dir,
     write_idx_gz,
 )
-from sparseforge.zoo.models import MODELS, BasicBlock, Conv4, LeNet300100, ResNet20, build_model
+from sparseforge.zoo.models import BasicBlock, Conv4, LeNet300100, ResNet20, build_model, classifier_names
 from sparseforge.zoo.superres import (
     ESPCN,
     PatchSampler,
@@ -55,7 +55,6 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_SHA256",
     "FASHION_MNIST_STD",
-    "MODELS",
     "PatchSampler",
     "SRData",
     "BasicBlock",
@@ -65,6 +64,7 @@ __all__ = [
     "TensorLoader",
     "bicubic_psnr",
     "build_model",
+    "classifier_names",
     "evaluate",
     "evaluate_sr",
     "fashion_mnist",

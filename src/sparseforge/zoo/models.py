@@ -8,15 +8,14 @@ so that sparsity reports and target patterns read naturally.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseforge.architectures import ARCHITECTURES, build
 from sparseforge.errors import SparseforgeError
 
-__all__ = ["BasicBlock", "Conv4", "LeNet300100", "MODELS", "ResNet20", "build_model"]
+__all__ = ["BasicBlock", "Conv4", "LeNet300100", "ResNet20", "build_model", "classifier_names"]
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -190,19 +189,17 @@ class ResNet20(nn.Module):
         return self.fc(x)
 
 
-MODELS: dict[str, type[nn.Module]] = {
-    "lenet300": LeNet300100,
-    "conv4": Conv4,
-    "resnet20": ResNet20,
-}
-"""Model names accepted by :func:`build_model` (and the CLI), mapped to classes."""
+def classifier_names() -> list[str]:
+    """The registered architectures that are this module's image classifiers (``lenet300``, ``conv4``,
+    ``resnet20``): the models the demo and the benchmarks train on Fashion-MNIST."""
+    return [name for name, entry in ARCHITECTURES.items() if getattr(entry, "__module__", None) == __name__]
 
 
 def build_model(name: str, **kwargs: object) -> nn.Module:
-    """Build a model of :data:`MODELS` by name.
+    """Build a model of :data:`sparseforge.architectures.ARCHITECTURES` by name.
 
     Args:
-        name: ``"lenet300"``, ``"conv4"`` or ``"resnet20"``.
+        name: ``"lenet300"``, ``"conv4"``, ``"resnet20"``, or another registered architecture.
         **kwargs: passed to the constructor (``num_classes``; ``width`` for
             ``resnet20``).
 
@@ -215,18 +212,6 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     >>> build_model("vgg")
     Traceback (most recent call last):
     ...
-    sparseforge.errors.SparseforgeError: unknown model 'vgg'; valid names: conv4, lenet300, resnet20
+    sparseforge.errors.SparseforgeError: unknown architecture 'vgg' (known: lenet300, conv4, resnet20, hf)
     """
-    try:
-        cls = MODELS[name]
-    except (KeyError, TypeError):
-        raise SparseforgeError(
-            f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}"
-        ) from None
-    try:
-        # Checked up front so a typo in a config is a user error, while a
-        # TypeError raised inside a constructor stays a visible bug.
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as exc:
-        raise SparseforgeError(f"bad argument for model {name!r}: {exc}") from None
-    return cls(**kwargs)
+    return build(name, **kwargs)
