@@ -26,7 +26,7 @@ REGISTRIES = [
     ("sparseforge.allocation", "ALLOCATIONS"),
     ("sparseforge.schedules", "SCHEDULES"),
     ("sparseforge.updates", "UPDATES"),
-    ("sparseforge.methods.base", "METHODS"),
+    ("sparseforge.method", "METHODS"),
     ("sparseforge.merge.core", "MERGE_METHODS"),
     ("sparseforge.peft.config", "ADAPTERS"),
     ("sparseforge.quant.rtn", "SCHEMES"),

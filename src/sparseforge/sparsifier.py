@@ -24,7 +24,7 @@ from torch import nn
 
 from sparseforge import collectives
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.targets import Layer
 from sparseforge.updates import UpdateContext, check_compatible
 

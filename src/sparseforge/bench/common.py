@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.report import report
 from sparseforge.training import FitState, History, LambdaCallback, SGDConfig, SparsifierCallback, fit
 from sparseforge.zoo.data import fashion_mnist

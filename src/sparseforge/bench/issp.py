@@ -44,7 +44,7 @@ from sparseforge.bench.common import (
     train_run,
 )
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.methods.gmp import GMP
 from sparseforge.methods.issp import ISSP
 from sparseforge.report import report

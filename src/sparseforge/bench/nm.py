@@ -31,7 +31,7 @@ from sparseforge.bench.common import (
     summarize,
     train_run,
 )
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.methods.nm_training import SRSTE, ProgressiveNM
 from sparseforge.targets import Target
 

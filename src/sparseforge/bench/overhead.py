@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.schedules import OneShot
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.timing import time_interleaved

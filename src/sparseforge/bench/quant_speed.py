@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from sparseforge.bench.common import RunConfig, print_table, summarize, train_run
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.oneshot import prune
 from sparseforge.quant.dynamic import quantize_dynamic_int8
 from sparseforge.quant.qat import qat_convert, qat_prepare

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.merge.core import check_compatible, weighted_average
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.methods.fixed import FixedMask
 from sparseforge.methods.global_magnitude import GlobalMagnitude
 from sparseforge.sparsifier import Sparsifier

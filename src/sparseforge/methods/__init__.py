@@ -1,6 +1,6 @@
 """Named sparsity methods: each a short preset of the shared parts."""
 
-from sparseforge.methods.base import METHODS, Method
+from sparseforge.method import METHODS, Method
 from sparseforge.methods.fixed import FixedMask
 from sparseforge.methods.global_magnitude import GlobalMagnitude
 from sparseforge.methods.gmp import GMP

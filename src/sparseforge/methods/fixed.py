@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import METHODS, Method
+from sparseforge.method import METHODS, Method
 from sparseforge.schedules import Constant
 from sparseforge.targets import Target
 from sparseforge.updates import Update, UpdateContext

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from sparseforge.allocation import Global
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import METHODS, Method
+from sparseforge.method import METHODS, Method
 from sparseforge.schedules import Cubic, OneShot, Schedule
 from sparseforge.targets import Target
 from sparseforge.updates import HardPrune

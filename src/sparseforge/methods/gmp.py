@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from sparseforge.allocation import Allocation
-from sparseforge.methods.base import METHODS, Method
+from sparseforge.method import METHODS, Method
 from sparseforge.patterns import Pattern
 from sparseforge.schedules import Cubic
 from sparseforge.targets import Target

@@ -40,7 +40,7 @@ from torch import nn
 
 from sparseforge.allocation import Allocation, Explicit, as_allocation
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.methods.fixed import FixedMask
 from sparseforge.patterns import Unstructured
 from sparseforge.scores import Magnitude, Random

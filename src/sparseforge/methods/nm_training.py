@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import METHODS, Method
+from sparseforge.method import METHODS, Method
 from sparseforge.patterns import NM
 from sparseforge.schedules import Constant
 from sparseforge.targets import Target

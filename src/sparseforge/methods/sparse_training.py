@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from sparseforge.allocation import Allocation
-from sparseforge.methods.base import METHODS, Method
+from sparseforge.method import METHODS, Method
 from sparseforge.schedules import Constant, Cubic
 from sparseforge.scores import Random
 from sparseforge.targets import Target

@@ -38,7 +38,7 @@ from torch import nn
 
 from sparseforge.allocation import OWL, Allocation, Uniform, as_allocation
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method, default_sparsity
+from sparseforge.method import Method, default_sparsity
 from sparseforge.oneshot.calibration import Calibrator, LayerStats, select_layers, set_weight_matrix, weight_matrix
 from sparseforge.oneshot.channels import prune_channel_groups
 from sparseforge.oneshot.sparsegpt import SparseGPT

@@ -21,7 +21,7 @@ import torch
 
 from sparseforge.allocation import Allocation
 from sparseforge.errors import SparseforgeError
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.oneshot.obs import obs_compress
 from sparseforge.patterns import NM, Pattern, Unstructured, as_pattern
 from sparseforge.schedules import OneShot

@@ -20,7 +20,7 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import write_json_atomic
-from sparseforge.methods.base import Method
+from sparseforge.method import Method
 from sparseforge.progress import Progress, Task
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.training.checkpoint import (

@@ -1,6 +1,6 @@
 """A sparsity method: one choice for each part (docs/architecture.md), nothing else.
 
-Named methods (GMP, RigL, ...) are functions in this package that return a
+Named methods (GMP, RigL, ...) are functions in :mod:`sparseforge.methods` that return a
 :class:`Method` preset; users may also build one directly from parts.
 """
 
