@@ -56,7 +56,8 @@ class IterableBatches:
         self.iterable = iterable
 
     def __len__(self) -> int:
-        return len(self.iterable)  # type: ignore[arg-type]  # TypeError when it has none, as len() would
+        """Batches per epoch: the iterable's length (a TypeError when it has none, as ``len()`` gives)."""
+        return len(self.iterable)  # type: ignore[arg-type]
 
     def has_length(self) -> bool:
         """Whether the wrapped iterable knows its number of batches."""
@@ -67,6 +68,7 @@ class IterableBatches:
         return True
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """A new pass over the iterable (``epoch`` is not used: the iterable orders its own epochs), from ``start``."""
         it = iter(self.iterable)
         return itertools.islice(it, start, None) if start else it
 
