@@ -2,7 +2,9 @@
 # Both create .venv, install torch (pinned: the CPU build that lies on local
 # disk here; elsewhere any torch >= 2.3 works with `pip install -e .`), the
 # package with the extras the tests, the demo and the benchmarks use (test, hf,
-# bench), and make sure Fashion-MNIST is present.
+# bench), build the native sparse kernels (C++ with g++ and ninja; without a
+# compiler the kernels fall back to PyTorch with one warning), and make sure
+# Fashion-MNIST is present.
 
 PYTHON ?= python3
 VENV := .venv
@@ -25,6 +27,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,hf,bench]'
+	$(PY) -m sparseforge.kernels.build
 	touch $(STAMP)
 
 # Fashion-MNIST (Debian's dataset-fashion-mnist) and English text (Debian's

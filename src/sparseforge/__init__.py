@@ -10,7 +10,7 @@ from sparseforge import architectures, registry, training
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.compact import CompactReport, compact
-from sparseforge.kernels.sparse_linear import SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
+from sparseforge.kernels import PackedLinear, SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
 from sparseforge.io.checkpoint import load_checkpoint, load_compacted, save_checkpoint
 from sparseforge.io.sfz import load, save
 from sparseforge.methods import GMP, Method
@@ -32,7 +32,7 @@ __all__ = [
     "SparsityReport", "Target", "Taylor", "Uniform", "Unstructured", "Update", "allocation",
     "distributed", "methods", "patterns", "prune", "report", "schedules", "scores", "targets", "updates",
     "ChannelGroups", "PruneReport", "Wanda", "CompactReport", "L1Norm", "L2Norm", "compact", "load_compacted", "prune_channels",
-    "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
+    "PackedLinear", "SparseLinear", "ToSparseReport", "load_sparse_state_dict", "to_sparse",
     "load", "load_checkpoint", "save", "save_checkpoint",
     "io", "kernels", "merge", "peft",
     "fit", "training",

@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 
 from sparseforge.bench.common import print_table
 from sparseforge.io.sfz import save
-from sparseforge.kernels.sparse_linear import to_sparse
+from sparseforge.kernels.choose import to_sparse
 from sparseforge.oneshot import prune
 from sparseforge.quant.dynamic import quantize_dynamic_int8
 from sparseforge.quant.gptq import gptq_

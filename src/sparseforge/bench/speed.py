@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseforge.kernels.sparse_linear import to_sparse
+from sparseforge.kernels.choose import to_sparse
 from sparseforge.oneshot import prune
 from sparseforge.timing import median_ms, time_interleaved
 from sparseforge.zoo.models import build_model

@@ -1,10 +1,11 @@
-"""Run sparse Linear layers with sparse kernels, only where this machine makes them faster.
+"""Sparse Linear layers on PyTorch's own sparse tensors: CSR/BSR (CPU, CUDA) and 2:4 semi-structured (CUDA).
 
 :class:`SparseLinear` is an inference-only drop-in for ``nn.Linear`` whose
 weight is stored compressed, as CSR (any zero pattern) or BSR (block-sparse
-patterns), with int32 indices. :func:`to_sparse` times, on this machine,
-each Linear layer that has zeros, dense against every candidate format, and
-swaps in a :class:`SparseLinear` only where it is measurably faster.
+patterns), with int32 indices. :func:`sparseforge.to_sparse`
+(:mod:`sparseforge.kernels.choose`) times them beside the dense paths and
+sparseforge's own packed kernels (:mod:`sparseforge.kernels.packed`) and
+keeps one only where it is measurably faster.
 
 What was measured on this project's CPU (torch 2.13.0, 1 thread, 4096x4096
 weight, 90% zeros; ``bench/README.md``, section speed, has the benchmark):
@@ -43,11 +44,8 @@ gives back the ``nn.Linear``.
 
 from __future__ import annotations
 
-import fnmatch
-import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -56,15 +54,8 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.targets import set_submodule
-from sparseforge.timing import median_ms, time_interleaved
 
-__all__ = [
-    "FORMATS", "LayerChoice", "SemiStructuredLinear", "SparseLinear", "ToSparseReport",
-    "detect_blocksize", "is_2to4", "load_sparse_state_dict", "to_sparse",
-]
-
-FORMATS: tuple[str, ...] = ("csr", "bsr", "2:4")
-"""The formats :func:`to_sparse` knows: CSR, BSR (CPU and CUDA), 2:4 semi-structured (CUDA only)."""
+__all__ = ["SemiStructuredLinear", "SparseLinear", "detect_blocksize", "is_2to4", "load_sparse_state_dict"]
 
 BLOCK_SIZES: tuple[int, ...] = (32, 16, 8, 4)
 """Block sizes :func:`detect_blocksize` tries, largest first."""
@@ -326,232 +317,6 @@ class SemiStructuredLinear(nn.Module):
         lead = x.shape[:-1]
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
         return y.reshape(*lead, self.out_features)
-
-
-@dataclass
-class LayerChoice:
-    """What :func:`to_sparse` measured and chose for one Linear layer.
-
-    ``format`` is ``"dense"`` (kept) or the format swapped in; ``times_ms``
-    maps each batch size measured to ``{"dense": ms, "<format>": ms, ...}``
-    (median per call); ``reason`` says why in words.
-    """
-
-    name: str
-    shape: tuple[int, int]
-    density: float
-    format: str
-    blocksize: int | None = None
-    speedup: float | None = None
-    reason: str = ""
-    times_ms: dict[int, dict[str, float]] = field(default_factory=dict)
-
-
-@dataclass
-class ToSparseReport:
-    """Per-layer choices of :func:`to_sparse` and the rule's settings."""
-
-    layers: list[LayerChoice]
-    batch_size: int
-    check_batch_sizes: tuple[int, ...]
-    min_speedup: float
-    formats: tuple[str, ...]
-    threads: int
-
-    @property
-    def converted(self) -> list[str]:
-        """Names of the layers that were swapped for a sparse module."""
-        return [c.name for c in self.layers if c.format != "dense"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size, "check_batch_sizes": list(self.check_batch_sizes),
-            "min_speedup": self.min_speedup, "formats": list(self.formats), "threads": self.threads,
-            "layers": [asdict(c) | {"shape": list(c.shape),
-                                    "times_ms": {str(b): t for b, t in c.times_ms.items()}} for c in self.layers],
-        }
-
-    def __str__(self) -> str:
-        lines = [f"{'layer':24s} {'shape':>12s} {'density':>8s} {'format':>7s} {'speedup':>8s}  reason"]
-        for c in self.layers:
-            shape = f"{c.shape[0]}x{c.shape[1]}"
-            sp = f"{c.speedup:.2f}x" if c.speedup is not None else "-"
-            fmt = c.format + (f"/{c.blocksize}" if c.blocksize else "")
-            lines.append(f"{c.name:24s} {shape:>12s} {c.density:8.3f} {fmt:>7s} {sp:>8s}  {c.reason}")
-        return "\n".join(lines)
-
-
-def _check_batch(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SparseforgeError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _candidates(name: str, layer: nn.Linear, formats: Sequence[str], blocksize: int | None,
-                notes: list[str]) -> dict[str, nn.Module]:
-    w = layer.weight.detach()
-    found: dict[str, nn.Module] = {}
-    for fmt in formats:
-        if fmt == "csr":
-            found["csr"] = SparseLinear.from_dense(layer, "csr")
-        elif fmt == "bsr":
-            b = blocksize if blocksize is not None else detect_blocksize(w)
-            if b is None:
-                notes.append("no block structure for bsr")
-            elif w.shape[0] % b or w.shape[1] % b:
-                notes.append(f"bsr block {b} does not divide {tuple(w.shape)}")
-            else:
-                found["bsr"] = SparseLinear.from_dense(layer, "bsr", b)
-        elif fmt == "2:4":
-            if not w.is_cuda:
-                continue  # CPU: no 2:4 kernel; not worth a note on every layer
-            try:
-                module = SemiStructuredLinear(layer)
-                # Untested GPU/dtype combinations may fail only at the first matmul: check one here.
-                x = torch.randn(8, layer.in_features, dtype=w.dtype, device=w.device)
-                if not torch.allclose(module(x), layer(x), rtol=1e-2, atol=1e-2):
-                    raise SparseforgeError("2:4 output differs from dense")
-                found["2:4"] = module
-            except (SparseforgeError, RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-                notes.append(f"2:4: {e}")
-    return found
-
-
-def to_sparse(
-    model: nn.Module,
-    *,
-    batch_size: int = 1,
-    check_batch_sizes: Sequence[int] = (8, 64, 256),
-    min_speedup: float = 1.1,
-    formats: Sequence[str] = ("csr", "bsr", "2:4"),
-    layers: Sequence[str] | str | None = None,
-    blocksize: int | None = None,
-    rounds: int = 7,
-) -> ToSparseReport:
-    """Swap, in place, each Linear layer with zeros for a sparse module where that is faster here.
-
-    Rule, per ``nn.Linear`` selected by ``layers``: a layer without zeros is
-    kept dense, untimed. Otherwise the dense layer and each candidate format
-    are timed on this machine, on random inputs of the layer's dtype and
-    device: interleaved blocks, order flipping every round, the median of
-    ``rounds`` blocks (:func:`sparseforge.timing.time_interleaved`), first at
-    ``batch_size`` and then at each of ``check_batch_sizes``. A format
-    qualifies when it is at least ``min_speedup`` times faster than dense at
-    ``batch_size`` *and* not slower than dense (speedup >= 1) at every size in
-    ``check_batch_sizes`` (sparse kernels lose their edge as the batch grows,
-    so the large sizes guard "never slower than dense"). Among the qualifying
-    formats the one with the highest geometric-mean speedup over the batch
-    sizes measured replaces the layer (CSR and BSR can tie at batch 1 while
-    BSR wins at large batches); if none qualifies the layer stays dense. Outputs equal the dense layer's to float
-    rounding. Candidates: ``"csr"`` (any pattern), ``"bsr"`` (only when the
-    zeros form blocks, :func:`detect_blocksize`, or ``blocksize`` is given),
-    ``"2:4"`` (only for 2:4 weights on CUDA, with PyTorch's semi-structured
-    support). The converted modules are inference-only.
-
-    Args:
-        model: the model, modified in place (its Linear layers are replaced).
-        batch_size: the batch size the speedup is required at. Default 1.
-        check_batch_sizes: batch sizes at which a converted layer must not be
-            slower than dense. Default ``(8, 64, 256)``; ``()`` checks none.
-        min_speedup: required dense/sparse time ratio at ``batch_size``. Default 1.1.
-        formats: candidate formats, a subset of :data:`FORMATS`. Default all three.
-        layers: module name globs (fnmatch) of the Linear layers to consider.
-            Default: every Linear. A glob that matches no Linear is an error.
-        blocksize: BSR block size; default: detected per layer.
-        rounds: timed blocks per configuration. Default 7.
-
-    Returns a :class:`ToSparseReport`: per layer its shape, density, chosen
-    format, speedup at ``batch_size`` and the median times measured.
-
-    Example:
-        >>> import torch, sparseforge as sf
-        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
-        >>> r = sf.to_sparse(model, min_speedup=1e9)   # nothing is that much faster
-        >>> r.converted, type(model[0]).__name__
-        ([], 'Linear')
-    """
-    if not isinstance(model, nn.Module):
-        raise SparseforgeError(f"to_sparse takes an nn.Module, got {type(model).__name__}")
-    batch_size = _check_batch("batch_size", batch_size)
-    if isinstance(check_batch_sizes, int):
-        check_batch_sizes = (check_batch_sizes,)
-    check_batch_sizes = tuple(_check_batch("check_batch_sizes entries", b) for b in check_batch_sizes)
-    if isinstance(formats, str):
-        formats = (formats,)
-    formats = tuple(formats)
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise SparseforgeError(f"unknown sparse format(s) {unknown or formats}; use some of {list(FORMATS)}")
-    if not isinstance(min_speedup, (int, float)) or isinstance(min_speedup, bool) or not min_speedup > 0:
-        raise SparseforgeError(f"min_speedup must be a positive number, got {min_speedup!r}")
-    if blocksize is not None:
-        _check_batch("blocksize", blocksize)
-    _check_batch("rounds", rounds)
-
-    if isinstance(model, nn.Linear):
-        raise SparseforgeError(
-            "to_sparse replaces the Linear layers inside a model; for a lone nn.Linear use "
-            "SparseLinear.from_dense(layer) or wrap it in nn.Sequential"
-        )
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if layers is not None:
-        globs = [layers] if isinstance(layers, str) else list(layers)
-        for g in globs:
-            if not any(fnmatch.fnmatchcase(n, g) for n, _ in linears):
-                others = [n for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, g)]
-                what = f" (it matches {', '.join(others[:5])}, not nn.Linear)" if others else ""
-                raise SparseforgeError(
-                    f"layers pattern {g!r} matches no nn.Linear{what}; Linear layers: "
-                    f"{', '.join(n for n, _ in linears[:12]) or 'none'}"
-                )
-        linears = [(n, m) for n, m in linears if any(fnmatch.fnmatchcase(n, g) for g in globs)]
-
-    choices = []
-    replacements: dict[str, nn.Module] = {}
-    with torch.no_grad():
-        for name, layer in linears:
-            w = layer.weight
-            density = float(torch.count_nonzero(w)) / w.numel()
-            choice = LayerChoice(name, (layer.out_features, layer.in_features), density, "dense")
-            choices.append(choice)
-            if density == 1.0:
-                choice.reason = "no zeros"
-                continue
-            notes: list[str] = []
-            cands = _candidates(name, layer, formats, blocksize, notes)
-            sync = torch.cuda.synchronize if w.is_cuda else None
-            alive = dict(cands)
-            for i, b in enumerate((batch_size, *check_batch_sizes)):
-                if not alive:
-                    break
-                x = torch.randn(b, layer.in_features, dtype=w.dtype, device=w.device)
-                fns = {"dense": (lambda m=layer, x=x: m(x))} | {f: (lambda m=m, x=x: m(x)) for f, m in alive.items()}
-                times, _ = time_interleaved(fns, rounds, block_seconds=0.01, warmup_blocks=1, sync=sync)
-                med = {k: round(median_ms(v), 5) for k, v in times.items()}
-                choice.times_ms[b] = med
-                need = min_speedup if i == 0 else 1.0
-                for f in list(alive):
-                    if med["dense"] / med[f] < need:
-                        notes.append(f"{f}: {med['dense'] / med[f]:.2f}x at batch {b} (needs {need:g})")
-                        del alive[f]
-            if alive:
-                def gain(f: str) -> float:  # geometric mean of the speedups over the batch sizes measured
-                    r = [t2["dense"] / t2[f] for t2 in choice.times_ms.values()]
-                    return math.prod(r) ** (1 / len(r))
-
-                best = max(alive, key=gain)
-                t = choice.times_ms[batch_size]
-                choice.format = best
-                choice.blocksize = getattr(alive[best], "blocksize", None)
-                choice.speedup = round(t["dense"] / t[best], 3)
-                checked = ", ".join(f"{t2['dense'] / t2[best]:.2f}x@{b}" for b, t2 in choice.times_ms.items())
-                choice.reason = f"faster: {checked}"
-                replacements[name] = alive[best]
-            else:
-                choice.reason = "; ".join(notes) or "no candidate format"
-    for name, module in replacements.items():
-        set_submodule(model, name, module)
-    return ToSparseReport(choices, batch_size, check_batch_sizes, float(min_speedup), formats, torch.get_num_threads())
 
 
 def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> nn.Module:
