@@ -25,8 +25,10 @@ Products (:func:`packed_matmul`) run on the native kernels
 PyTorch fallback that unpacks the weight (same results, not faster).
 Accumulation is in float32: with float32 values a product equals the dense
 product of the masked weight up to summation order; bf16 and int8 values
-differ from the float32 weight only by their rounding (activations are not
-rounded: unlike a dense bf16 matmul, the input stays float32).
+differ from the float32 weight only by their rounding. The AVX512-BF16
+kernel for bf16 values also rounds the activations to bfloat16 (as a dense
+bf16 matmul does) and multiplies with ``vdpbf16ps``; the other kernels keep
+the activations in float32.
 """
 
 from __future__ import annotations

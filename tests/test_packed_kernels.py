@@ -1,0 +1,310 @@
+"""The packed bitmask formats and their kernels: exact products on every instruction set, fallback, to_sparse's rule.
+
+Tolerances, stated once: every product is accumulated in float32, so a packed
+product differs from the float64 product of the *same* (rounded) operands
+only by summation order, bounded by ``K * 2**-23 * (|W| @ |x|)``; we allow
+``1e-5 * (|W| @ |x|) + 1e-6`` for K <= 300 (K * 2**-23 < 4e-5 is the worst
+case, the typical error is ~sqrt(K) times smaller). The operands are rounded
+by the format: fp32 values are the weight itself; bf16 values are the weight
+rounded to bfloat16 (and, on the AVX512-BF16 kernel, the activations too, as a
+dense bf16 matmul does); int8 values are the codes of
+:func:`sparseforge.quant.rtn.quantize_weight` times their row scale.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparseforge as sf
+from sparseforge.kernels import choose
+from sparseforge.kernels.native import native
+from sparseforge.kernels.packed import PackedLinear, PackedWeight, pack, packed_matmul
+from sparseforge.quant.rtn import quantize_weight
+
+NATIVE = native()
+ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
+SUPPORTED = ISAS[: ISAS.index(NATIVE.best_isa()) + 1] if NATIVE is not None else []
+needs_native = pytest.mark.skipif(NATIVE is None, reason="native kernels not built (no compiler)")
+
+
+@pytest.fixture(params=SUPPORTED or ["fallback"])
+def isa(request):
+    """Each instruction set this CPU has (the kernels dispatch at run time; forcing a lower one tests its code)."""
+    if NATIVE is None:
+        yield "fallback"
+        return
+    before = NATIVE.isa()
+    NATIVE.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        NATIVE.set_isa(before)
+
+
+def sparse_weight(n: int, k: int, density: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    return w * (torch.rand(n, k, generator=g) < density)
+
+
+def reference(w: torch.Tensor, x: torch.Tensor, values: str, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 product of the operands the format stores, and the error bound's |W| @ |x|."""
+    if values == "fp32":
+        wq = w
+    elif values == "bf16":
+        wq = w.to(torch.bfloat16).to(torch.float32)
+        if isa == "avx512bf16":
+            x = x.to(torch.bfloat16).to(torch.float32)
+    else:
+        qt = quantize_weight(w, bits=8, group_size=None)
+        wq = qt.q.to(torch.float32) * qt.scale.reshape(-1, 1).to(torch.float32)
+    w64, x64 = wq.double(), x.double()
+    return x64 @ w64.T, x64.abs() @ w64.abs().T
+
+
+def assert_product_close(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> None:
+    err = (y.double() - ref).abs()
+    bound = 1e-5 * scale + 1e-6
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"error {worst:.2f}x the stated bound"
+
+
+SHAPES = [(1, 1), (3, 5), (7, 13), (16, 64), (17, 65), (33, 127), (64, 128), (5, 300)]
+
+
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_product_equals_dense_product_of_stored_weight(isa, values, shape):
+    n, k = shape
+    w = sparse_weight(n, k, 0.4, seed=n * 1000 + k)
+    p = pack(w, values)
+    assert p.mask.shape == (n, -(-k // 64)) and p.nnz == int((w != 0).sum())
+    for batch in (1, 2, 3, 4, 5, 9, 64):
+        x = torch.randn(batch, k)
+        ref, scale = reference(w, x, values, isa)
+        assert_product_close(packed_matmul(x, p), ref, scale)
+
+
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
+def test_all_zero_rows_fully_dense_rows_and_empty_weight(isa, values):
+    w = sparse_weight(12, 70, 0.5)
+    w[0] = 0
+    w[5] = 0
+    w[3] = torch.randn(70)                 # a row without zeros
+    w[11] = torch.randn(70)
+    x = torch.randn(6, 70)
+    ref, scale = reference(w, x, values, isa)
+    y = packed_matmul(x, pack(w, values))
+    assert_product_close(y, ref, scale)
+    assert torch.equal(y[:, 0], torch.zeros(6)) and torch.equal(y[:, 5], torch.zeros(6))
+    empty = pack(torch.zeros(4, 9), values)
+    assert empty.nnz == 0 and torch.equal(packed_matmul(torch.randn(3, 9), empty), torch.zeros(3, 4))
+    dense = torch.randn(8, 64)
+    ref, scale = reference(dense, x[:, :64], values, isa)
+    assert_product_close(packed_matmul(x[:, :64], pack(dense, values)), ref, scale)
+
+
+def test_fp32_values_unpack_bit_identically(isa):
+    w = sparse_weight(19, 131, 0.3)
+    p = pack(w, "fp32")
+    assert torch.equal(p.to_dense(), w)
+    assert torch.equal(pack(w, "bf16").to_dense(torch.bfloat16), w.to(torch.bfloat16))
+    qt = quantize_weight(w, bits=8, group_size=None)
+    want = (qt.q.to(torch.float32) * qt.scale.reshape(-1, 1)).to(torch.bfloat16)
+    assert torch.equal(pack(w, "int8").to_dense(torch.bfloat16), want)
+    # zeros stay zero: the int8 codes keep the mask (a kept weight may round to code 0, never the reverse)
+    assert ((pack(w, "int8").to_dense() != 0) <= (w != 0)).all()
+
+
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
+def test_packed_linear_matches_masked_linear_on_any_input_layout(isa, values):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    sf.prune(nn.Sequential(lin), "magnitude", sparsity=0.7)
+    layer = PackedLinear.from_dense(lin, values)
+    inputs = (torch.randn(1, 96), torch.randn(3, 7, 96), torch.randn(96, 5).T, torch.randn(4, 192)[:, ::2])
+    assert not inputs[2].is_contiguous() and not inputs[3].is_contiguous()
+    for x in inputs:
+        ref, scale = reference(lin.weight.detach(), x.reshape(-1, 96), values, isa)
+        ref = ref + lin.bias.detach().double()
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (*x.shape[:-1], 40) and y.dtype == x.dtype
+        assert_product_close(y.reshape(-1, 40), ref, scale + lin.bias.detach().abs().double())
+
+
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
+def test_hybrid_dense_above_equals_packed(values):
+    torch.manual_seed(1)
+    lin = nn.Linear(130, 70)
+    sf.prune(nn.Sequential(lin), "magnitude", sparsity=0.5)
+    packed = PackedLinear.from_dense(lin, values)
+    hybrid = PackedLinear.from_dense(lin, values, dense_above=4)
+    x = torch.randn(16, 130)
+    with torch.no_grad():
+        a, b = packed(x), hybrid(x)
+    # the hybrid runs a bf16 dense matmul (float32 for fp32 values): agree to bf16 rounding of the activations
+    tol = 1e-5 if values == "fp32" else 2e-2
+    torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+
+
+def test_state_dict_round_trip_and_to_dense():
+    torch.manual_seed(2)
+    lin = nn.Linear(50, 30)
+    sf.prune(nn.Sequential(lin), "magnitude", sparsity=0.6)
+    a = nn.Sequential(PackedLinear.from_dense(lin, "int8", dense_above=8))
+    other = nn.Linear(50, 30)
+    sf.prune(nn.Sequential(other), "magnitude", sparsity=0.2)   # another number of nonzeros
+    b = nn.Sequential(PackedLinear.from_dense(other, "int8"))
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values())
+               if isinstance(u, torch.Tensor))
+    assert b[0].dense_above == 8
+    x = torch.randn(3, 50)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    exact = PackedLinear.from_dense(lin, "fp32")
+    assert torch.equal(exact.to_dense().weight, lin.weight) and torch.equal(exact.to_dense().bias, lin.bias)
+
+
+def test_bad_inputs_say_what_is_wrong():
+    with pytest.raises(sf.SparseforgeError, match="values must be one of"):
+        pack(torch.zeros(2, 2), "fp16")
+    with pytest.raises(sf.SparseforgeError, match="2-D"):
+        pack(torch.zeros(2, 2, 2))
+    with pytest.raises(sf.SparseforgeError, match="NaN"):
+        pack(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(sf.SparseforgeError, match="expects inputs with 8 features"):
+        PackedLinear.from_dense(nn.Linear(8, 4))(torch.randn(2, 9))
+    with pytest.raises(sf.SparseforgeError, match="takes an nn.Linear"):
+        PackedLinear.from_dense(nn.Conv1d(2, 2, 1))
+
+
+@needs_native
+def test_native_kernel_refuses_inconsistent_buffers():
+    p = pack(sparse_weight(4, 70, 0.5), "bf16")
+    with pytest.raises(RuntimeError, match="words per row"):
+        NATIVE.packed_matmul(torch.randn(1, 70), p.mask[:, :1].contiguous(), p.values, p.row_ptr, None, 70)
+    with pytest.raises(RuntimeError, match="values hold"):
+        NATIVE.packed_matmul(torch.randn(1, 70), p.mask, p.values[:3].contiguous(), p.row_ptr, None, 70)
+    with pytest.raises(RuntimeError, match="does not support|unknown ISA"):
+        NATIVE.set_isa("avx1024")
+
+
+def test_fallback_without_native_kernels_gives_same_products_and_one_warning():
+    """SPARSEFORGE_NATIVE=0 (what a machine without a compiler gets): one warning, the same products."""
+    code = r"""
+import warnings, torch
+from torch import nn
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import sparseforge as sf
+    from sparseforge.kernels.packed import PackedLinear
+    from sparseforge.kernels.native import native_status
+    torch.manual_seed(0)
+    lin = nn.Linear(70, 20)
+    sf.prune(nn.Sequential(lin), "magnitude", sparsity=0.6)
+    layer = PackedLinear.from_dense(lin, "fp32")
+    x = torch.randn(3, 70)
+    with torch.no_grad():
+        y = layer(x); y = layer(x)
+    ok = torch.allclose(y, lin(x), rtol=1e-5, atol=1e-5)
+msgs = [str(w.message) for w in caught if "native sparse kernels" in str(w.message)]
+print(len(msgs), ok, native_status()["isa"])
+print(msgs[0] if msgs else "")
+"""
+    env = dict(os.environ, SPARSEFORGE_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, message = out.stdout.splitlines()[:2]
+    assert first == "1 True pytorch-fallback"
+    assert "SPARSEFORGE_NATIVE=0" in message and "python -m sparseforge.kernels.build" in message
+
+
+# ---- to_sparse's rule, with the clock replaced by a script of times ----------------------------------------
+
+
+def scripted_timer(table):
+    """A stand-in for time_interleaved: times from ``table[(path, batch, hybrid)]`` in ms."""
+
+    def fake(fns, rounds, **kwargs):
+        raw = {}
+        for name, fn in fns.items():
+            module = fn.__defaults__[0]
+            batch = fn()                                        # runs the module once: a real forward
+            batch = batch.shape[0]
+            hybrid = isinstance(module, PackedLinear) and module.dense_above is not None
+            raw[name] = [table[(name, batch, hybrid)] / 1e3] * rounds
+        return raw, {}
+
+    return fake
+
+
+def pruned_model() -> nn.Sequential:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 64))
+    sf.prune(model, "magnitude", sparsity=0.8)
+    return model
+
+
+def test_packed_that_loses_at_large_batches_runs_as_a_hybrid(monkeypatch):
+    t = {("dense", 1, False): 2.0, ("packed-fp32", 1, False): 0.5,
+         ("dense", 64, False): 2.0, ("packed-fp32", 64, False): 4.0, ("packed-fp32", 64, True): 2.0}
+    monkeypatch.setattr(choose, "time_interleaved", scripted_timer(t))
+    model = pruned_model()
+    report = sf.to_sparse(model, formats=("packed-fp32",), check_batch_sizes=(64,), rounds=3)
+    layer = report.layers[0]
+    assert layer.format == "packed-fp32" and layer.dense_above == 1 and model[0].dense_above == 1
+    assert layer.vs_best_dense == pytest.approx(4.0)
+
+
+def test_never_slower_than_the_best_dense_path_at_any_checked_size(monkeypatch):
+    t = {("dense", 1, False): 2.0, ("packed-fp32", 1, False): 0.5,
+         ("dense", 64, False): 2.0, ("packed-fp32", 64, False): 4.0, ("packed-fp32", 64, True): 2.2}
+    monkeypatch.setattr(choose, "time_interleaved", scripted_timer(t))
+    model = pruned_model()
+    report = sf.to_sparse(model, formats=("packed-fp32",), check_batch_sizes=(64,), rounds=3)
+    assert report.layers[0].format == "dense" and type(model[0]) is nn.Linear
+    assert "dense above 1" in report.layers[0].reason
+
+
+def test_sparse_must_beat_the_best_dense_path_of_the_policy_not_fp32(monkeypatch):
+    # packed-bf16 is 2x faster than fp32 but slower than dense bf16: dense bf16 is chosen
+    t = {("dense", 1, False): 4.0, ("dense-bf16", 1, False): 1.0, ("packed-bf16", 1, False): 2.0,
+         ("dense", 8, False): 8.0, ("dense-bf16", 8, False): 2.0, ("packed-bf16", 8, False): 3.0}
+    monkeypatch.setattr(choose, "time_interleaved", scripted_timer(t))
+    model = pruned_model()
+    report = sf.to_sparse(model, precision="bf16", formats=("packed-bf16",), check_batch_sizes=(8,), rounds=3)
+    assert report.layers[0].format == "dense-bf16"
+    assert type(model[0]).__name__ == "BF16Linear"
+    # and where packed beats dense bf16 at both sizes, it is chosen
+    t[("packed-bf16", 1, False)], t[("packed-bf16", 8, False)] = 0.5, 1.5
+    model = pruned_model()
+    report = sf.to_sparse(model, precision="bf16", formats=("packed-bf16",), check_batch_sizes=(8,), rounds=3)
+    assert report.layers[0].format == "packed-bf16" and isinstance(model[0], PackedLinear)
+    assert report.layers[0].vs_best_dense == pytest.approx(2.0)
+
+
+def test_exact_policy_refuses_rounded_formats():
+    with pytest.raises(sf.SparseforgeError, match="does not allow"):
+        sf.to_sparse(pruned_model(), formats=("packed-bf16",))
+
+
+def test_packed_weight_reports_the_bytes_it_reads():
+    w = sparse_weight(64, 128, 0.5)
+    p = pack(w, "bf16")
+    assert isinstance(p, PackedWeight)
+    assert p.nbytes == 64 * 2 * 8 + 65 * 8 + p.nnz * 2
+    q = pack(w, "int8")
+    assert q.nbytes == 64 * 2 * 8 + 65 * 8 + 64 * 4 + q.nnz
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # packing and products warn only when the kernels are missing
+        if NATIVE is not None:
+            packed_matmul(torch.randn(1, 128), q)
