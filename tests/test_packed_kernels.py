@@ -308,3 +308,87 @@ def test_packed_weight_reports_the_bytes_it_reads():
         warnings.simplefilter("error")      # packing and products warn only when the kernels are missing
         if NATIVE is not None:
             packed_matmul(torch.randn(1, 128), q)
+
+
+# ---- .sfz files load straight into packed layers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
+def test_packed_layers_save_to_sfz_and_load_back_bit_identically(tmp_path, values):
+    from sparseforge.zoo import build_model
+
+    model = build_model("lenet300")                       # in_features 784, 300, 100: whole and partial bytes
+    sf.prune(model, sparsity=0.9)
+    dense_masked = build_model("lenet300")
+    dense_masked.load_state_dict(model.state_dict())
+    for name in ("fc1", "fc2", "fc3"):
+        setattr(model, name, PackedLinear.from_dense(getattr(model, name), values, dense_above=16))
+    path = tmp_path / "m.sfz"
+    sf.save(model, path)
+    loaded = sf.load(path, packed=True)
+    for name in ("fc1", "fc2", "fc3"):
+        a, b = getattr(model, name), getattr(loaded, name)
+        assert isinstance(b, PackedLinear) and b.dense_above == 16
+        for key in ("mask", "values", "row_ptr", "scales", "bias"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), (name, key)
+    # the same file loads as a plain model whose weights are the packed values
+    plain = sf.load(path)
+    assert all(type(getattr(plain, n)) is nn.Linear for n in ("fc1", "fc2", "fc3"))
+    assert torch.equal(plain.fc2.weight, model.fc2.packed.to_dense())
+    if values == "fp32":
+        assert all(torch.equal(u, v) for u, v in zip(plain.state_dict().values(), dense_masked.state_dict().values()))
+
+
+def test_sfz_of_a_dense_model_loads_packed_with_equal_outputs_and_names_what_stays_dense(tmp_path):
+    from sparseforge.zoo import build_model
+
+    model = build_model("lenet300")
+    sf.prune(model, sparsity=0.9, target=["fc1", "fc2"])     # fc3 keeps every weight: stored dense
+    x = torch.randn(4, 1, 28, 28)
+    for values in ("fp32", "fp16", "int8"):
+        path = tmp_path / f"{values}.sfz"
+        sf.save(model, path, values=values)
+        with pytest.warns(UserWarning, match=r"1 Linear layer\(s\) stay dense.*fc3"):
+            packed = sf.load(path, packed=True)
+        plain = sf.load(path)
+        assert isinstance(packed.fc1, PackedLinear) and type(packed.fc3) is nn.Linear
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), plain(x), rtol=1e-5, atol=1e-5)
+    path = tmp_path / "int4.sfz"
+    sf.save(model, path, values="int4")
+    with pytest.warns(UserWarning, match="3 Linear layer"):
+        assert type(sf.load(path, packed=True).fc1) is nn.Linear
+
+
+# ---- token generation with transformers' LLaMA classes on packed layers ------------------------------------
+
+
+def test_llama_generate_on_packed_layers_gives_the_masked_dense_models_tokens():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    sf.prune(dense, "magnitude", sparsity=0.6, target="model.layers.*")
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict(dense.state_dict())
+    report = sf.to_sparse(model, formats=("packed-fp32",), layers="model.layers.*", min_speedup=1e-9,
+                          check_batch_sizes=(), rounds=1)
+    assert len(report.converted) == 2 * 7 and type(model.lm_head) is nn.Linear
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        want = dense.generate(prompt, **kwargs)
+        got = model.generate(prompt, **kwargs)
+        assert torch.equal(got, want)          # exact policy: the same greedy tokens, KV cache and all
+        for values in ("bf16", "int8"):         # rounded values: runs under generate, logits close
+            rounded = transformers.LlamaForCausalLM(config).eval()
+            rounded.load_state_dict(dense.state_dict())
+            for name, mod in list(rounded.named_modules()):
+                if name.startswith("model.layers.") and isinstance(mod, nn.Linear):
+                    rounded.set_submodule(name, PackedLinear.from_dense(mod, values))
+            out = rounded.generate(prompt, **kwargs)
+            assert out.shape == want.shape
+            logits, ref = rounded(want).logits, dense(want).logits
+            assert (logits - ref).abs().max() < 0.05 * ref.abs().max()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import copy
 import hashlib
 import json
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import sparseforge as sf
+from sparseforge.kernels.packed import PackedLinear
 from sparseforge.cli import main as cli_main
 from sparseforge.formats import seal_metadata
 from sparseforge.io.checkpoint import save_checkpoint
@@ -120,7 +123,8 @@ class _One(nn.Module):
 @given(
     shape=st.one_of(st.tuples(st.integers(1, 9), st.integers(1, 40)),
                     st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))),
-    density=st.floats(0.0, 1.0), values=st.sampled_from(["fp32", "fp16", "int8", "int4"]), seed=st.integers(0, 999),
+    density=st.floats(0.0, 1.0), values=st.sampled_from(["fp32", "fp16", "bf16", "int8", "int4"]),
+    seed=st.integers(0, 999),
 )
 def test_random_shapes_and_densities_round_trip(tmp_path: Path, shape, density, values, seed) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -134,17 +138,25 @@ def test_random_shapes_and_densities_round_trip(tmp_path: Path, shape, density, 
     assert bool((got[want == 0] == 0).all())  # a pruned weight stays pruned
     if values == "fp32":
         assert torch.equal(got, want)
-    elif values == "fp16":
-        assert torch.equal(got, want.half().float())
+    elif values in ("fp16", "bf16"):
+        assert torch.equal(got, want.to(torch.float16 if values == "fp16" else torch.bfloat16).float())
     else:
         assert torch.equal(got, quantize_weight(want, int(values[3:])).dequantize())
     assert torch.equal(loaded.layer.bias, model.layer.bias)
     # The bitmask is used exactly when it makes the tensor smaller.
     info = read_sfz(path)[1]["tensors"]["layer.weight"]
-    vbits = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}[values]
+    vbits = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}[values]
     n, nnz = want.numel(), int(got.count_nonzero())  # quantizing may round small kept weights to 0
     assert info["nnz"] == nnz
     assert (info["encoding"] == "bitmask") == ((n + 7) // 8 + -(-nnz * vbits // 8) < -(-n * vbits // 8))
+    # Loading packed: bitmask Linear weights run packed on the very same weight; the rest stay as they are.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "stay dense": checked in tests/test_packed_kernels.py
+        packed = sf.load(path, _One(shape), packed=True)
+    if info["encoding"] == "bitmask" and values != "int4" and len(shape) == 2:
+        assert isinstance(packed.layer, PackedLinear) and torch.equal(packed.layer.weight, got)
+    else:
+        assert torch.equal(packed.layer.weight, got)
 
 
 def test_sizes_and_patterns(tmp_path: Path) -> None:
@@ -203,7 +215,7 @@ def test_truncated_missing_newer_and_wrong_files(tmp_path: Path) -> None:
     with pytest.raises(sf.SparseforgeError, match="does not fit the model"):
         sf.load(path, build_model("conv4"))
     with pytest.raises(sf.SparseforgeError, match="values must be one of"):
-        sf.save(_pruned(), tmp_path / "x.sfz", values="bf16")
+        sf.save(_pruned(), tmp_path / "x.sfz", values="fp8")
 
 
 def test_failed_save_leaves_the_old_file(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ stored (its *encoding*):
 
   - ``"fp32"``: float32 values (bit-exact for float32 models);
   - ``"fp16"`` (default): float16 values (loading gives ``w.half()`` back in
-    the weight's dtype);
+    the weight's dtype); ``"bf16"``: bfloat16 values, the same way;
   - ``"int8"``: integer codes and float32 scales by the rule of
     :mod:`sparseforge.quant.rtn` (symmetric, per output channel, scales over
     the kept weights, zeros stay zero; a kept weight under half a step rounds to zero). A layer
@@ -27,6 +27,13 @@ stored (its *encoding*):
   smaller than storing every value (``encoding: "bitmask"``); otherwise as
   ``NAME#values`` holding every value (``encoding: "dense"``). Quantized
   weights add ``NAME#scale`` (float32, ``[out, n_groups]``).
+- A :class:`~sparseforge.kernels.packed.PackedLinear` (what
+  :func:`sparseforge.to_sparse` and ``load(..., packed=True)`` give) is
+  stored as the Linear weight it packs, in the bitmask encoding with its
+  own values (fp32, bf16 or per-channel int8, whatever ``values`` says):
+  its mask words are the same bits as ``NAME#mask`` (one byte-wise bit
+  reversal apart), its values the same stream, so saving and loading packed
+  layers never builds a dense weight.
 - Every other tensor (biases, norm parameters and buffers, embeddings) is
   stored as is, under its own name and in its own dtype (``encoding: "raw"``):
   they are small, and rounding a norm's statistics to fp16 buys little and
@@ -50,6 +57,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +70,8 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.files import write_safetensors
 from sparseforge.formats import HEADER_DIGEST, check_header, foreign_format, seal_metadata, tensor_digest
 from sparseforge.io.checkpoint import arch_metadata, model_for
+from sparseforge.kernels.packed import PackedLinear, PackedWeight
+from sparseforge.targets import set_submodule
 from sparseforge.quant.rtn import (
     QUANT_ATTR, QuantizedTensor, dequantize, pack_int4, quantization_of, quantize_weight, unpack_int4,
 )
@@ -70,9 +80,9 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "VALUES", "is_sfz", "load", "load_sfz", "
 
 FORMAT = "sparseforge-sfz"
 FORMAT_VERSION = 1
-VALUES = ("fp32", "fp16", "int8", "int4")
+VALUES = ("fp32", "fp16", "bf16", "int8", "int4")
 _LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_FLOAT = {"fp32": torch.float32, "fp16": torch.float16}
+_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool)}
@@ -135,7 +145,7 @@ def _encode_weight(
     parts: dict[str, torch.Tensor] = {}
     if values in _FLOAT:
         flat = w.reshape(-1).to(_FLOAT[values])
-        kept, dense_vals, vbits = flat[nz.reshape(-1)], flat, 16 if values == "fp16" else 32
+        kept, dense_vals, vbits = flat[nz.reshape(-1)], flat, 32 if values == "fp32" else 16
         info["values"] = values
     else:
         qt = quantization_of(module)
@@ -165,6 +175,27 @@ def _encode_weight(
     else:
         parts[f"{name}#values"] = dense_vals.contiguous()
         info["encoding"] = "dense"
+    return parts, info
+
+
+# the buffers of a PackedLinear that together are its weight (its bias is stored as any bias)
+_PACKED_BUFFERS = frozenset({"mask", "values", "row_ptr", "scales", "_extra_state"})
+
+
+def _encode_packed(name: str, module: PackedLinear) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Stored parts and metadata of a packed layer's weight: the bitmask encoding of its own buffers."""
+    p = module.packed
+    stream, vals = p.to_bitmask()
+    bits = torch.from_numpy(np.unpackbits(stream, count=p.out_features * p.in_features).astype(bool))
+    info: dict[str, Any] = {"shape": [p.out_features, p.in_features], "dtype": "float32", "nnz": p.nnz,
+                            "pattern": pattern_of(bits.reshape(p.out_features, p.in_features)),
+                            "values": p.value_dtype, "encoding": "bitmask"}
+    parts = {f"{name}#mask": torch.from_numpy(stream), f"{name}#values": vals.contiguous()}
+    if p.scales is not None:
+        parts[f"{name}#scale"] = p.scales.reshape(-1, 1).to(torch.float32).contiguous()
+        info["quant"] = {"bits": 8, "group_size": None, "scheme": "rtn-symmetric"}
+    if module.dense_above is not None:
+        info["dense_above"] = module.dense_above
     return parts, info
 
 
@@ -198,11 +229,19 @@ def save(
         raise SparseforgeError(f"values must be one of {', '.join(VALUES)}, got {values!r}")
     arch, arch_kwargs = arch_metadata(model, arch, arch_kwargs)
     layers = _layer_weights(model)
+    packed = {f"{n}." if n else "": m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     stored: dict[str, torch.Tensor] = {}
     tensors: dict[str, dict[str, Any]] = {}
     for name, t in model.state_dict().items():
         module = layers.get(name)
-        if module is not None and t.is_floating_point() and t.dim() >= 2:
+        prefix, _, key = name.rpartition(".")
+        prefix = f"{prefix}." if prefix else ""
+        if prefix in packed and key in _PACKED_BUFFERS:
+            if key != "mask":
+                continue  # stored with the mask, as one weight
+            name = f"{prefix}weight"
+            parts, info = _encode_packed(name, packed[prefix])
+        elif module is not None and t.is_floating_point() and t.dim() >= 2:
             parts, info = _encode_weight(name, t, module, values)
         else:
             t = t.detach().cpu().contiguous().clone()
@@ -277,7 +316,9 @@ def _decode(p: Path, name: str, info: dict[str, Any], parts: dict[str, torch.Ten
     return dequantize(qt.q, qt.scale, qt.group_size).to(dtype), qt
 
 
-def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, QuantizedTensor]]:
+def read_sfz(
+    path: str | os.PathLike[str], packed_parts: dict[str, dict[str, Any]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, QuantizedTensor]]:
     """Read and verify an sfz file: returns (state dict, metadata, quantization per weight name).
 
     The metadata has ``format_version``, ``arch``, ``arch_kwargs``,
@@ -289,6 +330,10 @@ def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
     ``sparseforge train`` is named as such), written by a newer format
     version, truncated, missing a tensor, its header does not match its
     digest, or a stored part does not match its checksum.
+   
+    With ``packed_parts`` (a dict), 2-D weights stored as a bitmask with
+    values a packed layer can run on (fp32, fp16, bf16, per-channel int8)
+    are not decoded: their parts and metadata go there, by name, instead.
     """
     p = Path(path)
     if not p.is_file():
@@ -342,6 +387,9 @@ def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
                 state[name] = stored[name]
                 continue
             parts = {k: stored[k] for k in info["sha256"]}
+            if packed_parts is not None and _packable(info):
+                packed_parts[name] = {"info": info, "parts": parts}
+                continue
             state[name], qt = _decode(p, name, info, parts)
             if qt is not None:
                 quant[name] = qt
@@ -360,7 +408,43 @@ def read_sfz(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dic
     return state, meta, quant
 
 
-def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+def _packable(info: dict[str, Any]) -> bool:
+    quant = info.get("quant") or {}
+    return (info.get("encoding") == "bitmask" and len(info.get("shape", ())) == 2
+            and (info.get("values") in _FLOAT or (info.get("values") == "int8" and quant.get("group_size") is None)))
+
+
+def _pack_layers(path: str | os.PathLike[str], model: nn.Module, packed_parts: dict[str, dict[str, Any]],
+                 state: dict[str, torch.Tensor], quant: dict[str, QuantizedTensor]) -> dict[str, Any]:
+    """Swap the Linear layers whose weights are in ``packed_parts`` for PackedLinear; decode the rest into ``state``."""
+    done: list[str] = []
+    for name, entry in packed_parts.items():
+        info, parts = entry["info"], entry["parts"]
+        prefix = name.removesuffix(".weight")
+        module = model.get_submodule(prefix) if name.endswith(".weight") else None
+        if not isinstance(module, nn.Linear) or [module.out_features, module.in_features] != info["shape"]:
+            state[name], qt = _decode(Path(path), name, info, parts)  # a bitmask weight of another kind of layer
+            if qt is not None:
+                quant[name] = qt
+            continue
+        vals = parts[f"{name}#values"]
+        if info["values"] == "fp16":
+            vals = vals.to(torch.float32)  # exact; save with values="bf16" to run on the bf16 kernels
+        scales = parts.get(f"{name}#scale")
+        try:
+            weight = PackedWeight.from_bitmask(parts[f"{name}#mask"], vals, scales, *info["shape"])
+        except SparseforgeError as e:
+            raise SparseforgeError(f"{path} is corrupted: tensor {name!r}: {e}") from None
+        bias = state.get(f"{prefix}.bias")
+        layer = PackedLinear(weight, bias, info.get("dense_above"))
+        set_submodule(model, prefix, layer)
+        state.update({f"{prefix}.{k}": v for k, v in layer.state_dict().items()})
+        done.append(prefix)
+    dense = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    return {"layers": done, "dense": dense}
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, packed: bool = False) -> nn.Module:
     """Load an sfz file into ``model``, or into a new zoo model built from its metadata; returns the model.
 
     fp32 values load bit-exactly, fp16 values as ``w.half()`` in the weight's
@@ -368,6 +452,15 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     their codes recorded again (``module.sparseforge_quant``) so that saving
     with ``values="int8"`` writes the same codes. Errors as :func:`read_sfz`,
     and when the tensors do not fit the model.
+
+    With ``packed=True`` the Linear layers whose weights the file stores as
+    a bitmask become :class:`~sparseforge.kernels.packed.PackedLinear` built
+    from the stored mask and values (no dense weight is decoded): fp32 and
+    bf16 values run as they are, per-channel int8 codes with their scales,
+    fp16 values as fp32 (exact; save with ``values="bf16"`` for the bf16
+    kernels). Linear layers stored densely (too few zeros for a bitmask to
+    be smaller), or with int4 or grouped codes, stay ``nn.Linear``: one
+    warning names them.
 
     Example:
         >>> import tempfile, os, torch, sparseforge as sf
@@ -380,13 +473,26 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         >>> all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
         True
     """
-    return load_sfz(path, model)[0]
+    return load_sfz(path, model, packed=packed)[0]
 
 
-def load_sfz(path: str | os.PathLike[str], model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """:func:`load`, also returning the file's metadata (as :func:`read_sfz`): (model, metadata)."""
-    state, meta, quant = read_sfz(path)
+def load_sfz(path: str | os.PathLike[str], model: nn.Module | None = None, *,
+             packed: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load`, also returning the file's metadata (as :func:`read_sfz`): (model, metadata).
+
+    With ``packed=True`` the metadata also has ``packed``: the layers packed
+    (``layers``) and the Linear layers left dense (``dense``).
+    """
+    packed_parts: dict[str, dict[str, Any]] | None = {} if packed else None
+    state, meta, quant = read_sfz(path, packed_parts)
     model = model_for(path, meta, model)
+    if packed_parts is not None:
+        meta["packed"] = _pack_layers(path, model, packed_parts, state, quant)
+        if meta["packed"]["dense"]:
+            left = meta["packed"]["dense"]
+            warnings.warn(
+                f"{path}: {len(left)} Linear layer(s) stay dense (stored without a bitmask, or with int4 / "
+                f"grouped codes): {', '.join(left[:6])}{' ...' if len(left) > 6 else ''}", UserWarning, stacklevel=3)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -33,9 +33,11 @@ the activations in float32.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +70,32 @@ def _words_to_bits(mask: torch.Tensor, k: int) -> torch.Tensor:
     return bits.reshape(mask.shape[0], -1)[:, :k].bool()
 
 
+# byte -> the byte with its bits in reverse order: np.packbits writes the first column in the most
+# significant bit, the packed words hold it in the least significant one
+_BIT_REVERSE = np.array([int(f"{b:08b}"[::-1], 2) for b in range(256)], dtype=np.uint8)
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.int64)
+
+
+def _words_from_msb_stream(stream: np.ndarray, n: int, k: int) -> torch.Tensor:
+    """``np.packbits`` of a row-major ``[n, k]`` boolean (most significant bit first) -> ``[n, ceil(k/64)]`` words."""
+    kw = -(-k // 64)
+    if k % 8 == 0 and sys.byteorder == "little":
+        # whole bytes per row: reverse the bits of each byte, pad rows to whole words, read as int64
+        rows = np.zeros((n, kw * 8), dtype=np.uint8)
+        rows[:, : k // 8] = _BIT_REVERSE[stream[: n * k // 8]].reshape(n, k // 8)
+        return torch.from_numpy(rows.view(np.int64).copy())
+    bits = np.unpackbits(stream, count=n * k).astype(bool).reshape(n, k)
+    return _bits_to_words(torch.from_numpy(bits))
+
+
+def _msb_stream_from_words(mask: torch.Tensor, n: int, k: int) -> np.ndarray:
+    """The inverse of :func:`_words_from_msb_stream`: ``np.packbits`` of the row-major ``[n, k]`` boolean."""
+    if k % 8 == 0 and sys.byteorder == "little":
+        rows = mask.cpu().contiguous().numpy().view(np.uint8).reshape(n, -1)[:, : k // 8]
+        return _BIT_REVERSE[rows].reshape(-1)
+    return np.packbits(_words_to_bits(mask.cpu(), k).numpy().reshape(-1))
+
+
 @dataclass
 class PackedWeight:
     """A weight ``[out_features, in_features]`` packed as bitmask + values (layout in the module docstring)."""
@@ -93,6 +121,40 @@ class PackedWeight:
         """Bytes a product reads: mask, the nonzero values (without the padding), row starts and scales."""
         parts = [self.mask, self.row_ptr] + ([self.scales] if self.scales is not None else [])
         return sum(t.numel() * t.element_size() for t in parts) + self.nnz * self.values.element_size()
+
+    @classmethod
+    def from_bitmask(cls, stream: np.ndarray | torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None,
+                     out_features: int, in_features: int) -> PackedWeight:
+        """Build from the bitmask encoding of an ``.sfz`` file: ``np.packbits`` of ``weight != 0`` (row-major,
+        most significant bit first), the nonzero values in row-major order (float32, bfloat16 or int8
+        codes) and, for int8, one float32 scale per output row. No dense weight is built."""
+        stream = stream.numpy() if isinstance(stream, torch.Tensor) else np.asarray(stream)
+        stream = stream.astype(np.uint8, copy=False).reshape(-1)
+        n, k = out_features, in_features
+        if stream.size != (n * k + 7) // 8:
+            raise SparseforgeError(f"a bitmask of a [{n}, {k}] weight has {(n * k + 7) // 8} bytes, got {stream.size}")
+        if values.dtype not in VALUE_DTYPES.values():
+            raise SparseforgeError(f"packed values must be float32, bfloat16 or int8, got {values.dtype}")
+        mask = _words_from_msb_stream(stream, n, k)
+        counts = _POPCOUNT[mask.numpy().view(np.uint8)].reshape(n, -1).sum(axis=1)
+        row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+        row_ptr[1:] = torch.from_numpy(np.cumsum(counts))
+        nnz = int(row_ptr[-1])
+        if values.numel() != nnz:
+            raise SparseforgeError(f"the bitmask has {nnz} nonzeros but {values.numel()} values are given")
+        if (scales is None) != (values.dtype != torch.int8):
+            raise SparseforgeError("int8 values need scales (one per output row); other values take none")
+        if scales is not None:
+            scales = scales.reshape(-1).to(torch.float32).contiguous()
+            if scales.numel() != n:
+                raise SparseforgeError(f"int8 values need {n} scales (one per output row), got {scales.numel()}")
+        pad = torch.zeros(_PAD_BYTES // values.element_size(), dtype=values.dtype)
+        return cls(mask, torch.cat([values.reshape(-1).cpu(), pad]).contiguous(), row_ptr, scales, k, n)
+
+    def to_bitmask(self) -> tuple[np.ndarray, torch.Tensor]:
+        """The ``.sfz`` bitmask encoding (inverse of :meth:`from_bitmask`): the mask stream and the values."""
+        return (_msb_stream_from_words(self.mask, self.out_features, self.in_features),
+                self.values[: self.nnz].cpu())
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as a dense tensor: the values (times the scales for int8) where the mask is set."""
