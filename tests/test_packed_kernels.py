@@ -8,7 +8,9 @@ case, the typical error is ~sqrt(K) times smaller). The operands are rounded
 by the format: fp32 values are the weight itself; bf16 values are the weight
 rounded to bfloat16 (and, on the AVX512-BF16 kernel, the activations too, as a
 dense bf16 matmul does); int8 values are the codes of
-:func:`sparseforge.quant.rtn.quantize_weight` times their row scale.
+:func:`sparseforge.quant.rtn.quantize_weight` times their row scale (and, on
+the AVX512-VNNI kernel, each activation row is rounded to int16 steps of
+``max|x_b| / 16383``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def reference(w: torch.Tensor, x: torch.Tensor, values: str, isa: str) -> tuple[
     else:
         qt = quantize_weight(w, bits=8, group_size=None)
         wq = qt.q.to(torch.float32) * qt.scale.reshape(-1, 1).to(torch.float32)
+        if isa == "avx512bf16":   # the VNNI kernel rounds each activation row to int16 steps of max|x| / 16383
+            step = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 16383
+            x = torch.round(x / step).clamp(-16383, 16383) * step
     w64, x64 = wq.double(), x.double()
     return x64 @ w64.T, x64.abs() @ w64.abs().T
 
@@ -392,3 +397,14 @@ def test_llama_generate_on_packed_layers_gives_the_masked_dense_models_tokens():
             assert out.shape == want.shape
             logits, ref = rounded(want).logits, dense(want).logits
             assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_int8_products_do_not_overflow_on_long_rows(isa):
+    """The int8 kernels sum integer products: a 20000-wide row of maximal codes and inputs must not wrap."""
+    k = 20000
+    w = torch.ones(3, k)
+    w[1] = -1.0
+    x = torch.full((2, k), 7.0)
+    x[1, ::2] = -7.0
+    y = packed_matmul(x, pack(w, "int8"))
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-3)

@@ -13,7 +13,10 @@
 // The ISA is chosen at run time (cpuid), and can be forced lower for testing (set_isa).
 //
 // Accumulation is in fp32 (bf16 and int8 values are exact in fp32; int8 rows are scaled once at the end),
-// so an fp32 result equals the dense product of the same weight up to summation order.
+// so an fp32 result equals the dense product of the same weight up to summation order. On the top ISA
+// level (AVX512_BF16 + VNNI) two kernels also round the activations: bf16 values multiply bf16-rounded
+// activations (VDPBF16PS, as a dense bf16 matmul does) and int8 codes multiply activations rounded to
+// int16 per batch row (VPDPWSSD; error at most max|x_b| / 32766 per activation).
 
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -34,7 +37,8 @@ int detect_isa() {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2");
-  if (avx512 && __builtin_cpu_supports("avx512bf16")) return AVX512BF16;
+  // the top level also has VNNI (every CPU with AVX512_BF16 does: Cooper Lake, Sapphire Rapids, Zen 4)
+  if (avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")) return AVX512BF16;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2"))
     return AVX512;
@@ -242,6 +246,57 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,popcnt")
 }
 
 
+// int8 codes times activations rounded to int16 (per batch row: x ~ xq * sx, |xq| <= kActMax) with
+// VPDPWSSD (AVX512_VNNI): one byte expand, two sign extensions and two dot instructions per 64 weights.
+// The int32 sums are moved to fp32 every kFlushWords words, so they cannot overflow:
+// kFlushWords * 64 * 127 * kActMax < 2^31.
+constexpr int kActMax = 16383;
+constexpr int64_t kFlushWords = 16;
+
+template <int BT, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,popcnt"))) void rows_avx512_i8dot(
+    const int64_t* mask, const int8_t* vals, const int64_t* row_ptr, const int16_t* xq, const float* sx,
+    int64_t B, int64_t KP, int64_t KW, int64_t n, float* out, int64_t N) {
+  for (int64_t b0 = 0; b0 < B; b0 += BT) {
+    const int nb = static_cast<int>(std::min<int64_t>(BT, B - b0));
+    __m512 accf[R][BT];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < BT; ++b) accf[r][b] = _mm512_setzero_ps();
+    const int8_t* vp[R];
+    for (int r = 0; r < R; ++r) vp[r] = vals + row_ptr[n + r];
+    for (int64_t w0 = 0; w0 < KW; w0 += kFlushWords) {
+      const int64_t w1 = std::min(KW, w0 + kFlushWords);
+      __m512i acc[R][BT];
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < BT; ++b) acc[r][b] = _mm512_setzero_si512();
+      for (int64_t w = w0; w < w1; ++w) {
+        __m512i lo[R], hi[R];
+        for (int r = 0; r < R; ++r) {
+          const uint64_t m = static_cast<uint64_t>(mask[(n + r) * KW + w]);
+          const __m512i e = _mm512_maskz_expand_epi8(static_cast<__mmask64>(m), _mm512_loadu_si512(vp[r]));
+          vp[r] += _mm_popcnt_u64(m);
+          lo[r] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(e));
+          hi[r] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(e, 1));
+        }
+        for (int b = 0; b < BT; ++b) {
+          if (b >= nb) break;
+          const int16_t* xr = xq + (b0 + b) * KP + w * 64;
+          const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 32);
+          for (int r = 0; r < R; ++r) {
+            acc[r][b] = _mm512_dpwssd_epi32(acc[r][b], lo[r], x0);
+            acc[r][b] = _mm512_dpwssd_epi32(acc[r][b], hi[r], x1);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < nb; ++b) accf[r][b] = _mm512_add_ps(accf[r][b], _mm512_cvtepi32_ps(acc[r][b]));
+    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < nb; ++b) out[(b0 + b) * N + n + r] = _mm512_reduce_add_ps(accf[r][b]) * sx[b0 + b];
+  }
+}
+
+
 // Row n of a packed weight, unpacked into `dst` (KP entries): bf16 values -> bf16, int8 codes -> bf16 of
 // code * scale, fp32 -> fp32. Used to hand blocks of rows to a dense (AMX) matmul for large batches.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,popcnt"))) void unpack_row_avx512(
@@ -437,6 +492,23 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor v
   } else if (values.dtype() == torch::kBFloat16) {
     run_rows<uint16_t>(BF16, m, reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()), rp, xd, B,
                        KP, KW, N, o);
+  } else if (values.dtype() == torch::kInt8 && g_isa >= AVX512BF16) {
+    // activations rounded to int16 per batch row (scale: the row's largest magnitude / kActMax)
+    torch::Tensor sx = xp.abs().amax(1).clamp_min(1e-30f).div(static_cast<float>(kActMax));
+    torch::Tensor xq = xp.div(sx.view({B, 1})).round().clamp(-kActMax, kActMax).to(torch::kInt16);
+    const int16_t* xqd = xq.data_ptr<int16_t>();
+    const float* sxd = sx.data_ptr<float>();
+    const int8_t* v = values.data_ptr<int8_t>();
+    const int64_t quads = (N + 3) / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t q = 0; q < quads; ++q) {
+      const int64_t n = 4 * q;
+      if (n + 4 <= N) {
+        rows_avx512_i8dot<2, 4>(m, v, rp, xqd, sxd, B, KP, KW, n, o, N);
+      } else {
+        for (int64_t r = n; r < N; ++r) rows_avx512_i8dot<2, 1>(m, v, rp, xqd, sxd, B, KP, KW, r, o, N);
+      }
+    }
   } else if (values.dtype() == torch::kInt8) {
     run_rows<int8_t>(I8, m, values.data_ptr<int8_t>(), rp, xd, B, KP, KW, N, o);
   } else {
