@@ -407,4 +407,5 @@ def test_int8_products_do_not_overflow_on_long_rows(isa):
     x = torch.full((2, k), 7.0)
     x[1, ::2] = -7.0
     y = packed_matmul(x, pack(w, "int8"))
-    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-3)
+    # summing 20000 terms in float32 (one chain in the scalar kernel) loses ~1e-4; a wrapped int32 sum is off by 100%
+    torch.testing.assert_close(y, x @ w.T, rtol=3e-4, atol=1e-3)
