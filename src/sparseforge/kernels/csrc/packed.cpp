@@ -23,6 +23,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -294,6 +295,83 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,popcnt")
     for (int r = 0; r < R; ++r)
       for (int b = 0; b < nb; ++b) out[(b0 + b) * N + n + r] = _mm512_reduce_add_ps(accf[r][b]) * sx[b0 + b];
   }
+}
+
+
+// ---------------------------------------------------------------- activation sparsity: column blocks
+
+// The column layout for skipping the weights of zero activations (TEAL, "Training-Free Activation Sparsity
+// in Large Language Models"): rows are cut into blocks of kColBlock; block b stores its transpose
+// W[b*kColBlock : (b+1)*kColBlock, :].T in the bitmask format (mask [K, kColBlock/64], values column after
+// column, cptr [K + 1] absolute offsets). A batch-1 product reads only the columns whose activation
+// survives the threshold: for each such k, y[block] += x[k] * W[block, k], with the block's 256 sums in
+// 16 registers. Threads take blocks.
+constexpr int64_t kColBlock = 256;
+constexpr int64_t kColWords = kColBlock / 64;
+
+template <typename T>
+void colblock_scalar(const int64_t* cmask, const T* vals, const int64_t* cptr, const int64_t* ks,
+                     const float* xs, int64_t nk, float* y) {
+  float acc[kColBlock] = {0};
+  for (int64_t i = 0; i < nk; ++i) {
+    const int64_t k = ks[i];
+    const float xv = xs[i];
+    const T* vp = vals + cptr[k];
+    int64_t j = 0;
+    for (int64_t w = 0; w < kColWords; ++w) {
+      uint64_t m = static_cast<uint64_t>(cmask[k * kColWords + w]);
+      while (m) {
+        const int b = __builtin_ctzll(m);
+        m &= m - 1;
+        acc[w * 64 + b] += value_at<T>(vp, j++) * xv;
+      }
+    }
+  }
+  std::memcpy(y, acc, sizeof(acc));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"))) void colblock_avx512_bf16(
+    const int64_t* cmask, const uint16_t* vals, const int64_t* cptr, const int64_t* ks, const float* xs,
+    int64_t nk, float* y) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nk; ++i) {
+    const int64_t k = ks[i];
+    const __m512 xv = _mm512_set1_ps(xs[i]);
+    const uint64_t* m = reinterpret_cast<const uint64_t*>(cmask) + k * kColWords;
+    const uint16_t* vp = vals + cptr[k];
+#pragma GCC unroll 8
+    for (int h = 0; h < 8; ++h) {
+      const uint32_t mh = static_cast<uint32_t>(m[h >> 1] >> (32 * (h & 1)));
+      const __m512i e = _mm512_maskz_expand_epi16(mh, _mm512_loadu_si512(vp));
+      vp += _mm_popcnt_u32(mh);
+      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(e)), 16));
+      const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(e, 1)), 16));
+      acc[2 * h] = _mm512_fmadd_ps(lo, xv, acc[2 * h]);
+      acc[2 * h + 1] = _mm512_fmadd_ps(hi, xv, acc[2 * h + 1]);
+    }
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(y + 16 * i, acc[i]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"))) void colblock_avx512_f32(
+    const int64_t* cmask, const float* vals, const int64_t* cptr, const int64_t* ks, const float* xs,
+    int64_t nk, float* y) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nk; ++i) {
+    const int64_t k = ks[i];
+    const __m512 xv = _mm512_set1_ps(xs[i]);
+    const uint64_t* m = reinterpret_cast<const uint64_t*>(cmask) + k * kColWords;
+    const float* vp = vals + cptr[k];
+#pragma GCC unroll 16
+    for (int q = 0; q < 16; ++q) {
+      const __mmask16 mq = static_cast<__mmask16>(m[q >> 2] >> (16 * (q & 3)));
+      acc[q] = _mm512_fmadd_ps(_mm512_maskz_expand_ps(mq, _mm512_loadu_ps(vp)), xv, acc[q]);
+      vp += _mm_popcnt_u32(mq);
+    }
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(y + 16 * i, acc[i]);
 }
 
 
@@ -570,6 +648,59 @@ torch::Tensor packed_unpack(torch::Tensor mask, torch::Tensor values, torch::Ten
   return dense.narrow(1, 0, K).to(dtype);
 }
 
+// y [N] = W x for one activation row x [K], reading only the columns with |x[k]| > threshold (column blocks).
+torch::Tensor colpacked_matvec(torch::Tensor x, torch::Tensor cmask, torch::Tensor values, torch::Tensor cptr,
+                               int64_t N, double threshold) {
+  TORCH_CHECK(cmask.dtype() == torch::kInt64 && cmask.dim() == 3 && cmask.size(2) == kColWords &&
+                  cmask.is_contiguous(), "cmask must be a contiguous int64 [blocks, K, ", kColWords, "] tensor");
+  const int64_t NB = cmask.size(0), K = cmask.size(1);
+  TORCH_CHECK(NB == (N + kColBlock - 1) / kColBlock, "cmask has ", NB, " blocks; N=", N, " needs ",
+              (N + kColBlock - 1) / kColBlock);
+  TORCH_CHECK(cptr.dtype() == torch::kInt64 && cptr.is_contiguous() && cptr.numel() == NB * (K + 1),
+              "cptr must be a contiguous int64 [blocks, K + 1] tensor");
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values must be a contiguous 1-D tensor");
+  const int64_t* cp = cptr.data_ptr<int64_t>();
+  const int64_t pad = 64 / values.element_size();
+  TORCH_CHECK(values.numel() >= cp[NB * (K + 1) - 1] + pad, "values hold ", values.numel(), " entries; the blocks need ",
+              cp[NB * (K + 1) - 1], " plus ", pad, " of padding");
+  TORCH_CHECK(x.numel() == K, "x must have ", K, " entries, got ", x.numel());
+  torch::Tensor xf = x.reshape({K}).to(torch::kFloat32).contiguous();
+  const float* xd = xf.data_ptr<float>();
+  // the surviving activations, once for all blocks
+  std::vector<int64_t> ks;
+  std::vector<float> xs;
+  ks.reserve(K);
+  xs.reserve(K);
+  const float t = static_cast<float>(threshold);
+  for (int64_t k = 0; k < K; ++k)
+    if (std::fabs(xd[k]) > t) {
+      ks.push_back(k);
+      xs.push_back(xd[k]);
+    }
+  const int64_t nk = static_cast<int64_t>(ks.size());
+  torch::Tensor y = torch::empty({NB * kColBlock}, xf.options());
+  float* yd = y.data_ptr<float>();
+  const int64_t* cm = cmask.data_ptr<int64_t>();
+  const bool bf16 = values.dtype() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || values.dtype() == torch::kFloat32, "column-packed values must be float32 or bfloat16");
+  const void* v = values.data_ptr();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < NB; ++b) {
+    const int64_t* bm = cm + b * K * kColWords;
+    const int64_t* bp = cp + b * (K + 1);
+    float* yb = yd + b * kColBlock;
+    if (g_isa >= AVX512 && bf16)
+      colblock_avx512_bf16(bm, static_cast<const uint16_t*>(v), bp, ks.data(), xs.data(), nk, yb);
+    else if (g_isa >= AVX512)
+      colblock_avx512_f32(bm, static_cast<const float*>(v), bp, ks.data(), xs.data(), nk, yb);
+    else if (bf16)
+      colblock_scalar<uint16_t>(bm, static_cast<const uint16_t*>(v), bp, ks.data(), xs.data(), nk, yb);
+    else
+      colblock_scalar<float>(bm, static_cast<const float*>(v), bp, ks.data(), xs.data(), nk, yb);
+  }
+  return y.narrow(0, 0, N);
+}
+
 // A STREAM-style read of a large buffer: the sum of its fp32 values (the caller times it).
 double read_sum(torch::Tensor t) {
   TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "read_sum takes a contiguous float32 tensor");
@@ -609,6 +740,8 @@ void set_isa(const std::string& name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_matmul", &packed_matmul, "x [B, K] times a bitmask-packed weight [N, K]^T, fp32 out");
   m.def("packed_unpack", &packed_unpack, "dense rows of a bitmask-packed weight");
+  m.def("colpacked_matvec", &colpacked_matvec, "one activation row times a column-block-packed weight, "
+        "skipping the columns of activations at or under the threshold");
   m.def("read_sum", &read_sum, "sum of a float32 tensor, read once (bandwidth probe)");
   m.def("isa", &isa);
   m.def("best_isa", &best_isa);
