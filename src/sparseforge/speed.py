@@ -34,7 +34,7 @@ Memory per path is stated two ways: ``estimate_bytes`` = the bytes of the
 path's weights (every parameter and buffer, counted once) plus the KV cache
 of one generation (computed from the config, not measured); and, when asked
 (:func:`measure_peak_rss`), the peak resident memory of a fresh process that
-loads the model, builds the path, and runs it (the peak is reset after the
+loads the model, builds the path, and runs it (freed memory is trimmed and the peak reset after the
 path is built, so the float32 source model it was built from is not counted;
 the Python and PyTorch runtime is, and is reported as ``baseline_rss_bytes``).
 """
@@ -479,6 +479,16 @@ def _reset_peak() -> bool:
         return False
 
 
+def _trim() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so that RSS shows what is still in use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS then also holds freed, untrimmed heap
+        pass
+
+
 def _load(loader: str, kwargs: Mapping[str, Any]) -> nn.Module:
     module, _, attr = loader.partition(":")
     fn = getattr(importlib.import_module(module), attr)
@@ -499,6 +509,7 @@ def peak_rss_child(spec: Mapping[str, Any]) -> dict[str, Any]:
     path = build_path(model, spec["path"], layers=spec.get("layers"), choices=spec.get("choices"))
     model = path.module  # the source is not part of the path's footprint: only the path keeps it alive
     gc.collect()
+    _trim()
     resident = _status_kib("VmRSS") * 1024
     exact = _reset_peak()
     with torch.inference_mode():
