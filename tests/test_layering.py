@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     "io": FORMATS, "kernels": FORMATS,
     # recipe objects that run a pipeline
     "pipelines": PIPELINES,
+    "speed": PIPELINES,  # times a model's deployment paths (kernels, oneshot's layer selection) for cli and bench
     "cli": CLI,
     # on top: nothing below imports them
     "zoo": TOP, "bench": TOP, "demo": TOP, "export": TOP, "__main__": TOP, ROOT: TOP,

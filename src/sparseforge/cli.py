@@ -1,4 +1,5 @@
-"""The ``sparseforge`` command line: ``demo``, ``train``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``, ``merge``.
+"""The ``sparseforge`` command line: ``demo``, ``train``, ``prune``, ``inspect``, ``compact``, ``export``, ``quantize``, ``merge``,
+``speed``.
 
 Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
 
@@ -38,6 +39,7 @@ EPILOG = """examples:
   sparseforge merge --method ties --base base.safetensors a.safetensors b.safetensors --density 0.2 --out m.safetensors
   sparseforge merge --recipe merge.yaml                       # a YAML merge recipe
   sparseforge train examples/train-rigl.yaml --nproc 2     # sparse training from a YAML recipe on torchrun/DDP
+  sparseforge speed ./hf-model --batch 1,8 --tokens 64       # every deployment path timed: dense, bf16, int8, sparse
   sparseforge --plugin my_plugins prune model.safetensors --score my_score --sparsity 0.5 --out p.safetensors
 """
 
@@ -258,6 +260,61 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress bar, no report)")
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"1,8,64"`` -> ``(1, 8, 64)`` for argparse (positive integers)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _add_speed(sub: argparse._SubParsersAction) -> None:
+    from sparseforge.kernels.choose import PRECISIONS
+    from sparseforge.speed import Workload, path_names
+
+    w = Workload()
+    p = sub.add_parser(
+        "speed",
+        help="time a model on every path you could deploy it on: dense fp32, bf16, int8 weight-only, packed sparse",
+        description=(
+            "Build each path of the model that --precision allows (dense: as loaded; dense-bf16: the whole model in "
+            "bf16; dense-int8: Linear layers int8 weight-only, the rest bf16; packed-*: the Linear layers of its "
+            "repeated blocks packed as bitmask + values, its own zeros skipped; to_sparse: sparseforge.to_sparse's "
+            "choice per layer), time them interleaved on this machine (medians), and print per path the time "
+            "per forward pass at each --batch, tokens/s of generation (a causal LM), the ratio to the best dense "
+            "path, the bytes of its weights and its memory. See sparseforge.speed."
+        ),
+    )
+    p.add_argument("model", help="a Hugging Face model folder, a sparseforge checkpoint (.safetensors) or a .sfz file")
+    p.add_argument("--batch", type=_int_list, default=w.batch_sizes, metavar="B[,B...]",
+                   help="batch sizes of the forward passes; a transformers model gets sequences of --seq-len "
+                        "tokens (default 1,8,64)")
+    p.add_argument("--tokens", type=int, default=None, metavar="N",
+                   help="new tokens to generate (greedy, KV cache, batch 1); causal LMs only (default 32 for a "
+                        "causal LM, else none; 0: no generation)")
+    p.add_argument("--prompt", type=int, default=w.prompt_len, metavar="N",
+                   help=f"prompt length of the generation, random token ids (default {w.prompt_len})")
+    p.add_argument("--seq-len", type=int, default=w.seq_len,
+                   help=f"tokens per sequence of a transformers model's forward passes (default {w.seq_len})")
+    p.add_argument("--input-shape", type=_int_list, default=None, metavar="D[,D...]",
+                   help="input shape of one example of a model that does not start with a Linear (e.g. 1,28,28)")
+    p.add_argument("--precision", default="int8", choices=tuple(PRECISIONS),
+                   help="which paths: exact = float32 results only, bf16 adds bf16 paths, int8 (default) adds int8 "
+                        "ones; also to_sparse's policy")
+    p.add_argument("--paths", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()), default=None,
+                   metavar="P[,P...]", help=f"only these paths, of {', '.join(path_names('int8'))} (default: all "
+                                            "that --precision allows)")
+    p.add_argument("--rounds", type=int, default=w.rounds, help=f"timed rounds (default {w.rounds})")
+    p.add_argument("--memory", choices=("estimate", "rss"), default="estimate",
+                   help="estimate: weights + KV cache, computed (default); rss: the peak resident memory of a fresh "
+                        "process running each path (loads the model once per path)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    _add_quiet(p)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error form: one line, ``sparseforge: error: ...``, exit status 2."""
 
@@ -314,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_quantize(sub)
     _add_merge(sub)
+    _add_speed(sub)
     return parser
 
 
@@ -554,9 +612,34 @@ def _cmd_merge(args: argparse.Namespace, shown: Progress) -> int:
     return 0
 
 
+@_with_progress
+def _cmd_speed(args: argparse.Namespace, shown: Progress) -> int:
+    from sparseforge.files import write_json_atomic
+    from sparseforge.speed import Workload, is_causal_lm, measure_speed
+
+    if args.json is not None:
+        from sparseforge.oserrors import check_writable
+
+        check_writable(Path(args.json), "file", f"--json {args.json}")
+    with shown.phase(f"loading {args.model}"):
+        model, _ = load_any(args.model)
+    tokens = args.tokens if args.tokens is not None else (32 if is_causal_lm(model) else 0)
+    workload = Workload(batch_sizes=tuple(args.batch), tokens=tokens, prompt_len=args.prompt, seq_len=args.seq_len,
+                        input_shape=tuple(args.input_shape) if args.input_shape else None, rounds=args.rounds)
+    loader = ("sparseforge.speed:load_model", {"path": str(args.model)}) if args.memory == "rss" else None
+    with shown.phase("building and timing the paths"):
+        rep = measure_speed(model, precision=args.precision, workload=workload, paths=args.paths, loader=loader,
+                            name=str(args.model))
+    print(rep, end="")
+    if args.json is not None:
+        write_json_atomic(args.json, rep.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "prune": _cmd_prune, "inspect": _cmd_inspect, "compact": _cmd_compact,
             "export": _cmd_export, "quantize": _cmd_quantize,
-            "merge": _cmd_merge}
+            "merge": _cmd_merge, "speed": _cmd_speed}
 
 
 def plugin_modules(argv: Sequence[str]) -> list[str]:

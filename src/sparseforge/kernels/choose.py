@@ -28,7 +28,7 @@ from sparseforge.progress import Progress, using
 from sparseforge.targets import set_submodule
 from sparseforge.timing import median_ms, time_interleaved
 
-__all__ = ["DENSE_PATHS", "FORMATS", "PRECISIONS", "LayerChoice", "ToSparseReport", "to_sparse"]
+__all__ = ["DENSE_PATHS", "FORMATS", "PRECISIONS", "LayerChoice", "ToSparseReport", "apply_choices", "to_sparse"]
 
 FORMATS: tuple[str, ...] = ("packed-fp32", "packed-bf16", "packed-int8", "csr", "bsr", "2:4")
 """Sparse formats: sparseforge's packed bitmask + values (fp32, bf16, int8 values; CPU), PyTorch's CSR and
@@ -160,6 +160,43 @@ def _build(fmt: str, layer: nn.Linear, blocksize: int | None, notes: list[str]) 
             notes.append(f"2:4: {e}")
             return None
     raise AssertionError(fmt)
+
+
+def apply_choices(model: nn.Module, choices: Sequence[LayerChoice | dict[str, Any]]) -> list[str]:
+    """Swap ``model``'s Linear layers, in place, for the paths ``choices`` name, without timing anything.
+
+    ``choices`` are a :class:`ToSparseReport`'s ``layers`` (or their
+    ``to_dict()`` form, e.g. read back from JSON): each names a layer, its
+    ``format``, ``blocksize`` and ``dense_above``. This rebuilds what
+    :func:`to_sparse` chose on another copy of the same model (another
+    process, a reloaded checkpoint) without measuring again. Returns the
+    names of the layers swapped. A choice naming a missing layer, a layer
+    that is not an ``nn.Linear``, or a path that cannot be built here
+    (e.g. 2:4 off CUDA) is an error.
+    """
+    swapped: list[str] = []
+    for c in choices:
+        c = c if isinstance(c, dict) else asdict(c)
+        fmt, name = c["format"], c["name"]
+        if fmt == "dense":
+            continue
+        if fmt not in FORMATS + DENSE_PATHS:
+            raise SparseforgeError(f"layer {name}: unknown path {fmt!r}; paths: {list(DENSE_PATHS + FORMATS)}")
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise SparseforgeError(f"the model has no layer {name!r} to apply a to_sparse choice to") from None
+        if not isinstance(layer, nn.Linear):
+            raise SparseforgeError(f"layer {name} is a {type(layer).__name__}, not the nn.Linear to_sparse chose for")
+        notes: list[str] = []
+        module = _build(fmt, layer, c.get("blocksize"), notes)
+        if module is None:
+            raise SparseforgeError(f"layer {name}: cannot build {fmt} here ({'; '.join(notes) or 'wrong device'})")
+        if isinstance(module, PackedLinear):
+            module.dense_above = c.get("dense_above")
+        set_submodule(model, name, module)
+        swapped.append(name)
+    return swapped
 
 
 def _gmean(values: list[float]) -> float:
