@@ -57,6 +57,12 @@ def _bits_to_words(nz: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` booleans -> int64 ``[N, ceil(K/64)]`` words, bit j of word w = column 64 w + j."""
     n, k = nz.shape
     kp = -(-k // 64) * 64
+    if sys.byteorder == "little":
+        # bytes least significant bit first, 8 bytes per little-endian word: numpy packs it in one pass
+        padded = np.zeros((n, kp), dtype=bool)
+        padded[:, :k] = nz.cpu().numpy()
+        words = np.packbits(padded, axis=1, bitorder="little").view(np.int64)
+        return torch.from_numpy(words.copy()).to(nz.device)
     padded = torch.zeros(n, kp, dtype=torch.int64, device=nz.device)
     padded[:, :k] = nz.to(torch.int64)
     shifts = torch.arange(64, dtype=torch.int64, device=nz.device)
