@@ -24,9 +24,9 @@ def test_decode_bench_quick(tmp_path: Path) -> None:
     assert result["benchmark"] == "decode" and result["quick"] is True and result["threads"] == 1
     d = result["decode"]
     rows = {r["row"]: r for r in d["rows"]}
-    assert list(rows) == ["dense-bf16", "dense", "dense-int8", "packed-bf16 50%", "packed-bf16 70%",
-                          "packed-bf16 90%", "packed-bf16 2:4", "packed-int8 50%", "packed-int8 70%",
-                          "packed-int8 90%"]
+    assert list(rows) == ["dense-bf16", "dense", "dense-int8", "dense-bf16+act50%", "packed-bf16 50%",
+                          "packed-bf16 50%+act50%", "packed-bf16 70%", "packed-bf16 90%", "packed-bf16 2:4",
+                          "packed-int8 50%", "packed-int8 70%", "packed-int8 90%"]
     assert rows["dense-bf16"]["vs_dense_bf16"] == 1.0 and rows["dense"]["vs_dense_fp32"] == 1.0
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["achieved_bytes_per_s"] > 0 and r["vs_bf16_bandwidth_bound"] > 0
@@ -36,6 +36,9 @@ def test_decode_bench_quick(tmp_path: Path) -> None:
     assert per_token["packed-bf16 90%"] < per_token["packed-bf16 70%"] < per_token["packed-bf16 50%"] \
         < per_token["dense-bf16"]
     assert per_token["packed-int8 50%"] < per_token["packed-bf16 50%"]
+    # activation sparsity reads about half the columns: fewer bytes than without it
+    assert per_token["packed-bf16 50%+act50%"] < 0.7 * per_token["packed-bf16 50%"]
+    assert per_token["dense-bf16+act50%"] < per_token["dense-bf16"]   # (the LM head, kept dense, is large here)
     assert d["bandwidth"]["bytes_per_s"] > 0
     assert [(t["row"], t["min_ratio"]) for t in d["targets"]] == [(f"{v} {s}", need) for v, s, need in TARGETS]
     assert all(isinstance(t["holds"], bool) and t["holds"] == (t["ratio"] >= t["min_ratio"]) for t in d["targets"])
@@ -50,3 +53,6 @@ def test_decode_bench_quick(tmp_path: Path) -> None:
     assert {"dense-fp32", "masked-fp32", "packed-fp32", "packed-bf16", "packed-int8"} <= set(q)
     # packed fp32 values compute the masked model's products up to summation order
     assert q["packed-fp32"] == pytest.approx(q["masked-fp32"], rel=1e-4)
+    acts = q["activation_sparsity"]
+    assert set(acts) == {f"{b} +act{a}%" for b in ("dense", "masked") for a in (25, 40, 50)}
+    assert all(v > 0 for v in acts.values())

@@ -35,6 +35,13 @@ dense fp32 / bf16 / int8 vs the packed formats vs ``to_sparse(precision=
 "bf16")``, asserting in the JSON that to_sparse is never slower than the
 best dense path its policy allows (ratio >= 0.95, for noise).
 
+Activation sparsity (TEAL, :mod:`sparseforge.kernels.activation`): rows
+``dense-bf16+actA%`` (dense weights in column blocks, bf16 values) and
+``packed-bf16 50%+actA%`` (the 50% packed weights), the decoder Linears'
+inputs zeroed under per-layer thresholds calibrated on random prompts
+(``--activation``, default 50%); and the zoo LM's perplexity at 25 / 40 / 50%
+activation sparsity, dense and 50%-pruned.
+
 Quality: greedy tokens of the 50%-pruned decode model run on packed fp32
 values equal the masked dense fp32 model's (``tokens_identical``); the zoo's
 fortunes causal LM (:func:`sparseforge.zoo.causal_lm.load_causal_lm`),
@@ -57,11 +64,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseforge.kernels.packed import PackedLinear
 from sparseforge.oneshot import prune
 from sparseforge.speed import (
     BuiltPath, Workload, build_path, generate, kv_cache_bytes, linear_layers, measure_peak_rss, measure_speed,
     time_paths,
 )
+from sparseforge.speed import _bytes as _path_bytes
 from sparseforge.timing import median_ms, time_interleaved
 
 FULL = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12, "num_attention_heads": 16,
@@ -85,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", nargs="+", default=["decode", "prefill", "quality"],
                         choices=["decode", "prefill", "quality"], help="which parts to run (default all)")
     parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-memory runs")
+    parser.add_argument("--activation", type=float, nargs="*", default=[0.5],
+                        help="activation sparsities (TEAL) for the extra decode rows (default 0.5; none: no rows)")
     parser.add_argument("--bandwidth-mib", type=int, default=None, help="read-bandwidth buffer (default 2048, quick 256)")
 
 
@@ -110,6 +121,31 @@ def build_decode_model(config: dict[str, Any], seed: int = 0, sparsity: float | 
         prune(model, "magnitude", sparsity=0.5 if sparsity is None else sparsity, pattern=pattern,
               target=linear_layers(model))
     return model
+
+
+def _with_activation_sparsity(path: BuiltPath, sparsity: float, cfg: dict[str, Any], prompt: int) -> BuiltPath:
+    """``path`` with its decoder Linears (dense or packed) as ActivationSparseLinear at ``sparsity`` (TEAL).
+
+    Thresholds: the ``sparsity`` quantile of each layer's inputs over two random prompts (the weights are
+    random too: only the fraction of inputs skipped matters for speed). Bytes per token count each such
+    layer's column blocks times the fraction of columns read, ``1 - sparsity``.
+    """
+    from sparseforge.kernels.activation import ActivationSparseLinear, activation_sparsity
+
+    module = copy.deepcopy(path.module)
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, cfg["vocab_size"], (1, prompt), generator=gen) for _ in range(2)]
+    layers = [n for n, m in module.named_modules() if n.startswith("model.layers.")
+              and isinstance(m, (nn.Linear, PackedLinear))]
+    with torch.no_grad():
+        activation_sparsity(module, calib, sparsity=sparsity, layers=layers, values="bf16")
+    total, per_token = _path_bytes(module)
+    for m in module.modules():
+        if isinstance(m, ActivationSparseLinear):
+            full = sum(t.numel() * t.element_size() for t in (m.cmask, m.values, m.cptr))
+            per_token -= round(full * sparsity)
+    what = f"{path.description}; decoder Linear inputs {round(100 * sparsity)}% sparse (TEAL thresholds)"
+    return BuiltPath(f"{path.name}+act", module.eval(), what, path.input_dtype, total, per_token)
 
 
 def _label(sparsity: float | None, pattern: str) -> str:
@@ -140,6 +176,8 @@ def _decode(args: argparse.Namespace, quick: bool, rounds: int, log) -> dict[str
     paths: dict[str, BuiltPath] = {}
     for name in (BASELINE, "dense", "dense-int8"):  # the baseline first: time_interleaved probes the first
         paths[name] = build_path(dense, name)
+    for a in args.activation:  # activation sparsity alone: dense weights in column blocks, bf16 values
+        paths[f"dense-bf16+act{round(100 * a)}%"] = _with_activation_sparsity(paths[BASELINE], a, cfg, prompt)
     identical: dict[str, Any] = {}
     ids = torch.randint(0, cfg["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0))
     sparse: dict[str, BuiltPath] = {}
@@ -151,6 +189,11 @@ def _decode(args: argparse.Namespace, quick: bool, rounds: int, log) -> dict[str
         prune(pruned, "magnitude", sparsity=0.5 if s is None else s, pattern=pattern, target=linear_layers(pruned))
         for values in ("packed-bf16",) if s is None else ("packed-bf16", "packed-int8"):
             sparse[f"{values} {label}"] = build_path(pruned, values)
+        if s is not None and round(s, 2) == 0.5 and args.activation:
+            # activation sparsity (TEAL) on top: the 50% packed-bf16 layers, thresholds calibrated on random prompts
+            for a in args.activation:
+                sparse[f"packed-bf16 {label}+act{round(100 * a)}%"] = _with_activation_sparsity(
+                    sparse[f"packed-bf16 {label}"], a, cfg, prompt)
         if not identical:  # exactness: packed fp32 values against the masked dense fp32 model, greedy
             exact = build_path(pruned, "packed-fp32")
             a, b = generate(pruned, ids, tokens)[0, prompt:], generate(exact.module, ids, tokens)[0, prompt:]
@@ -294,6 +337,20 @@ def _quality(quick: bool, log) -> dict[str, Any]:
         out[name] = ppl(build_path(masked, name).module)
     for name in ("dense-bf16", "dense-int8"):
         out[f"masked {name}"] = ppl(build_path(masked, name).module)
+    # activation sparsity (TEAL): thresholds from the calibration split, fp32 values (only the skipping counts)
+    from sparseforge.kernels.activation import activation_sparsity
+    from sparseforge.tokens import calibration_batches
+
+    calib = calibration_batches(lm.tokenizer, fortunes(LM_TOPICS).calibration, samples=8 if quick else 64,
+                                seq_len=seq_len, batch_size=8)
+    out["activation_sparsity"] = {}
+    for base_name, base in (("dense", lm.model), ("masked", masked)):
+        for a in (0.25, 0.4, 0.5):
+            log(f"quality: perplexity of {base_name} with {round(100 * a)}% activation sparsity")
+            m = copy.deepcopy(base)
+            with torch.no_grad():
+                activation_sparsity(m, calib, sparsity=a, layers=linear_layers(m), values="fp32")
+            out["activation_sparsity"][f"{base_name} +act{round(100 * a)}%"] = ppl(m)
     return out
 
 
@@ -339,6 +396,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["quality"] = _quality(quick, log)
         print("perplexity: " + ", ".join(f"{k} {v}" for k, v in result["quality"].items()
                                          if isinstance(v, float) and k != "sparsity"))
+        print("perplexity with activation sparsity: "
+              + ", ".join(f"{k} {v}" for k, v in result["quality"]["activation_sparsity"].items()))
     result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
