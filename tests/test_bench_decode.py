@@ -37,7 +37,7 @@ def test_decode_bench_quick(tmp_path: Path) -> None:
         < per_token["dense-bf16"]
     assert per_token["packed-int8 50%"] < per_token["packed-bf16 50%"]
     # activation sparsity reads about half the columns: fewer bytes than without it
-    assert per_token["packed-bf16 50%+act50%"] < 0.7 * per_token["packed-bf16 50%"]
+    assert per_token["packed-bf16 50%+act50%"] < 0.75 * per_token["packed-bf16 50%"]
     assert per_token["dense-bf16+act50%"] < per_token["dense-bf16"]   # (the LM head, kept dense, is large here)
     assert d["bandwidth"]["bytes_per_s"] > 0
     assert [(t["row"], t["min_ratio"]) for t in d["targets"]] == [(f"{v} {s}", need) for v, s, need in TARGETS]
