@@ -191,6 +191,24 @@ def test_unknown_formats_and_names_are_clear_errors(tmp_path) -> None:
         sf.load(sfz, bogus=True)
 
 
+def test_a_detect_that_raises_is_named(tmp_path) -> None:
+    class Broken(FileFormat):
+        name = "broken-detect"
+
+        def detect(self, path):
+            raise RuntimeError("boom")
+
+    path = sf.save(_pruned(), tmp_path / "m.safetensors")
+    FORMATS.register(Broken())
+    try:
+        with pytest.raises(SparseforgeError, match=r"file format 'broken-detect' failed to tell whether .* "
+                                                   r"\(RuntimeError: boom\)"):
+            sf.load(path)
+    finally:
+        FORMATS.unregister("broken-detect")
+    assert sf.load(path) is not None
+
+
 def test_a_folder_two_formats_could_be_asks_which(tmp_path) -> None:
     pytest.importorskip("transformers")
     model = _tiny_bert()

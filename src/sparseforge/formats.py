@@ -326,7 +326,7 @@ def format_for_loading(path: str | os.PathLike[str], format: str | None = None) 
     a file); with no such suffix it is an error that lists the known formats.
     """
     p = Path(path)
-    found = [(name, fmt) for name, fmt in _formats() if fmt.detect(p)]
+    found = [(name, fmt) for name, fmt in _formats() if _detects(name, fmt, p)]
     if format is not None:
         name, fmt = get_format(format)
         if found and name not in {n for n, _ in found}:
@@ -346,6 +346,15 @@ def format_for_loading(path: str | os.PathLike[str], format: str | None = None) 
         return named
     what = foreign_format(p) or f"{p} is in none of the file formats sparseforge reads"
     raise SparseforgeError(f"{what} (known formats: {_listing()})")
+
+
+def _detects(name: str, fmt: FileFormat, path: Path) -> bool:
+    """``fmt.detect(path)``; a detect() that raises (a plug-in's bug) is named, since it stops every load."""
+    try:
+        return bool(fmt.detect(path))
+    except Exception as e:
+        raise SparseforgeError(f"file format {name!r} failed to tell whether {path} is one of its files "
+                               f"({type(e).__name__}: {e}); its detect() must return False instead of raising") from e
 
 
 def _what_it_is(found: str | None, tag: str) -> str:
