@@ -133,7 +133,25 @@ def test_architecture_page_tables_match_the_registries():
         assert all(f"| `{name}` |" in section.group(1) for name in registry.names()), registry.kind
 
 
+def test_files_page_examples_run_and_print_what_they_say(tmp_path, monkeypatch, capsys):
+    """docs/files.md: its blocks, in order, in one namespace; the format its second block registers is removed."""
+    from sparseforge.formats import FORMATS
+
+    monkeypatch.chdir(tmp_path)
+    before = set(FORMATS.names())
+    namespace: dict = {"__name__": "files_example"}
+    try:
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", (DOCS / "files.md").read_text(encoding="utf-8"),
+                                             flags=re.S)):
+            exec(compile(block, f"files.md[{i}]", "exec"), namespace)
+    finally:
+        for name in set(FORMATS.names()) - before:
+            FORMATS.unregister(name)
+    assert capsys.readouterr().out.split("\n") == ["sfz lenet300 True", "True", ""]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter.json", "adapter.safetensors"]
+
+
 def test_docs_links_exist():
-    for page in (GUIDE, DOCS / "architecture.md"):
+    for page in (GUIDE, DOCS / "architecture.md", DOCS / "files.md"):
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
             assert (page.parent / link).exists(), (page.name, link)

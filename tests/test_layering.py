@@ -80,7 +80,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # checkpoint; the fit branch replaces it by sf.fit with models and data as registered plug-ins.
     ("sparseforge.distributed.train", "sparseforge.zoo.data"): "training loop, fit branch",
     ("sparseforge.distributed.train", "sparseforge.zoo.training"): "training loop, fit branch",
-    ("sparseforge.distributed.train", "sparseforge.io.checkpoint"): "training loop, fit branch",
     # The demo command, and the prune/quantize recipes that reach the zoo for calibration data; they become
     # recipes over registered datasets.
     ("sparseforge.cli", "sparseforge.demo"): "demo command",

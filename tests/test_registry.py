@@ -20,6 +20,7 @@ from sparseforge.allocation import ALLOCATIONS, ERK, LAMP, OWL, Global, Uniform,
 from sparseforge.architectures import ARCHITECTURES, build, name_of
 from sparseforge.cli import main, plugin_modules
 from sparseforge.errors import SparseforgeError
+from sparseforge.formats import FORMATS
 from sparseforge.merge import MERGE_METHODS, TaskArithmetic, merge_files, preset
 from sparseforge.methods import METHODS
 from sparseforge.patterns import NM, PATTERNS, Block, Channel, Unstructured, as_pattern
@@ -33,7 +34,7 @@ from sparseforge.zoo.data import DEFAULT_DATA_DIR
 from sparseforge.zoo.models import Conv4, LeNet300100, ResNet20
 
 ALL_REGISTRIES = [SCORES, PATTERNS, ALLOCATIONS, SCHEDULES, UPDATES, METHODS, MERGE_METHODS, ADAPTERS, SCHEMES,
-                  ARCHITECTURES]
+                  ARCHITECTURES, FORMATS]
 
 # -- the Registry type ---------------------------------------------------------------------
 

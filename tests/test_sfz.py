@@ -22,6 +22,7 @@ import sparseforge as sf
 from sparseforge.kernels.packed import PackedLinear
 from sparseforge.cli import main as cli_main
 from sparseforge.formats import seal_metadata
+from sparseforge.io import sfz
 from sparseforge.io.checkpoint import save_checkpoint
 from sparseforge.io.sfz import FORMAT_VERSION, is_sfz, pattern_of, read_sfz
 from sparseforge.quant import quantization_of, quantize_, quantize_weight
@@ -204,8 +205,12 @@ def test_truncated_missing_newer_and_wrong_files(tmp_path: Path) -> None:
     assert is_sfz(newer) and not is_sfz(tmp_path / "nothing.sfz")
     plain = save_checkpoint(_pruned(), tmp_path / "plain.safetensors")
     assert not is_sfz(plain)
+    # the sfz reader refuses a checkpoint; sf.load reads every format, and refuses it only when told it is sfz
     with pytest.raises(sf.SparseforgeError, match="not an sfz file: a plain sparseforge checkpoint"):
-        sf.load(plain)
+        sfz.load(plain)
+    with pytest.raises(sf.SparseforgeError, match="is a plain sparseforge checkpoint .*, not an sfz file"):
+        sf.load(plain, format="sfz")
+    assert torch.equal(sf.load(plain).fc1.weight, _pruned().fc1.weight)
     text = tmp_path / "text.sfz"
     text.write_text("hello, not safetensors")
     with pytest.raises(sf.SparseforgeError, match="not a readable sfz file"):

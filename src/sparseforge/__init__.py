@@ -12,7 +12,7 @@ from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.compact import CompactReport, compact
 from sparseforge.kernels import PackedLinear, SparseLinear, ToSparseReport, load_sparse_state_dict, to_sparse
 from sparseforge.io.checkpoint import load_checkpoint, load_compacted, save_checkpoint
-from sparseforge.io.sfz import load, save
+from sparseforge.io import load, save
 from sparseforge.methods import GMP, Method
 from sparseforge.oneshot import prune, prune_channels
 from sparseforge.patterns import NM, Block, Channel, ChannelGroups, Pattern, Unstructured

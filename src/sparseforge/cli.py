@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.pipelines import (
-    EXPORT_FORMATS, PRUNE_METHODS, QUANT_SCHEMES, SFZ_VALUES, ExportRecipe, PruneRecipe, QuantizeRecipe, check_out,
+    PRUNE_METHODS, QUANT_SCHEMES, SFZ_VALUES, ExportRecipe, PruneRecipe, QuantizeRecipe, check_out, export_formats,
     load_any, load_recipe,
 )
 from sparseforge.progress import Progress
@@ -191,7 +191,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default=None, metavar="YAML", help="a YAML export recipe; other flags override its values")
     p.add_argument("--out", default=None,
                    help="where to write: a .sfz or .safetensors file (as --format), or a folder for --format hf")
-    p.add_argument("--format", default=None, choices=EXPORT_FORMATS,
+    p.add_argument("--format", default=None, choices=export_formats(),
                    help="(default sfz); hf: a save_pretrained folder (transformers models)")
     p.add_argument("--values", default=None, choices=SFZ_VALUES,
                    help="sfz weight values: fp16 (default), fp32 (exact), int8/int4 (codes + per-channel scales)")

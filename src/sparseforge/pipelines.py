@@ -38,7 +38,8 @@ from sparseforge.recipes import from_mapping, read_yaml
 from sparseforge.report import PruneReport, SparsityReport, report
 
 __all__ = [
-    "ExportRecipe", "PruneRecipe", "QuantizeRecipe", "check_out", "load_any", "load_recipe", "write_model",
+    "ExportRecipe", "PruneRecipe", "QuantizeRecipe", "check_out", "export_formats", "load_any", "load_recipe",
+    "write_model",
 ]
 
 R = TypeVar("R")
@@ -47,8 +48,16 @@ R = TypeVar("R")
 PRUNE_METHODS = (*ONESHOT_BY_NAME, "maskllm")
 """Methods of :attr:`PruneRecipe.method`: pruned layer by layer on calibration data."""
 QUANT_SCHEMES = tuple(SCHEMES.names())
-EXPORT_FORMATS = ("sfz", "safetensors", "hf")
 SFZ_VALUES = VALUES
+
+
+def export_formats() -> tuple[str, ...]:
+    """The formats :attr:`ExportRecipe.format` (``sparseforge export --format``) can write: the names and aliases
+    of :data:`~sparseforge.formats.FORMATS` whose files hold a whole model (not adapters), plug-ins' included."""
+    from sparseforge.formats import FORMATS, get_format
+
+    return tuple(spelling for name in FORMATS.names() if not get_format(name)[1].partial
+                 for spelling in (name, *FORMATS.aliases(name)))
 
 # Names that are files, not folders: an out like these is a mistake where a folder would be written.
 _FILE_LIKE = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy", ".h5", ".onnx", ".gguf", ".json",
@@ -79,34 +88,29 @@ def check_out(out: str, suffixes: tuple[str, ...], what: str, folder: bool = Fal
 
 
 def load_any(path: str) -> tuple[nn.Module, dict[str, Any]]:
-    """(model, metadata) of a Hugging Face model folder or a sparseforge checkpoint in either format, told
-    apart by its metadata (a file named ``.sfz`` that is not one gets the sfz reader's error). A model
-    folder's metadata also holds its ``tokenizer`` (or None)."""
-    from sparseforge.io.checkpoint import load_checkpoint
-    from sparseforge.io.sfz import is_sfz, load_sfz
-    from sparseforge.io.hf import ARCH, arch_kwargs, is_pretrained_dir, load_pretrained
+    """(model, metadata) of a model file or folder of any format (a sparseforge checkpoint, an ``.sfz`` file, a
+    Hugging Face model folder, ...), told by its content: :func:`sparseforge.io.load_with_metadata`. A file that
+    no format recognises gets the error of the format its suffix names. A model folder's metadata also holds its
+    ``tokenizer`` (or None)."""
+    from sparseforge.io import load_with_metadata
 
-    if is_pretrained_dir(path):
-        model, tokenizer = load_pretrained(path)
-        return model, {"arch": ARCH, "arch_kwargs": arch_kwargs(model), "extra": {}, "tokenizer": tokenizer}
-    return load_sfz(path) if is_sfz(path) or str(path).endswith(".sfz") else load_checkpoint(path)
+    return load_with_metadata(path)
 
 
-def write_model(model: nn.Module, out: str, meta: dict[str, Any], fmt: str, values: str, extra: dict[str, Any],
-                tokenizer: Any = None) -> None:
-    """Write ``model`` as ``fmt``: ``sfz`` (with ``values``), ``safetensors`` (a checkpoint) or ``hf`` (a
-    ``save_pretrained`` folder with ``tokenizer``, default the loaded one); ``extra`` goes into the metadata."""
-    from sparseforge.io.checkpoint import save_checkpoint
-    from sparseforge.io.sfz import save
+def write_model(model: nn.Module, out: str, meta: dict[str, Any], fmt: str | None, values: str,
+                extra: dict[str, Any], tokenizer: Any = None) -> None:
+    """Write ``model`` to ``out`` in the format ``fmt`` (a name of :data:`~sparseforge.formats.FORMATS`: ``sfz``,
+    ``safetensors``/``checkpoint``, ``hf``, ...; None: as ``out``'s name says). The format's writer gets those
+    of these options it takes: ``values`` (sfz), the loaded ``arch`` and ``arch_kwargs``, ``extra`` (the
+    metadata to store) and ``tokenizer`` (default the loaded one)."""
+    from sparseforge.formats import format_for_saving, options_of
+    from sparseforge.io import save
 
-    if fmt == "sfz":
-        save(model, out, values=values, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
-    elif fmt == "hf":
-        from sparseforge.io.hf import save_pretrained
-
-        save_pretrained(model, out, tokenizer if tokenizer is not None else meta.get("tokenizer"), metadata=extra)
-    else:
-        save_checkpoint(model, out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    name, writer = format_for_saving(out, model, fmt)
+    given = {"values": values, "arch": meta.get("arch"), "arch_kwargs": meta.get("arch_kwargs"), "extra": extra,
+             "tokenizer": tokenizer if tokenizer is not None else meta.get("tokenizer")}
+    takes = options_of(writer.save)
+    save(model, out, name, **{k: v for k, v in given.items() if takes is None or k in takes})
 
 
 def text_calibration(meta: dict[str, Any], *, source: str, tokenizer: str | None, calibration: str | None,
@@ -470,17 +474,23 @@ class ExportRecipe:
             raise SparseforgeError("checkpoint: give the model folder or checkpoint to export")
         if not self.out:
             raise SparseforgeError("out: give where to write")
-        _check_choice("format", self.format, EXPORT_FORMATS)
+        _check_choice("format", self.format, export_formats())
         _check_choice("values", self.values, SFZ_VALUES)
 
     def run(self, progress: bool | Progress = False) -> dict[str, Any]:
         """Validate, check ``out``, load, write. Returns ``out``, ``format``, ``values``, ``bytes`` (of what was
         written) and ``source_bytes``."""
+        from sparseforge.formats import get_format
+
         self.validate()
-        if self.format == "hf":
-            check_out(self.out, (), "export --format hf writes a Hugging Face model folder", folder=True)
-        else:
-            check_out(self.out, (f".{self.format}",), f"export --format {self.format} writes a .{self.format} file")
+        fmt = get_format(self.format)[1]
+        what = f"export --format {self.format} writes {fmt.noun}"
+        if fmt.suffixes or fmt.folder:
+            check_out(self.out, fmt.suffixes, what, folder=fmt.folder)
+        else:  # a plug-in format that names no suffix: any name
+            from sparseforge.oserrors import check_writable
+
+            check_writable(Path(self.out), "file", f"--out {self.out}")
         with using(progress) as shown:
             with shown.phase(f"loading {self.checkpoint}"):
                 model, meta = load_any(self.checkpoint)

@@ -630,14 +630,16 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: Wor
         "torch": torch.__version__,
     }
     if lead:
-        from sparseforge.io.checkpoint import save_checkpoint  # io sits above distributed: imported when used
+        # io sits above distributed: the checkpoint writer is reached by name, through the registry that io fills
+        from sparseforge.formats import get_format
 
         rep = report(model)
         metrics["report"] = rep.to_dict()
         with shown.phase(f"writing {out}/model.safetensors and metrics.json"):
-            save_checkpoint(model, out / "model.safetensors", arch=recipe.model,
-                            extra={"test_accuracy": metrics["final"]["test_accuracy"], "steps": state.step,
-                                   "method": recipe.method.name, "sparsity": final_sparsity})
+            get_format("checkpoint")[1].save(
+                model, out / "model.safetensors", arch=recipe.model,
+                extra={"test_accuracy": metrics["final"]["test_accuracy"], "steps": state.step,
+                       "method": recipe.method.name, "sparsity": final_sparsity})
             write_json_atomic(out / "metrics.json", metrics)
         if progress_on:
             print(f"done: {state.step} steps, test accuracy {metrics['final']['test_accuracy']:.2f}%, sparsity "

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from sparseforge.architectures import ARCHITECTURES, arch_kwargs_of, build, name_of
@@ -27,8 +26,8 @@ from sparseforge.compact import resize_modules
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import write_safetensors
 from sparseforge.formats import (
-    CHECKPOINT_FORMAT, CHECKPOINT_LEGACY_KEYS, CHECKPOINT_VERSION, HEADER_DIGEST, check_header, foreign_format,
-    seal_metadata, tensor_digest, verify_tensor,
+    CHECKPOINT_FORMAT, CHECKPOINT_LEGACY_KEYS, CHECKPOINT_VERSION, FORMATS, FileFormat, open_checked,
+    safetensors_metadata, seal_metadata, tensor_digest, verify_tensor,
 )
 
 FORMAT = CHECKPOINT_FORMAT
@@ -125,35 +124,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     (naming the tensor).
     """
     p = Path(path)
-    if not p.is_file():
-        raise SparseforgeError(f"checkpoint {p} does not exist (or is not a file)")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            raw_meta = f.metadata() or {}
-            keys = list(f.keys())
-            if HEADER_DIGEST in raw_meta or raw_meta.get("format") == FORMAT:
-                check_header(p, f, raw_meta, CHECKPOINT_LEGACY_KEYS, FORMAT_VERSION)
-            if raw_meta.get("format") != FORMAT:
-                raise SparseforgeError(
-                    f"{p} is a safetensors file but not a sparseforge checkpoint (no '{FORMAT}' metadata)"
-                )
-            version = _version(p, raw_meta)
-            if version > FORMAT_VERSION:
-                raise SparseforgeError(
-                    f"{p} was written by a newer sparseforge (format version {version}, this one reads "
-                    f"up to {FORMAT_VERSION}); upgrade sparseforge to read it"
-                )
-            digests = _json_entry(p, raw_meta, "sha256")
-            state = {}
-            for k in keys:
-                t = f.get_tensor(k)
-                verify_tensor(p, k, t, digests)
-                state[k] = t
-    except SafetensorError as e:
-        raise SparseforgeError(foreign_format(p) or
-                               f"{p} is not a readable checkpoint (truncated or corrupted?): {e}") from None
-    except OSError as e:
-        raise SparseforgeError(f"cannot read checkpoint {p}: {e}") from None
+    with open_checked(p, tag=FORMAT, what="a sparseforge checkpoint", legacy_keys=CHECKPOINT_LEGACY_KEYS,
+                      max_version=FORMAT_VERSION) as (f, raw_meta, version):
+        digests = _json_entry(p, raw_meta, "sha256")
+        state = {}
+        for k in f.keys():
+            t = f.get_tensor(k)
+            verify_tensor(p, k, t, digests)
+            state[k] = t
     missing = sorted(set(digests) - set(state))
     if missing:
         raise SparseforgeError(f"{p} is missing tensors listed in its metadata: {', '.join(missing[:5])}")
@@ -165,14 +143,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         "compact": _json_entry(p, raw_meta, "compact"),
     }
     return state, meta
-
-
-def _version(path: Path, raw_meta: Mapping[str, str]) -> int:
-    try:
-        return int(raw_meta.get("format_version", "0"))
-    except ValueError:
-        raise SparseforgeError(f"{path} is corrupted: its format version {raw_meta['format_version']!r} is not "
-                               "a number") from None
 
 
 def _json_entry(path: Path, raw_meta: Mapping[str, str], key: str) -> dict[str, Any]:
@@ -225,3 +195,31 @@ def load_compacted(path: str | os.PathLike[str], model: nn.Module | None = None)
     the original sizes, or None for zoo models. Returns (model, metadata).
     """
     return load_checkpoint(path, model)
+
+
+class CheckpointFormat(FileFormat):
+    """A plain checkpoint: the state dict in a safetensors file (exact zeros included), with the architecture
+    and a SHA-256 per tensor in its metadata; written for names ending in `.safetensors`."""
+
+    name = "checkpoint"
+    suffixes = (".safetensors",)
+    noun = "a plain sparseforge checkpoint"
+    tag = FORMAT
+
+    def detect(self, path: Path) -> bool:
+        """A safetensors file whose metadata says ``format: sparseforge-checkpoint`` (whatever its name)."""
+        meta = safetensors_metadata(path)
+        return meta is not None and meta.get("format") == FORMAT
+
+    def save(self, model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = None,
+             arch_kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """:func:`save_checkpoint`."""
+        return save_checkpoint(model, path, arch=arch, arch_kwargs=arch_kwargs, extra=extra)
+
+    def load(self, path: str | os.PathLike[str], model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+        """:func:`load_checkpoint`."""
+        return load_checkpoint(path, model)
+
+
+CHECKPOINT = FORMATS.register(CheckpointFormat(), aliases=("safetensors",))
+"""The ``checkpoint`` entry of :data:`~sparseforge.formats.FORMATS` (also named ``safetensors``)."""

@@ -35,11 +35,12 @@ from torch import nn
 from sparseforge.architectures import HF
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import atomic_dir
+from sparseforge.formats import FORMATS, FileFormat
 from sparseforge.layers import is_hf_model
 from sparseforge.oserrors import write_errors
 
 __all__ = [
-    "ARCH", "ARCHITECTURE", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_pretrained_dir", "load_pretrained",
+    "ARCH", "ARCHITECTURE", "HF_FORMAT", "HFFormat", "arch_kwargs", "build_from_metadata", "check_output_folder", "is_pretrained_dir", "load_pretrained",
     "save_pretrained", "verify_checksums",
 ]
 
@@ -280,3 +281,59 @@ class HFArchitecture:
 
 ARCHITECTURE = HFArchitecture()
 """The entry of :data:`~sparseforge.architectures.ARCHITECTURES` named ``hf`` (registered there lazily)."""
+
+
+class HFFormat(FileFormat):
+    """A Hugging Face `save_pretrained` folder (config.json, dense safetensors weights with exact zeros, the
+    tokenizer), with sparseforge.json and SHA256SUMS beside them; written for `transformers` models."""
+
+    name = "hf"
+    folder = True
+    noun = "a Hugging Face model folder"
+
+    def detect(self, path: Path) -> bool:
+        """:func:`is_pretrained_dir`: a folder holding a ``config.json``."""
+        return is_pretrained_dir(path)
+
+    def can_save(self, model: nn.Module) -> bool:
+        """Only ``transformers`` models have a config to write."""
+        return is_hf_model(model)
+
+    def save(self, model: nn.Module, path: str | os.PathLike[str], *, tokenizer: Any = None,
+             extra: dict[str, Any] | None = None) -> Path:
+        """:func:`save_pretrained`, with ``tokenizer``; ``extra`` goes to ``sparseforge.json``."""
+        return save_pretrained(model, path, tokenizer, metadata=extra)
+
+    def load(self, path: str | os.PathLike[str], model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+        """:func:`load_pretrained`; metadata: ``arch`` (``"hf"``), ``arch_kwargs``, ``extra`` (what
+        ``sparseforge.json`` holds, ``{}`` without one) and ``tokenizer`` (None when the folder has none).
+
+        With ``model``, the folder's weights are loaded into it (they must fit it exactly).
+        """
+        loaded, tokenizer = load_pretrained(path)
+        if model is not None:
+            try:
+                model.load_state_dict(loaded.state_dict(), strict=True)
+            except RuntimeError as e:
+                first = str(e).splitlines()[0:3]
+                raise SparseforgeError(f"{path} does not fit the model: {' '.join(first)}") from None
+            loaded = model
+        return loaded, {"arch": ARCH, "arch_kwargs": arch_kwargs(loaded), "extra": _read_metadata(Path(path)),
+                        "tokenizer": tokenizer}
+
+
+def _read_metadata(folder: Path) -> dict[str, Any]:
+    """What :func:`save_pretrained` wrote to ``sparseforge.json`` (``{}`` for a folder without one)."""
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SparseforgeError(f"{path} cannot be read as JSON ({e}): the file is corrupted; write the folder "
+                               "again") from None
+    return data if isinstance(data, dict) else {}
+
+
+HF_FORMAT = FORMATS.register(HFFormat())
+"""The ``hf`` entry of :data:`~sparseforge.formats.FORMATS`."""

@@ -63,12 +63,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import write_safetensors
-from sparseforge.formats import HEADER_DIGEST, check_header, foreign_format, seal_metadata, tensor_digest
+from sparseforge.formats import (
+    FORMATS, FileFormat, check_options, open_checked, safetensors_metadata, seal_metadata, tensor_digest,
+)
 from sparseforge.io.checkpoint import arch_metadata, model_for
 from sparseforge.kernels.packed import PackedLinear, PackedWeight
 from sparseforge.targets import set_submodule
@@ -264,12 +265,10 @@ def save(
 
 
 def is_sfz(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a safetensors file whose metadata says it is an sfz file (any version)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except (SafetensorError, OSError):
-        return False
+    """Whether ``path`` is a safetensors file whose metadata says it is an sfz file (any version; its tensors
+    are not read, so a damaged file that still says so is one, for :func:`read_sfz` to name the damage)."""
+    meta = safetensors_metadata(path)
+    return meta is not None and meta.get("format") == FORMAT
 
 
 def _decode(p: Path, name: str, info: dict[str, Any], parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, QuantizedTensor | None]:
@@ -336,23 +335,9 @@ def read_sfz(
     are not decoded: their parts and metadata go there, by name, instead.
     """
     p = Path(path)
-    if not p.is_file():
-        raise SparseforgeError(f"sfz file {p} does not exist (or is not a file)")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            raw = f.metadata() or {}
-            if HEADER_DIGEST in raw or raw.get("format") == FORMAT:
-                check_header(p, f, raw, _LEGACY_KEYS, FORMAT_VERSION)
-            if raw.get("format") != FORMAT:
-                what = ("a plain sparseforge checkpoint (use load_checkpoint, or `sparseforge export` to convert it)"
-                        if raw.get("format") == "sparseforge-checkpoint" else f"no '{FORMAT}' metadata")
-                raise SparseforgeError(f"{p} is a safetensors file but not an sfz file: {what}")
-            version = int(raw.get("format_version", "0"))
-            if version > FORMAT_VERSION:
-                raise SparseforgeError(
-                    f"{p} was written by sfz format version {version}, this sparseforge reads up to "
-                    f"{FORMAT_VERSION}: upgrade sparseforge"
-                )
+    with open_checked(p, tag=FORMAT, what="an sfz file", legacy_keys=_LEGACY_KEYS,
+                      max_version=FORMAT_VERSION) as (f, raw, version):
+        try:
             header = json.loads(raw["sfz"])
             keys = set(f.keys())
             stored: dict[str, torch.Tensor] = {}
@@ -369,16 +354,10 @@ def read_sfz(
                             "write the file again from the model"
                         )
                     stored[part] = t
-    except SafetensorError as e:
-        raise SparseforgeError(
-            foreign_format(p) or f"{p} is not a readable sfz file (truncated, corrupted or another format?): {e}"
-        ) from None
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        if isinstance(e, SparseforgeError):
-            raise
-        raise SparseforgeError(f"{p} is corrupted: malformed sfz metadata ({type(e).__name__}: {e})") from None
-    except OSError as e:
-        raise SparseforgeError(f"cannot read sfz file {p}: {e}") from None
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            if isinstance(e, SparseforgeError):
+                raise
+            raise SparseforgeError(f"{p} is corrupted: malformed sfz metadata ({type(e).__name__}: {e})") from None
     state: dict[str, torch.Tensor] = {}
     quant: dict[str, QuantizedTensor] = {}
     try:
@@ -504,3 +483,32 @@ def load_sfz(path: str | os.PathLike[str], model: nn.Module | None = None, *,
         elif hasattr(module, QUANT_ATTR):
             delattr(module, QUANT_ATTR)
     return model, meta
+
+
+class SfzFormat(FileFormat):
+    """The compressed format: Linear/Conv weights as a bitmask plus packed fp16/fp32/int8/int4 values, the rest
+    as is, in a safetensors file; written for names ending in `.sfz`."""
+
+    name = "sfz"
+    suffixes = (".sfz",)
+    noun = "an sfz file"
+    tag = FORMAT
+
+    def detect(self, path: Path) -> bool:
+        """:func:`is_sfz`: the file's metadata says ``format: sparseforge-sfz`` (whatever its name)."""
+        return is_sfz(path)
+
+    def save(self, model: nn.Module, path: str | os.PathLike[str], *, values: str = "fp16", arch: str | None = None,
+             arch_kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """:func:`save`: ``values`` is ``fp16`` (default), ``fp32`` (exact), ``int8`` or ``int4``."""
+        return save(model, path, values=values, arch=arch, arch_kwargs=arch_kwargs, extra=extra)
+
+    def load(self, path: str | os.PathLike[str], model: nn.Module | None = None,
+             **options: Any) -> tuple[nn.Module, dict[str, Any]]:
+        """:func:`load_sfz`, given ``options`` unchanged (whatever options it takes)."""
+        check_options(load_sfz, options, "the sfz reader (sparseforge.io.sfz.load_sfz)")
+        return load_sfz(path, model, **options)
+
+
+SFZ = FORMATS.register(SfzFormat())
+"""The ``sfz`` entry of :data:`~sparseforge.formats.FORMATS`."""

@@ -33,7 +33,7 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import atomic_dir, atomic_paths, write_safetensors
-from sparseforge.formats import tensor_digest
+from sparseforge.formats import FORMATS, FileFormat, safetensors_metadata, tensor_digest
 from sparseforge.peft.config import config_from_dict
 from sparseforge.peft.model import PeftReport, _select, adapter_layers, apply
 
@@ -130,7 +130,6 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-@torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, freeze: bool = True) -> PeftReport:
     """Put the adapter saved in the folder ``path`` on ``model`` (a fresh base); returns the :class:`PeftReport`.
 
@@ -141,6 +140,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, freeze: bool
     layers in ``model``, and that each is an ``nn.Linear`` of the saved shape.
     ``freeze`` as in :func:`sparseforge.peft.apply`.
     """
+    return _load(model, path, freeze)[0]
+
+
+@torch.no_grad()
+def _load(model: nn.Module, path: str | os.PathLike[str], freeze: bool) -> tuple[PeftReport, dict[str, Any]]:
+    """:func:`load_adapter`, also returning the adapter's JSON (its configuration and layers)."""
     folder = Path(path)
     meta, tensors = _read(folder)
     config = config_from_dict(meta["config"])
@@ -158,4 +163,55 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, freeze: bool
     for name, layer in adapter_layers(model).items():
         for short, p in layer.adapter_tensors().items():
             p.copy_(tensors[f"{name}.{short}"].to(p.dtype))
-    return report
+    return report, meta
+
+
+class AdapterFormat(FileFormat):
+    """An adapter alone (PaCA or LoRA tensors and configuration: adapter.safetensors and adapter.json in a
+    folder), without its base model; written for models with adapters."""
+
+    name = "adapter"
+    folder = True
+    noun = "a sparseforge adapter folder"
+    tag = FORMAT
+    partial = True
+
+    @staticmethod
+    def folder_of(path: str | os.PathLike[str]) -> Path:
+        """The adapter folder ``path`` names: itself, or the folder of its ``adapter.safetensors``."""
+        p = Path(path)
+        return p.parent if p.is_file() and p.name == WEIGHTS_FILE else p
+
+    def detect(self, path: Path) -> bool:
+        """A folder holding ``adapter.json``, or an adapter's weights file (its metadata says ``sparseforge-adapter``)."""
+        if path.is_dir():
+            return (path / CONFIG_FILE).is_file()
+        meta = safetensors_metadata(path)
+        return meta is not None and meta.get("format") == FORMAT
+
+    def can_save(self, model: nn.Module) -> bool:
+        """Only a model with adapters (:func:`sparseforge.peft.apply`) has an adapter to write."""
+        return bool(adapter_layers(model))
+
+    def save(self, model: nn.Module, path: str | os.PathLike[str]) -> Path:
+        """:func:`save_adapter`: the adapters of ``model``, not its base."""
+        return save_adapter(model, path)
+
+    def load(self, path: str | os.PathLike[str], model: nn.Module | None = None, *,
+             freeze: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+        """:func:`load_adapter` onto ``model``, which is required: an adapter holds no base model.
+
+        Returns (model, metadata): ``config`` (the adapter's configuration),
+        ``layers`` (per adapted layer: its shapes and PaCA's column indices)
+        and ``report`` (the :class:`PeftReport`).
+        """
+        folder = self.folder_of(path)
+        if model is None:
+            raise SparseforgeError(f"{folder} is an adapter: it holds the adapter's tensors, not the model they go "
+                                   "on; pass the base model it was trained on: sparseforge.load(path, model=base)")
+        report, meta = _load(model, folder, freeze)
+        return model, {"config": meta["config"], "layers": meta["layers"], "report": report}
+
+
+ADAPTER_FORMAT = FORMATS.register(AdapterFormat())
+"""The ``adapter`` entry of :data:`~sparseforge.formats.FORMATS`."""
