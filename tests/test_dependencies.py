@@ -23,7 +23,8 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.extras import EXTRAS, require
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = {"torch", "numpy", "safetensors", "pyyaml", "rich"}
+# ninja: torch.utils.cpp_extension builds the native sparse kernels with it (g++ comes from the system)
+CORE = {"torch", "numpy", "safetensors", "pyyaml", "rich", "ninja"}
 OPTIONAL = {"matplotlib": "matplotlib", "scipy": "scipy", "skimage": "scikit-image"}
 
 
@@ -47,6 +48,8 @@ def test_make_setup_installs_the_extras_the_tests_and_demo_use() -> None:
     makefile = (ROOT / "Makefile").read_text()
     installed = re.search(r"-e '\.\[([a-z,]+)\]'", makefile).group(1).split(",")
     assert {"test", "hf", "bench"} <= set(installed)
+    # and builds the native kernels once, so that no test or demo waits for the compiler
+    assert "-m sparseforge.kernels.build" in makefile
 
 
 def test_importing_the_library_loads_no_optional_dependency() -> None:
