@@ -471,7 +471,7 @@ def load_sfz(path: str | os.PathLike[str], model: nn.Module | None = None, *,
             left = meta["packed"]["dense"]
             warnings.warn(
                 f"{path}: {len(left)} Linear layer(s) stay dense (stored without a bitmask, or with int4 / "
-XX
+                f"grouped codes): {', '.join(left[:6])}{' ...' if len(left) > 6 else ''}", UserWarning, stacklevel=2)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
