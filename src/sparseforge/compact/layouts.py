@@ -266,7 +266,8 @@ class AttentionLayout:
     @property
     def projections(self) -> tuple[str, ...]:
         """The projection paths, q/k/v (or qkv) then o."""
-        return ((self.qkv,) if self.qkv is not None else (self.q, self.k, self.v)) + (self.o,)  # type: ignore[return-value]
+        inputs = [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
+        return tuple(p for p in inputs if p is not None) + (self.o,)
 
     def match(self, name: str, block: nn.Module, layout: str) -> AttentionBlock | Miss | None:
         """Describe module ``block`` (named ``name`` in its model) by this layout (registered as ``layout``).
