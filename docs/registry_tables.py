@@ -32,6 +32,7 @@ REGISTRIES = [
     ("sparseforge.quant.rtn", "SCHEMES"),
     ("sparseforge.architectures", "ARCHITECTURES"),
     ("sparseforge.formats", "FORMATS"),
+    ("sparseforge.compact.layouts", "LAYOUTS"),
 ]
 
 _SECTION = re.compile(r"(<!-- registry: (?P<kind>[^>]+?) -->\n)(?P<body>.*?)(<!-- /registry -->)", re.S)

@@ -51,9 +51,9 @@ def run_block(tmp_path, monkeypatch):
 
 
 def test_the_guide_has_an_example_of_each_kind():
-    assert len(BLOCKS) == 5
+    assert len(BLOCKS) == 6
     for marker in ("@SCORES.register", "@UPDATES.register", "@METHODS.register", "@ARCHITECTURES.register",
-                   "MERGE_METHODS.register"):
+                   "MERGE_METHODS.register", "LAYOUTS.register"):
         assert sum(marker in b for b in BLOCKS) == 1, marker
 
 
@@ -121,6 +121,18 @@ def test_merge_example_is_the_elementwise_median(run_block, capsys, tmp_path):
         assert torch.equal(merged, torch.stack([m[key] for m in models]).median(dim=0).values), key
     with pytest.raises(sf.SparseforgeError, match="three or more models"):
         sf.merge.merge_files(["m0.safetensors", "m1.safetensors"], "two.safetensors", method="median")
+
+
+def test_layout_example_compacts_a_head_of_its_own_attention(run_block, capsys):
+    pytest.importorskip("transformers", reason="the layout example builds a Hugging Face model")
+    ns = run_block("LAYOUTS.register")
+    assert capsys.readouterr().out.strip() == "mixer 3 24"
+    from sparseforge.compact.layouts import LAYOUTS
+
+    mixer = ns["model"].mixer
+    assert LAYOUTS.get("mixer").o == "wo"
+    assert (mixer.wk.out_features, mixer.wv.out_features, mixer.wo.in_features) == (24, 24, 24)
+    assert ns["report"].heads[0]["folded"] == 0 and ns["report"].max_abs_diff < 1e-5
 
 
 def test_architecture_page_tables_match_the_registries():

@@ -5,8 +5,9 @@
 - :mod:`~sparseforge.compact.dependency`: which tensor slices are tied to one
   channel (fx-traced models);
 - :mod:`~sparseforge.compact.compactor`: :func:`compact`, for fx-traced models
-  and (through :mod:`~sparseforge.compact.transformer`, whose blocks are
-  recognised by name) Hugging Face transformers;
+  and (through :mod:`~sparseforge.compact.transformer`) Hugging Face
+  transformers, whose blocks are described by the layouts of
+  :mod:`~sparseforge.compact.layouts` (:data:`LAYOUTS`, open to your own);
 - :mod:`~sparseforge.compact.plan`: the report, applying the decided slices
   with an output check, and :func:`resize_modules` for loading.
 
@@ -22,11 +23,13 @@ from sparseforge.compact.handlers import (
     BatchNormHandler, ChannelwiseHandler, Conv1DHandler, Conv2dHandler, FlattenHandler, LayerHandler, LinearHandler,
     handler_for, register_handler,
 )
+from sparseforge.compact.layouts import LAYOUTS, AttentionLayout, FFNLayout
 from sparseforge.compact.plan import CompactReport, resize_modules
 from sparseforge.compact.transformer import compact_transformer
 
 __all__ = [
-    "BatchNormHandler", "ChannelGroup", "ChannelwiseHandler", "CompactReport", "Conv1DHandler", "Conv2dHandler",
-    "DependencyGraph", "FlattenHandler", "HeadGroup", "LayerHandler", "LinearHandler", "analyze", "channel_values",
-    "compact", "compact_transformer", "handler_for", "register_handler", "resize_modules",
+    "LAYOUTS", "AttentionLayout", "BatchNormHandler", "ChannelGroup", "ChannelwiseHandler", "CompactReport",
+    "Conv1DHandler", "Conv2dHandler", "DependencyGraph", "FFNLayout", "FlattenHandler", "HeadGroup", "LayerHandler",
+    "LinearHandler", "analyze", "channel_values", "compact", "compact_transformer", "handler_for", "register_handler",
+    "resize_modules",
 ]

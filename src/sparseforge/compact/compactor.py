@@ -29,9 +29,10 @@ head's value rows and bias are zero, or its output-projection columns are
 zero; a zero value row with a nonzero value bias outputs that bias (softmax
 weights sum to one) and is folded into the output projection's bias.
 
-Hugging Face ``transformers`` models (BERT-, LLaMA- and GPT-2-style blocks)
-are not traced: :mod:`sparseforge.compact.transformer` recognises their
-attention and FFN blocks by name and removes heads (whole KV groups under
+Hugging Face ``transformers`` models are not traced:
+:mod:`sparseforge.compact.transformer` finds their attention and FFN blocks
+through the layouts registered in :data:`sparseforge.compact.layouts.LAYOUTS`
+(BERT, LLaMA, GPT-2, OPT, ... and your own) and removes heads (whole KV groups under
 grouped-query attention) and FFN hidden units by the same rules, updating the
 attention modules' head-count attributes (stored as ``"attributes"`` shape
 entries, so that checkpoints rebuild them).
@@ -247,8 +248,8 @@ def compact(model: nn.Module, example_input: Any = None, atol: float = 1e-4) -> 
     each group keeps at least one channel. Conv2d, Linear and BatchNorm
     modules are replaced by smaller ones; the forward code is unchanged.
 
-    A Hugging Face ``transformers.PreTrainedModel`` (BERT-, LLaMA- and
-    GPT-2-style blocks) is not traced: its attention heads and FFN hidden
+    A Hugging Face ``transformers.PreTrainedModel`` (blocks described by
+    :data:`~sparseforge.compact.layouts.LAYOUTS`) is not traced: its attention heads and FFN hidden
     units are removed by :func:`sparseforge.compact.transformer.compact_transformer`
     (same rules, same report).
 

@@ -49,7 +49,8 @@ projection's rows, and its heads form a :class:`HeadGroup` (the q/k/v rows of
 a head and the output projection's columns). ``nn.MultiheadAttention`` cannot
 lose a head (its projections are fixed at ``embed_dim``), so it is an opaque
 module here. Hugging Face ``transformers`` models are not traced: their
-attention and feed-forward blocks are recognised by name in
+attention and feed-forward blocks are described by the layouts of
+:mod:`sparseforge.compact.layouts` and compacted by
 :mod:`sparseforge.compact.transformer`, which :func:`sparseforge.compact` uses
 for a ``PreTrainedModel``.
 """

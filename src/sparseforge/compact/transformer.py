@@ -11,28 +11,24 @@ whole model into one group and is not compacted. The groups are those of
 "DepGraph: Towards Any Structural Pruning" (Fang et al. 2023), written down
 per block instead of traced.
 
-Recognised blocks (the names are relative to the block):
-
-- BERT-style attention (tested on BERT/MiniLM; RoBERTa-like models share the
-  layout): ``self.{query,key,value}``
-  (``nn.Linear``, or ``attention.*`` as in ViT) with ``num_attention_heads``
-  and ``attention_head_size``, and the output projection ``output.dense``.
-  After compaction the self-attention module's ``num_attention_heads`` and
-  ``all_head_size`` are the layer's own (its forward reshapes with
-  ``view(..., -1, attention_head_size)``, so fewer heads need nothing else).
-- BERT-style FFN: ``intermediate.dense`` (with ``intermediate_act_fn``) and
-  ``output.dense``.
-- LLaMA-style attention (tested on LLaMA; other models with the same names are
-  tried, and the output check rejects any whose forward reads another size): ``{q,k,v,o}_proj``
-  (``o_proj`` or ``out_proj``) with an integer ``head_dim``; grouped-query
-  attention with ``num_key_value_heads`` KV heads, each shared by
-  ``num_key_value_groups`` consecutive query heads.
-- LLaMA-style FFN: ``up_proj``, ``down_proj`` and optionally ``gate_proj``
-  (``act_fn(gate(x)) * up(x)``), with ``act_fn``.
-- GPT-2 attention: the fused ``c_attn`` (transformers ``Conv1D``, weight
-  ``[in, out]``, outputs ``[q | k | v]``) and ``c_proj``; ``num_heads`` and
-  ``split_size`` are updated. GPT-2 cross-attention (``q_attn``) is left whole.
-- GPT-2 FFN: ``c_fc`` and ``c_proj`` (``Conv1D``) with ``act``.
+The blocks are described by the layouts registered in
+:data:`sparseforge.compact.layouts.LAYOUTS` (a table in
+``docs/architecture.md``): where a block keeps its query/key/value (or fused
+qkv) and output projections, which attributes hold its head size and head
+counts (and which of them the forward reads, so that compaction updates
+them), and for a feed-forward block its up, gate and down projections and
+activation. Every module is tried against every layout, in registration
+order; the first attention layout and the first FFN layout that fit a module
+describe it. Built in: BERT-style attention (BERT, RoBERTa, MiniLM; ViT of
+transformers 4), LLaMA-style attention with ``o_proj`` or ``out_proj``
+(grouped-query attention: ``num_key_value_heads`` KV heads, each shared by
+``num_key_value_groups`` consecutive query heads), GPT-2's fused ``c_attn``
+(GPT-2 cross-attention is left whole), and the BERT, LLaMA (gated), GPT-2 and
+OPT (``fc1``/``fc2``) feed-forward blocks. Register a layout for a family
+sparseforge does not know (see ``docs/extending.md``). A module that looks
+like a layout (every projection it names exists) but cannot be handled, and
+any module whose class name says attention or MLP but that no layout
+describes, is listed in the report as left whole.
 
 Rule for an FFN hidden unit ``j`` (the same as for a channel in
 :mod:`sparseforge.compact.compactor`): its value is constant when its row of the
@@ -86,183 +82,82 @@ with fewer KV heads; the default dynamic cache does.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from sparseforge.compact.layouts import LAYOUTS, AttentionBlock, FFNBlock, Miss, projection_weight
 from sparseforge.compact.plan import CompactReport, Plan, apply_plan, count_parameters
 from sparseforge.errors import SparseforgeError
-from sparseforge.layers import is_conv1d, weight_out_in
-
-SUPPORTED = (
-    "BERT-style attention (self.query/key/value + output.dense) and FFN (intermediate.dense + output.dense), "
-    "LLaMA-style attention (q_proj/k_proj/v_proj/o_proj with head_dim) and FFN (gate_proj/up_proj/down_proj), "
-    "GPT-2 attention (attn.c_attn/c_proj Conv1D) and FFN (mlp.c_fc/c_proj)"
-)
 
 
 # ---------------------------------------------------------------- recognising blocks
 
 
-@dataclass
-class AttentionBlock:
-    """One attention block: projection module names (relative to the model) and head layout.
-
-    ``q``/``k``/``v`` are the same module for GPT-2's fused ``c_attn`` (with
-    row offsets ``0``, ``E``, ``2E``); ``attrs`` is the module whose
-    attributes change and ``style`` says which ones.
-    """
-
-    name: str
-    style: str  # "bert", "llama" or "gpt2"
-    q: str
-    k: str
-    v: str
-    o: str
-    attrs: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    offsets: tuple[int, int, int] = (0, 0, 0)
-    blocked: list[str] = field(default_factory=list)
+def _known() -> str:
+    return f"known layouts: {', '.join(LAYOUTS.names())}; register others in sparseforge.compact.layouts.LAYOUTS"
 
 
-@dataclass
-class FFNBlock:
-    """One feed-forward block: ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))``."""
-
-    name: str
-    up: str
-    down: str
-    act: Callable[[torch.Tensor], torch.Tensor]
-    gate: str | None = None
-    size: int = 0
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _bert_attention(name: str, m: nn.Module) -> AttentionBlock | None:
-    out = getattr(getattr(m, "output", None), "dense", None)
-    for child in ("self", "attention"):
-        s = getattr(m, child, None)
-        if s is None or not all(isinstance(getattr(s, p, None), nn.Linear) for p in ("query", "key", "value")):
+def _first_fit(name: str, module: nn.Module, kind: str) -> tuple[AttentionBlock | FFNBlock | None, Miss | None]:
+    """The block that the first fitting layout of ``kind`` makes of ``module``, else the first near miss."""
+    miss = None
+    for layout_name, layout in LAYOUTS.items():
+        if layout.kind != kind:
             continue
-        if not isinstance(out, nn.Linear):
-            return None
-        d, h = getattr(s, "attention_head_size", None), getattr(s, "num_attention_heads", None)
-        if not isinstance(d, int) or not isinstance(h, int):
-            return None
-        sn = _join(name, child)
-        block = AttentionBlock(name, "bert", f"{sn}.query", f"{sn}.key", f"{sn}.value", _join(name, "output.dense"),
-                               sn, h, h, d)
-        if not (s.query.out_features == s.key.out_features == s.value.out_features == out.in_features == h * d):
-            block.blocked.append(f"{sn}: projection sizes do not match {h} heads x {d}")
-        return block
-    return None
-
-
-def _llama_attention(name: str, m: nn.Module) -> AttentionBlock | None:
-    projs = [getattr(m, p, None) for p in ("q_proj", "k_proj", "v_proj")]
-    o_name = next((n for n in ("o_proj", "out_proj") if isinstance(getattr(m, n, None), nn.Linear)), None)
-    d = getattr(m, "head_dim", None)
-    if not all(isinstance(p, nn.Linear) for p in projs) or o_name is None or not isinstance(d, int) or d <= 0:
-        return None
-    q, k, v = projs
-    o = getattr(m, o_name)
-    h, kv = q.out_features // d, k.out_features // d
-    block = AttentionBlock(name, "llama", _join(name, "q_proj"), _join(name, "k_proj"), _join(name, "v_proj"),
-                           _join(name, o_name), name, h, kv, d)
-    groups = getattr(m, "num_key_value_groups", None)
-    if (q.out_features != h * d or k.out_features != kv * d or v.out_features != kv * d or o.in_features != h * d
-            or kv == 0 or h % kv):
-        block.blocked.append(f"{name}: q/k/v/{o_name} sizes do not fit head_dim {d}")
-    elif groups is not None and groups != h // kv:
-        block.blocked.append(f"{name}: num_key_value_groups {groups} does not match {h} query / {kv} KV heads")
-    return block
-
-
-def _gpt2_attention(name: str, m: nn.Module) -> AttentionBlock | None:
-    c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
-    if not (is_conv1d(c_attn) and is_conv1d(c_proj)):
-        return None
-    h, d, split = getattr(m, "num_heads", None), getattr(m, "head_dim", None), getattr(m, "split_size", None)
-    if not all(isinstance(x, int) for x in (h, d, split)):
-        return None
-    a = _join(name, "c_attn")
-    block = AttentionBlock(name, "gpt2", a, a, a, _join(name, "c_proj"), name, h, h, d, (0, split, 2 * split))
-    if getattr(m, "is_cross_attention", False) or hasattr(m, "q_attn"):
-        block.blocked.append(f"{name}: GPT-2 cross-attention (q_attn) is not compacted")
-    elif split != h * d or c_attn.nf != 3 * split or c_proj.nx != split:
-        block.blocked.append(f"{name}: c_attn/c_proj sizes do not fit {h} heads x {d}")
-    return block
-
-
-def _ffn(name: str, m: nn.Module) -> FFNBlock | None:
-    inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
-    up, down = getattr(inter, "dense", None), getattr(out, "dense", None)
-    act = getattr(inter, "intermediate_act_fn", None)
-    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and callable(act):
-        if up.out_features == down.in_features:
-            return FFNBlock(name, _join(name, "intermediate.dense"), _join(name, "output.dense"), act,
-                            size=up.out_features)
-    up, down, gate = (getattr(m, p, None) for p in ("up_proj", "down_proj", "gate_proj"))
-    act = getattr(m, "act_fn", None)
-    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and callable(act):
-        if up.out_features == down.in_features and (gate is None or (
-                isinstance(gate, nn.Linear) and gate.out_features == up.out_features)):
-            return FFNBlock(name, _join(name, "up_proj"), _join(name, "down_proj"), act,
-                            _join(name, "gate_proj") if gate is not None else None, up.out_features)
-    up, down, act = getattr(m, "c_fc", None), getattr(m, "c_proj", None), getattr(m, "act", None)
-    if is_conv1d(up) and is_conv1d(down) and callable(act) and up.nf == down.nx:
-        return FFNBlock(name, _join(name, "c_fc"), _join(name, "c_proj"), act, size=up.nf)
-    return None
+        found = layout.match(name, module, layout_name)
+        if isinstance(found, Miss):
+            miss = miss or found
+        elif found is not None:
+            return found, None
+    return None, miss
 
 
 _CANDIDATE_WORDS = ("attention", "mlp", "feedforward", "ffn", "intermediate")
 
 
-def find_attention_and_ffn(model: nn.Module) -> tuple[list[AttentionBlock], list[FFNBlock], list[str]]:
-    """The attention and FFN blocks of ``model``, and modules that look like blocks but were not recognised.
+def find_attention_and_ffn(
+    model: nn.Module,
+) -> tuple[list[AttentionBlock], list[FFNBlock], list[tuple[str, str]]]:
+    """The attention and FFN blocks of ``model``, and ``(module, report line)`` for the modules left whole.
+
+    Those name the modules that resemble a registered layout but do
+    not fit it (:class:`~sparseforge.compact.layouts.Miss`), then the
+    modules whose class name says attention or MLP but that no layout
+    describes.
 
     Raises :class:`SparseforgeError` when no block at all is recognised,
     naming the first module that looks like an attention or MLP block.
     """
     attn: list[AttentionBlock] = []
     ffn: list[FFNBlock] = []
-    covered: list[str] = []
+    misses: list[Miss] = []
+    covered: list[str] = []  # modules inside a recognised block: its parts, not blocks of their own
     for name, m in model.named_modules():
         if any(name == c or name.startswith(c + ".") for c in covered):
             continue
-        a = _bert_attention(name, m) or _llama_attention(name, m) or _gpt2_attention(name, m)
-        if a is not None:
-            attn.append(a)
-            if a.style == "bert":  # the output/self children belong to it; the layer's FFN is elsewhere
-                covered.append(name)
-            continue
-        f = _ffn(name, m)
-        if f is not None:
-            ffn.append(f)
-            if f.up.startswith(_join(name, "intermediate")):
-                covered += [_join(name, "intermediate"), _join(name, "output")]
-            else:
-                covered.append(name)
-    known = [b.name for b in attn] + [f.name for f in ffn]
+        for kind, found_list in (("attention", attn), ("FFN", ffn)):
+            block, miss = _first_fit(name, m, kind)
+            if block is not None:
+                found_list.append(block)
+                covered += block.covers
+            elif miss is not None:
+                misses.append(miss)
+    known = [b.name for b in attn] + [f.name for f in ffn] + [miss.name for miss in misses]
     unknown = [
         f"{name} ({type(m).__name__})" for name, m in model.named_modules()
         if name and any(w in type(m).__name__.lower() for w in _CANDIDATE_WORDS)
         and not any(name == k or name.startswith(k + ".") or k.startswith(name + ".") for k in known)
     ]
+    left = [(miss.name, miss.message()) for miss in misses] + [
+        (u, f"{u}: not a recognised block ({_known()}); left whole") for u in unknown]
     if not attn and not ffn:
-        where = f"; first unrecognised module: {unknown[0]}" if unknown else ""
+        where = f"; first unrecognised module: {misses[0].message() if misses else unknown[0]}" if left else ""
         raise SparseforgeError(
             f"compact: {type(model).__name__} has no attention or feed-forward block that sparseforge can "
-            f"compact (supported: {SUPPORTED}){where}"
+            f"compact ({_known()}){where}"
         )
-    return attn, ffn, unknown
+    return attn, ffn, left
 
 
 # ---------------------------------------------------------------- decisions
@@ -279,7 +174,7 @@ def _bias(m: nn.Module) -> torch.Tensor | None:
 
 def _constant(m: nn.Module, lo: int = 0, n: int | None = None) -> torch.Tensor:
     """Per output row ``lo..lo+n``: the bias where the row is all zero (0 without bias), NaN elsewhere."""
-    w = weight_out_in(m)
+    w = projection_weight(m)
     n = w.shape[0] - lo if n is None else n
     b = _bias(m)
     v = b[lo:lo + n].double().clone() if b is not None else torch.zeros(n, dtype=torch.float64, device=w.device)
@@ -312,7 +207,7 @@ def decide_ffn(model: nn.Module, f: FFNBlock) -> tuple[list[int], dict[int, floa
     """Units to remove and the constants ``{unit: k}`` to fold into the down projection's bias."""
     values = ffn_unit_values(model, f)
     down = model.get_submodule(f.down)
-    col_zero = _rows_zero(weight_out_in(down).t())
+    col_zero = _rows_zero(projection_weight(down).t())
     has_bias = _bias(down) is not None
     removable, folds = [], {}
     for j in range(f.size):
@@ -331,13 +226,12 @@ def decide_heads(model: nn.Module, a: AttentionBlock) -> tuple[list[int], list[t
     """KV groups to remove and ``(query head, value bias)`` pairs to fold into the output projection."""
     d, r = a.head_dim, a.num_heads // a.num_kv_heads
     v_mod, o_mod = model.get_submodule(a.v), model.get_submodule(a.o)
-    wv, wo = weight_out_in(v_mod), weight_out_in(o_mod)
+    wv, wo = projection_weight(v_mod), projection_weight(o_mod)
     bv = _bias(v_mod)
     o_bias = _bias(o_mod) is not None
-    vo = a.offsets[2]
     removable, folds = [], []
     for g in range(a.num_kv_heads):
-        rows = slice(vo + g * d, vo + (g + 1) * d)
+        rows = a.value_rows(g)
         v_zero = bool((wv[rows] == 0).all())
         b = bv[rows] if bv is not None else None
         b_zero = b is None or bool((b == 0).all())
@@ -362,23 +256,8 @@ def decide_heads(model: nn.Module, a: AttentionBlock) -> tuple[list[int], list[t
 # ---------------------------------------------------------------- slicing
 
 
-def _index(keep: list[int], width: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-    k = torch.tensor(keep, dtype=torch.long, device=device)
-    return (offset + k[:, None] * width + torch.arange(width, device=device)).reshape(-1)
-
-
-def _attr_values(model: nn.Module, a: AttentionBlock, heads: int, kv: int) -> dict[str, int]:
-    """The attention module's attributes that change with ``heads`` query / ``kv`` KV heads."""
-    m = model.get_submodule(a.attrs)
-    if a.style == "bert":
-        return {"num_attention_heads": heads, "all_head_size": heads * a.head_dim}
-    if a.style == "gpt2":
-        return {"num_heads": heads, "split_size": heads * a.head_dim}
-    values = {}
-    for attr, n in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
-        if isinstance(getattr(m, attr, None), int):
-            values[attr] = n
-    return values
+def _index(keep: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(keep, dtype=torch.long, device=device)
 
 
 # ---------------------------------------------------------------- example input and check
@@ -453,7 +332,7 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
         SparseforgeError: no block is recognised (naming a module that looks
             like one), or the outputs changed (the model is then restored).
     """
-    attn, ffn, unknown = find_attention_and_ffn(model)
+    attn, ffn, left_whole = find_attention_and_ffn(model)
     inputs = example_inputs(model, example_input)
     device = next(model.parameters()).device
     was_training = model.training
@@ -464,7 +343,7 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
         plan = Plan()
         head_folds = []
         for a in attn:
-            entry = {"members": [a.name], "before": a.num_heads, "after": a.num_heads, "folded": 0,
+            entry = {"members": [a.name], "layout": a.layout, "before": a.num_heads, "after": a.num_heads, "folded": 0,
                      "blocked": list(a.blocked), "kv_before": a.num_kv_heads, "kv_after": a.num_kv_heads}
             report.heads.append(entry)
             if a.blocked:
@@ -477,29 +356,25 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
             kept_kv = [g for g in range(a.num_kv_heads) if g not in gone]
             kept_q = [h for g in kept_kv for h in range(g * r, (g + 1) * r)]
             entry.update(after=len(kept_q), kv_after=len(kept_kv), folded=len(folds))
-            q_rows, kv_rows = _index(kept_q, d, device), _index(kept_kv, d, device)
-            if a.style == "gpt2":
-                plan.out_keep[a.q] = torch.cat([q_rows + a.offsets[0], kv_rows + a.offsets[1], kv_rows + a.offsets[2]])
-            else:
-                plan.out_keep[a.q], plan.out_keep[a.k], plan.out_keep[a.v] = q_rows, kv_rows, kv_rows
-            plan.in_keep[a.o] = q_rows
-            values = _attr_values(model, a, len(kept_q), len(kept_kv))
+            plan.out_keep.update(a.out_rows(kept_q, kept_kv, device))
+            plan.in_keep[a.o] = a.out_columns(kept_q, device)
+            values = a.attribute_values(model, len(kept_q), len(kept_kv))
             plan.attributes[a.attrs] = values
             plan.entries[a.attrs] = {"kind": "attributes", "values": dict(values)}
             o_mod = model.get_submodule(a.o)
             # a head with zero value rows outputs its value bias: W_o[:, head] @ b_v folds into the output bias
             head_folds += [(o_mod, lambda o=o_mod, h=h, b=b, d=d: (
-                weight_out_in(o)[:, h * d:(h + 1) * d].double() @ b.double()).to(o.bias.dtype)) for h, b in folds]
+                projection_weight(o)[:, h * d:(h + 1) * d].double() @ b.double()).to(o.bias.dtype)) for h, b in folds]
 
         for f in ffn:
             members = [f.up] + ([f.gate] if f.gate else [])
             removed, folds = decide_ffn(model, f)
-            report.groups.append({"members": members, "consumers": [f.down], "before": f.size,
+            report.groups.append({"members": members, "layout": f.layout, "consumers": [f.down], "before": f.size,
                                   "after": f.size - len(removed), "folded": len(folds), "blocked": []})
             if not removed:
                 continue
             gone = set(removed)
-            keep = torch.tensor([j for j in range(f.size) if j not in gone], dtype=torch.long, device=device)
+            keep = _index([j for j in range(f.size) if j not in gone], device)
             for n in members:
                 plan.out_keep[n] = keep
             plan.in_keep[f.down] = keep
@@ -508,13 +383,13 @@ def compact_transformer(model: nn.Module, example_input: Any = None, atol: float
                 idx = torch.tensor(list(folds), dtype=torch.long, device=device)
                 ks = torch.tensor(list(folds.values()), dtype=torch.float64, device=device)
                 plan.fold(down, lambda down=down, idx=idx, ks=ks: (
-                    weight_out_in(down)[:, idx].double() @ ks).to(down.bias.dtype))
+                    projection_weight(down)[:, idx].double() @ ks).to(down.bias.dtype))
         for layer, delta in head_folds:
             plan.fold(layer, delta)
 
-        for name in unknown:
+        for name, line in left_whole:
             report.groups.append({"members": [name], "consumers": [], "before": 0, "after": 0, "folded": 0,
-                                  "blocked": [f"{name}: not a recognised block ({SUPPORTED}); left whole"]})
+                                  "blocked": [line]})
         apply_plan(model, plan, report, lambda: _first_output(model(**inputs)), reference, atol,
                    "Its attention or FFN forward probably reads a size that compact does not update")
         return report
