@@ -486,8 +486,8 @@ def load_sfz(path: str | os.PathLike[str], model: nn.Module | None = None, *,
 
 
 class SfzFormat(FileFormat):
-    """The compressed format: Linear/Conv weights as a bitmask plus packed fp16/bf16/fp32/int8/int4 values (loadable straight into packed layers with packed=True), the rest
-    as is, in a safetensors file; written for names ending in `.sfz`."""
+    """The compressed format: Linear/Conv weights as a bitmask plus packed fp16/bf16/fp32/int8/int4 values, the
+    rest as is, in a safetensors file; written for names ending in `.sfz` (`packed=True` loads into packed layers)."""
 
     name = "sfz"
     suffixes = (".sfz",)
