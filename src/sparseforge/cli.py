@@ -342,7 +342,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sparseforge.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
-        model=args.model, dataset=args.dataset or DemoConfig.dataset, sparsity=args.sparsity, dense_epochs=args.dense_epochs, sparse_epochs=args.sparse_epochs,
+        model=args.model, dataset=args.dataset or DemoConfig.dataset, sparsity=args.sparsity,
+        dense_epochs=args.dense_epochs, sparse_epochs=args.sparse_epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_dir=args.data_dir, runs_dir=args.runs_dir,
         name=args.name, limit_train=args.limit_train, limit_test=args.limit_test,
     )
@@ -361,11 +362,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   print_command=args.print_command, plugins=args.plugin)
 
 
-def _recipe(cls: type, args: argparse.Namespace, flags: dict, usage: str):
-    """The command's recipe: ``--recipe FILE`` with the flags given overriding its values, or the flags alone."""
+def _recipe(cls: type, args: argparse.Namespace, flags: dict, usage: str,
+            load: Callable[[str], typing.Any] | None = None):
+    """The command's recipe: ``--recipe FILE`` (read by ``load``, default :func:`~sparseforge.pipelines.load_recipe`)
+    with the flags given overriding its values, or the flags alone."""
     given = {k: v for k, v in flags.items() if v is not None}
     if args.recipe is not None:
-        return dataclasses.replace(load_recipe(cls, args.recipe), **given)
+        recipe = load(args.recipe) if load is not None else load_recipe(cls, args.recipe)
+        return dataclasses.replace(recipe, **given)
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING]
     if any(name not in given for name in required):
@@ -374,9 +378,9 @@ def _recipe(cls: type, args: argparse.Namespace, flags: dict, usage: str):
 
 
 def _text_flags(args: argparse.Namespace) -> dict:
-    return {"dataset": args.dataset, "calibration": args.calibration, "tokenizer": args.tokenizer, "samples": args.samples,
-            "seq_len": args.seq_len, "eval_texts": args.eval_texts, "data_dir": args.data_dir, "seed": args.seed,
-            "calibration_batches": args.calibration_batches}
+    return {"dataset": args.dataset, "calibration": args.calibration, "tokenizer": args.tokenizer,
+            "samples": args.samples, "seq_len": args.seq_len, "eval_texts": args.eval_texts, "data_dir": args.data_dir,
+            "seed": args.seed, "calibration_batches": args.calibration_batches}
 
 
 @_with_progress
@@ -500,20 +504,13 @@ def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_merge(args: argparse.Namespace, shown: Progress) -> int:
-    import dataclasses
-
-    from sparseforge.merge.recipe import MergeRecipe, load_recipe
+    from sparseforge.merge.recipe import MergeRecipe
+    from sparseforge.merge.recipe import load_recipe as load_merge_recipe
 
     flags = {"models": args.models or None, "method": args.method, "base": args.base, "weights": args.weights,
              "density": args.density, "lam": args.lam, "seed": args.seed, "out": args.out}
-    given = {k: v for k, v in flags.items() if v is not None}
-    if args.recipe is not None:
-        recipe = dataclasses.replace(load_recipe(args.recipe), **given)  # flags override the recipe
-    elif "models" not in given or "out" not in given:
-        raise SparseforgeError("give the model files and --out (sparseforge merge A B --out M.safetensors), "
-                               "or --recipe FILE")
-    else:
-        recipe = MergeRecipe(**given)
+    recipe = _recipe(MergeRecipe, args, flags, "the model files and --out (sparseforge merge A B --out M.safetensors)",
+                     load=load_merge_recipe)
     recipe.validate()  # options first, then the output: both before any file is read
     check_out(recipe.out, (".safetensors",), "merge writes a .safetensors file")
     rep = recipe.run(progress=shown)

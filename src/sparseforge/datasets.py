@@ -95,7 +95,8 @@ class Classification:
         return (TensorLoader(self.train_inputs, self.train_targets, batch_size, shuffle=True, seed=seed),
                 TensorLoader(self.test_inputs, self.test_targets, batch_size))
 
-    def calibration(self, batches: int, batch_size: int = 128, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def calibration(self, batches: int, batch_size: int = 128,
+                    seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``batches`` shuffled batches of ``batch_size`` training examples with their targets: the first
         ``batches * batch_size`` examples in the first epoch's order of a loader seeded with ``seed``."""
         if int(batches) < 1:

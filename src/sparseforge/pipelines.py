@@ -1,5 +1,5 @@
-"""The commands as recipes: :class:`PruneRecipe`, :class:`QuantizeRecipe`, :class:`CompactRecipe`, :class:`ExportRecipe`,
-and :func:`inspect_file`.
+"""The commands as recipes: :class:`PruneRecipe`, :class:`QuantizeRecipe`, :class:`CompactRecipe`,
+:class:`ExportRecipe`, and :func:`inspect_file`.
 
 Each is a dataclass whose fields are the command's options (a YAML recipe
 maps one to one onto it, read with :func:`load_recipe`, as
