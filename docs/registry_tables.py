@@ -31,6 +31,7 @@ REGISTRIES = [
     ("sparseforge.peft.config", "ADAPTERS"),
     ("sparseforge.quant.rtn", "SCHEMES"),
     ("sparseforge.architectures", "ARCHITECTURES"),
+    ("sparseforge.datasets", "DATASETS"),
 ]
 
 _SECTION = re.compile(r"(<!-- registry: (?P<kind>[^>]+?) -->\n)(?P<body>.*?)(<!-- /registry -->)", re.S)

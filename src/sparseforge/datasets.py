@@ -168,13 +168,13 @@ def load(name: str, data_dir: str | os.PathLike[str] | None = None, *, limit_tra
     return data
 
 
-def num_train(name: str, data_dir: str | os.PathLike[str] | None = None) -> int:
+def num_train(name: str, data_dir: str | os.PathLike[str] | None = None, *, what: str = "training") -> int:
     """Training examples of the classification dataset ``name``: its declared ``num_train`` when it has one,
-    else counted by loading it."""
+    else counted by loading it (``what``: who asks, for the error a text dataset gets)."""
     declared = getattr(DATASETS.get(name), "num_train", None)
     if isinstance(declared, int) and not isinstance(declared, bool):
         return declared
-    return load(name, data_dir, kind=Classification).num_train  # type: ignore[union-attr]
+    return load(name, data_dir, kind=Classification, what=what).num_train  # type: ignore[union-attr]
 
 
 # -- texts ------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ class DataConfig:
         """Training examples the run sees (the dataset's declared size, else counted by loading it)."""
         from sparseforge.datasets import num_train
 
-        total = num_train(self.name, self.dir)
+        total = num_train(self.name, self.dir, what="sparseforge train")
         return min(self.limit_train or total, total)
 
 

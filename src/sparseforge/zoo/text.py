@@ -207,8 +207,8 @@ def read_texts(path: str | os.PathLike[str] | None = None) -> list[str]:
 
 
 def fortunes_dataset(data_dir: str | os.PathLike[str] | None = None) -> Texts:
-    """English texts from Debian's ``fortunes`` package (every topic file), or from the text file or folder
-    ``data_dir`` (see :func:`read_texts`).
+    """English texts from Debian's ``fortunes`` package (every topic file), or from any text file or folder
+    given as ``data_dir`` (read by :func:`read_texts`).
 
     Registered as ``fortunes`` in :data:`sparseforge.datasets.DATASETS`: the default calibration text of
     transformers models.
