@@ -496,7 +496,6 @@ class CompactRecipe:
         :class:`~sparseforge.compact.CompactReport`; the checkpoint's metadata records the source and the
         parameters before and after (``extra["compacted"]``)."""
         from sparseforge.compact import compact
-        from sparseforge.io.checkpoint import save_checkpoint
 
         self.validate()
         check_out(self.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes "
@@ -510,7 +509,7 @@ class CompactRecipe:
                                                          "params_before": rep.params_before,
                                                          "params_after": rep.params_after}}
             with shown.phase(f"writing {self.out}"):
-                save_checkpoint(model, self.out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+                write_model(model, self.out, meta, "safetensors", "fp32", extra)
         return rep
 
 
