@@ -33,6 +33,7 @@ REGISTRIES = [
     ("sparseforge.architectures", "ARCHITECTURES"),
     ("sparseforge.formats", "FORMATS"),
     ("sparseforge.compact.layouts", "LAYOUTS"),
+    ("sparseforge.datasets", "DATASETS"),
 ]
 
 _SECTION = re.compile(r"(<!-- registry: (?P<kind>[^>]+?) -->\n)(?P<body>.*?)(<!-- /registry -->)", re.S)

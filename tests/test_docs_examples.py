@@ -51,9 +51,9 @@ def run_block(tmp_path, monkeypatch):
 
 
 def test_the_guide_has_an_example_of_each_kind():
-    assert len(BLOCKS) == 6
+    assert len(BLOCKS) == 7
     for marker in ("@SCORES.register", "@UPDATES.register", "@METHODS.register", "@ARCHITECTURES.register",
-                   "MERGE_METHODS.register", "LAYOUTS.register"):
+                   "@DATASETS.register", "MERGE_METHODS.register", "LAYOUTS.register"):
         assert sum(marker in b for b in BLOCKS) == 1, marker
 
 
@@ -167,3 +167,14 @@ def test_docs_links_exist():
     for page in (GUIDE, DOCS / "architecture.md", DOCS / "files.md"):
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
             assert (page.parent / link).exists(), (page.name, link)
+
+
+def test_dataset_example_trains_by_name(run_block, capsys):
+    ns = run_block("@DATASETS.register")
+    assert capsys.readouterr().out.split() == ["48", "True", "0.80"]
+    from sparseforge import datasets
+
+    assert datasets.DATASETS.get("Halves") is ns["halves"]
+    data = datasets.load("halves", limit_train=10)
+    assert data.train_inputs.shape == (10, 1, 28, 28) and data.test_targets.shape == (256,)
+    assert ns["metrics"]["recipe"]["data"]["name"] == "halves"

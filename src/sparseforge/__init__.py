@@ -6,7 +6,7 @@ Schedule and an Update.
 """
 
 from sparseforge import allocation, distributed, io, kernels, merge, methods, patterns, peft, schedules, scores, targets, updates
-from sparseforge import architectures, registry, training
+from sparseforge import architectures, datasets, registry, training
 from sparseforge.allocation import ERK, LAMP, OWL, Allocation, Explicit, Global, Uniform
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.compact import CompactReport, compact
@@ -37,6 +37,7 @@ __all__ = [
     "io", "kernels", "merge", "peft",
     "fit", "training",
     "architectures", "registry",
+    "datasets",
 ]
 
 

@@ -4,7 +4,7 @@
 Bad input ends with one line, ``sparseforge: error: ...``, and exit status 2.
 
 Names the commands take (scores, allocations, patterns, merge methods, quantization
-schemes, model architectures) come from the registries (:mod:`sparseforge.registry`);
+schemes, model architectures, datasets) come from the registries (:mod:`sparseforge.registry`);
 ``sparseforge --plugin MODULE COMMAND ...`` imports a user's module first, so that what
 it registers is a choice too.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.pipelines import (
-    PRUNE_METHODS, QUANT_SCHEMES, SFZ_VALUES, ExportRecipe, PruneRecipe, QuantizeRecipe, check_out, export_formats,
-    load_any, load_recipe,
+    PRUNE_METHODS, QUANT_SCHEMES, SFZ_VALUES, CompactRecipe, ExportRecipe, PruneRecipe, QuantizeRecipe, check_out,
+    export_formats, inspect_file, load_any, load_recipe,
 )
 from sparseforge.progress import Progress
 
@@ -33,6 +33,7 @@ EPILOG = """examples:
   sparseforge prune model.safetensors --score snip --sparsity 0.8 --allocation global --out pruned.safetensors
   sparseforge prune ./hf-model --method sparsegpt --pattern 2:4 --calibration texts/ --out ./hf-model-2of4
   sparseforge compact pruned.safetensors --out small.safetensors   # remove channels pruned with --pattern channel
+  sparseforge --plugin my_data demo --dataset blobs    # the demo on a dataset a plug-in registers
   sparseforge export pruned.safetensors --out model.sfz --values fp16   # bitmask + packed values
   sparseforge quantize pruned.safetensors --out model-int8.sfz --scheme int8
   sparseforge merge a.safetensors b.safetensors --out soup.safetensors            # weighted average
@@ -49,23 +50,31 @@ def _names(registry) -> str:
     return ", ".join(registry.names())
 
 
+def _add_dataset(p: argparse.ArgumentParser, default: str) -> None:
+    from sparseforge.datasets import DATASETS
+
+    p.add_argument("--dataset", default=None, choices=DATASETS.names(),
+                   help=f"the data, by name (a plug-in's too; default {default})")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from sparseforge.architectures import ARCHITECTURES, HF
     from sparseforge.demo import DemoConfig
-    from sparseforge.zoo.models import classifier_names
 
     d = DemoConfig()
     p = sub.add_parser(
         "demo",
         help="train a dense model on Fashion-MNIST, prune it with GMP, compare",
         description=(
-            "Train a dense model on Fashion-MNIST, then continue training it twice from the same "
+            "Train a dense model on Fashion-MNIST (or --dataset), then continue training it twice from the same "
             "point: dense (the baseline) and under gradual magnitude pruning to --sparsity. Prints "
             "a table (accuracy, sparsity, nonzeros, FLOPs) and writes RUNS_DIR/NAME/ with "
             "metrics.json, training.png and model.safetensors."
         ),
     )
-    p.add_argument("--model", default=d.model,
-                   help=f"model architecture: {', '.join(classifier_names())}, or a plug-in's (default {d.model})")
+    classifiers = ", ".join(name for name in ARCHITECTURES.names() if name != HF)
+    p.add_argument("--model", default=d.model, help=f"model architecture: {classifiers} (default {d.model})")
+    _add_dataset(p, d.dataset)
     p.add_argument("--sparsity", type=float, default=d.sparsity, help=f"final sparsity in [0, 1) (default {d.sparsity})")
     p.add_argument("--dense-epochs", type=int, default=d.dense_epochs, help=f"dense training epochs (default {d.dense_epochs})")
     p.add_argument("--sparse-epochs", type=int, default=d.sparse_epochs,
@@ -74,7 +83,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak SGD learning rate (default {d.lr})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
     p.add_argument("--data-dir", default=None,
-                   help="folder with the Fashion-MNIST .gz files (default: $SPARSEFORGE_DATA or /usr/share/datasets/fashion-mnist)")
+                   help="the dataset's folder (Fashion-MNIST's .gz files: default $SPARSEFORGE_DATA or "
+                        "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--runs-dir", default=d.runs_dir, help=f"where run folders go (default {d.runs_dir})")
     p.add_argument("--name", default=None, help="run folder name (default demo-MODEL-TIMESTAMP)")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
@@ -113,7 +123,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
             "or a folder of them, '%%'-separated fortune files or blank-line-separated paragraphs; default: "
             "Debian's fortunes), and the report gives the quality on held-out text: perplexity for a causal LM, "
             "mean cosine of sentence embeddings to the dense model for an encoder. Without --method a "
-            "sparseforge checkpoint is pruned by --score (gradient scores use Fashion-MNIST batches). With "
+            "sparseforge checkpoint is pruned by --score (gradient scores use batches of --dataset). With "
             "--recipe FILE the options come from a YAML recipe (sparseforge.pipelines.PruneRecipe: keys as the "
             "flags, model and out included); flags given as well override it."
         ),
@@ -142,8 +152,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     _add_text_calibration(p, 128)
     p.add_argument("--maskllm-steps", type=int, default=None, help="MaskLLM training steps (default 300, as prune_maskllm)")
     p.add_argument("--calibration-batches", type=int, default=None,
-                   help="Fashion-MNIST batches of 128 for a zoo model's calibration (default 8)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for a zoo model's calibration")
+                   help="batches of 128 labelled examples for a zoo model's calibration (default 8)")
+    p.add_argument("--data-dir", default=None, help="the dataset's folder, for a zoo model's calibration")
     p.add_argument("--seed", type=int, default=None, help="seed of random scores and calibration samples (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_quiet(p)
@@ -169,8 +179,11 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
             "stores the new layer sizes (inspect and load rebuild them)."
         ),
     )
-    p.add_argument("checkpoint", help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
-    p.add_argument("--out", required=True, help="where to write the compacted checkpoint (.safetensors)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder")
+    p.add_argument("--recipe", default=None, metavar="YAML",
+                   help="a YAML compact recipe (sparseforge.pipelines.CompactRecipe); other flags override its values")
+    p.add_argument("--out", default=None, help="where to write the compacted checkpoint (.safetensors)")
     p.add_argument("--json", action="store_true", help="print the compaction report as JSON")
     _add_quiet(p)
 
@@ -205,7 +218,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         description=(
             "Quantize every Linear/Conv weight of a checkpoint (symmetric, scales over the kept weights, zeros "
             "stay zero; see sparseforge.quant): int8/int4 round to nearest, gptq-int8/gptq-int4 correct each "
-            "column's rounding error with the Hessian of the layer inputs on Fashion-MNIST calibration images. "
+            "column's rounding error with the Hessian of the layer inputs on calibration data (--dataset: text "
+            "for a transformers model, Fashion-MNIST images for a zoo model by default). "
             "An --out ending in .sfz stores the codes (int4 packed two per byte); one ending in .safetensors a "
             "plain checkpoint of the dequantized weights. With --recipe FILE the options come from a YAML recipe "
             "(sparseforge.pipelines.QuantizeRecipe); flags override it."
@@ -221,9 +235,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-order", action="store_true", default=None,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--calibration-batches", type=int, default=None,
-                   help="GPTQ on a zoo model: batches of 128 Fashion-MNIST training images (default 4)")
+                   help="GPTQ on a zoo model: batches of 128 labelled training examples (default 4)")
     _add_text_calibration(p, 128)
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for GPTQ calibration")
+    p.add_argument("--data-dir", default=None, help="the dataset's folder, for GPTQ calibration of a zoo model")
     p.add_argument("--seed", type=int, default=None, help="GPTQ: which calibration images (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_quiet(p)
@@ -386,7 +400,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sparseforge.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
-        model=args.model, sparsity=args.sparsity, dense_epochs=args.dense_epochs, sparse_epochs=args.sparse_epochs,
+        model=args.model, dataset=args.dataset or DemoConfig.dataset, sparsity=args.sparsity,
+        dense_epochs=args.dense_epochs, sparse_epochs=args.sparse_epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_dir=args.data_dir, runs_dir=args.runs_dir,
         name=args.name, limit_train=args.limit_train, limit_test=args.limit_test,
     )
@@ -405,11 +420,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   print_command=args.print_command, plugins=args.plugin)
 
 
-def _recipe(cls: type, args: argparse.Namespace, flags: dict, usage: str):
-    """The command's recipe: ``--recipe FILE`` with the flags given overriding its values, or the flags alone."""
+def _recipe(cls: type, args: argparse.Namespace, flags: dict, usage: str,
+            load: Callable[[str], typing.Any] | None = None):
+    """The command's recipe: ``--recipe FILE`` (read by ``load``, default :func:`~sparseforge.pipelines.load_recipe`)
+    with the flags given overriding its values, or the flags alone."""
     given = {k: v for k, v in flags.items() if v is not None}
     if args.recipe is not None:
-        return dataclasses.replace(load_recipe(cls, args.recipe), **given)
+        recipe = load(args.recipe) if load is not None else load_recipe(cls, args.recipe)
+        return dataclasses.replace(recipe, **given)
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING]
     if any(name not in given for name in required):
@@ -418,9 +436,9 @@ def _recipe(cls: type, args: argparse.Namespace, flags: dict, usage: str):
 
 
 def _text_flags(args: argparse.Namespace) -> dict:
-    return {"calibration": args.calibration, "tokenizer": args.tokenizer, "samples": args.samples,
-            "seq_len": args.seq_len, "eval_texts": args.eval_texts, "data_dir": args.data_dir, "seed": args.seed,
-            "calibration_batches": args.calibration_batches}
+    return {"dataset": args.dataset, "calibration": args.calibration, "tokenizer": args.tokenizer,
+            "samples": args.samples, "seq_len": args.seq_len, "eval_texts": args.eval_texts, "data_dir": args.data_dir,
+            "seed": args.seed, "calibration_batches": args.calibration_batches}
 
 
 @_with_progress
@@ -442,9 +460,12 @@ def _cmd_prune(args: argparse.Namespace, shown: Progress) -> int:
 
 
 def _add_text_calibration(p: argparse.ArgumentParser, samples: int) -> None:
+    from sparseforge.datasets import IMAGES, TEXT
+
+    _add_dataset(p, f"{TEXT} for a transformers model, {IMAGES} otherwise")
     p.add_argument("--calibration", default=None, metavar="PATH",
-                   help="transformers models: calibration text, a file or a folder of text files "
-                        "(default: /usr/share/games/fortunes); a tenth is held out for the quality report")
+                   help="transformers models: calibration text, a file or a folder of text files, read by the "
+                        "text dataset (default: /usr/share/games/fortunes); a tenth is held out for the quality report")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder, for a transformers model stored in a sparseforge checkpoint")
     # None: not given, so that a --recipe's value (or the recipe's default) stands
@@ -481,48 +502,12 @@ def _calibrated_table(result: dict) -> str:
     return buf.getvalue().rstrip()
 
 
-def _sfz_table(meta: dict) -> str:
-    import io
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from sparseforge.report import table_width
-
-    t = Table(title=f"sfz format version {meta['format_version']}: {meta['file_bytes']:,} bytes on disk")
-    for col in ("tensor", "shape", "encoding", "values", "pattern", "nonzeros", "bytes"):
-        t.add_column(col, justify="right" if col in ("nonzeros", "bytes") else "left",
-                     overflow="fold" if col == "tensor" else "ellipsis")
-    for name, info in meta["tensors"].items():
-        q = info.get("quant")
-        values = info.get("values", info["dtype"]) + (f" g{q['group_size']}" if q and q.get("group_size") else "")
-        t.add_row(name, "x".join(map(str, info["shape"])), info["encoding"], values, info.get("pattern", "-"),
-                  f"{info['nnz']:,}" if "nnz" in info else "-", f"{info['bytes']:,}")
-    buf = io.StringIO()
-    Console(file=buf, width=table_width(), force_terminal=False, color_system=None).print(t)
-    return buf.getvalue()
-
-
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from sparseforge.report import report
-
-    model, meta = load_any(args.checkpoint)
-    rep = report(model)
-    tensors = meta.get("tensors")
+    inspection = inspect_file(args.checkpoint)
     if args.json:
-        out = {"checkpoint": str(args.checkpoint), "arch": meta["arch"], "extra": meta["extra"]} | rep.to_dict()
-        if tensors is not None:
-            out |= {"format": "sfz", "format_version": meta["format_version"], "file_bytes": meta["file_bytes"],
-                    "tensors": {k: {f: v for f, v in info.items() if f != "sha256"} for k, info in tensors.items()}}
-        print(json.dumps(out, indent=2))
+        print(json.dumps(inspection.to_dict(), indent=2))
     else:
-        arch = meta["arch"] or "custom model"
-        if arch == "hf":
-            arch = f"transformers {meta['arch_kwargs'].get('class', 'model')}"
-        print(f"{args.checkpoint}: {arch}")
-        _print_report(rep, False)
-        if tensors is not None:
-            print(_sfz_table(meta), end="")
+        print(inspection, end="")
     return 0
 
 
@@ -563,43 +548,27 @@ def _cmd_quantize(args: argparse.Namespace, shown: Progress) -> int:
 
 @_with_progress
 def _cmd_compact(args: argparse.Namespace, shown: Progress) -> int:
-    from sparseforge.io.checkpoint import save_checkpoint
-    from sparseforge.compact import compact
-
-    check_out(args.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes travel "
-               "in its metadata)")
-    with shown.phase(f"loading {args.checkpoint}"):
-        model, meta = load_any(args.checkpoint)
-    with shown.phase("compacting"):
-        rep = compact(model)
-    extra = dict(meta["extra"]) | {"compacted": {"source": str(args.checkpoint), "params_before": rep.params_before,
-                                                 "params_after": rep.params_after}}
-    with shown.phase(f"writing {args.out}"):
-        save_checkpoint(model, args.out, arch=meta["arch"], arch_kwargs=meta["arch_kwargs"], extra=extra)
+    flags = {"checkpoint": args.checkpoint, "out": args.out}
+    recipe = _recipe(CompactRecipe, args, flags, "the checkpoint and --out (sparseforge compact CHECKPOINT --out "
+                     "OUT.safetensors)")
+    rep = recipe.run(progress=shown)
     if args.json:
         print(json.dumps(rep.to_dict(), indent=2))
     else:
         print(rep)
-        print(f"wrote {args.out}")
+        print(f"wrote {recipe.out}")
     return 0
 
 
 @_with_progress
 def _cmd_merge(args: argparse.Namespace, shown: Progress) -> int:
-    import dataclasses
-
-    from sparseforge.merge.recipe import MergeRecipe, load_recipe
+    from sparseforge.merge.recipe import MergeRecipe
+    from sparseforge.merge.recipe import load_recipe as load_merge_recipe
 
     flags = {"models": args.models or None, "method": args.method, "base": args.base, "weights": args.weights,
              "density": args.density, "lam": args.lam, "seed": args.seed, "out": args.out}
-    given = {k: v for k, v in flags.items() if v is not None}
-    if args.recipe is not None:
-        recipe = dataclasses.replace(load_recipe(args.recipe), **given)  # flags override the recipe
-    elif "models" not in given or "out" not in given:
-        raise SparseforgeError("give the model files and --out (sparseforge merge A B --out M.safetensors), "
-                               "or --recipe FILE")
-    else:
-        recipe = MergeRecipe(**given)
+    recipe = _recipe(MergeRecipe, args, flags, "the model files and --out (sparseforge merge A B --out M.safetensors)",
+                     load=load_merge_recipe)
     recipe.validate()  # options first, then the output: both before any file is read
     check_out(recipe.out, (".safetensors",), "merge writes a .safetensors file")
     rep = recipe.run(progress=shown)

@@ -1,4 +1,4 @@
-"""The demo: train a dense model on Fashion-MNIST, prune it to 90% with GMP, compare.
+"""The demo: train a dense model on Fashion-MNIST (or another registered dataset), prune it to 90% with GMP, compare.
 
 Phase 1 trains the dense model. Phase 2 starts twice from that model, with
 the same optimizer settings and the same batches: once dense (the baseline),
@@ -20,31 +20,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sparseforge import datasets
+from sparseforge.architectures import ARCHITECTURES, build
 from sparseforge.errors import SparseforgeError
 from sparseforge.io.checkpoint import save_checkpoint
 from sparseforge.extras import require
 from sparseforge.files import atomic_path, write_json_atomic
 from sparseforge.methods.gmp import GMP
 from sparseforge.patterns import check_sparsity
+from sparseforge.quality import evaluate
 from sparseforge.report import report
 from sparseforge.sparsifier import Sparsifier
 from sparseforge.training import FitState, History, ProgressCallback, SGDConfig, SparsifierCallback, fit
-from sparseforge.zoo.data import fashion_mnist
-from sparseforge.zoo.models import build_model
-from sparseforge.zoo.training import evaluate
 
 
 @dataclass
 class DemoConfig:
     """Settings of the demo run (the CLI flags of ``sparseforge demo``).
 
-    Defaults: LeNet-300-100, 90% sparsity, 8 dense epochs then 8 epochs of
+    Defaults: LeNet-300-100 on Fashion-MNIST (``dataset``: any classification
+    dataset of :data:`sparseforge.datasets.DATASETS`), 90% sparsity, 8 dense epochs then 8 epochs of
     GMP (pruning every quarter epoch, ending at 60% of the phase) against 8
     more dense epochs; SGD with Nesterov momentum 0.9, learning rate 0.05
     with a cosine decay per phase, weight decay 5e-4, batch 128, seed 0.
     """
 
     model: str = "lenet300"
+    dataset: str = datasets.IMAGES
     sparsity: float = 0.9
     dense_epochs: int = 8
     sparse_epochs: int = 8
@@ -60,7 +62,12 @@ class DemoConfig:
     limit_test: int | None = None
 
     def validate(self) -> None:
+        """Raise :class:`SparseforgeError` on a setting the run would refuse (nothing is read)."""
         check_sparsity(self.sparsity)
+        if self.model not in ARCHITECTURES:
+            raise SparseforgeError(f"--model: {ARCHITECTURES.error(self.model)}")
+        if self.dataset not in datasets.DATASETS:
+            raise SparseforgeError(f"--dataset: {datasets.DATASETS.error(self.dataset)}")
         for field in ("dense_epochs", "sparse_epochs", "batch_size"):
             if int(getattr(self, field)) < 1:
                 raise SparseforgeError(f"{field.replace('_', '-')} must be >= 1, got {getattr(self, field)}")
@@ -141,7 +148,7 @@ def _plot(path: Path, history: list[dict[str, Any]], layer_rows: list[dict[str, 
         ax.plot(xs, [h["test_accuracy"] for h in rows], style, marker="o", ms=3, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{cfg.model} on Fashion-MNIST")
+    ax.set_title(f"{cfg.model} on {cfg.dataset}")
     sx = ax.twinx()
     sparse_rows = [h for h in history if h["phase"] == "sparse"]
     sx.plot([len(dense_pre)] + [len(dense_pre) + h["epoch"] for h in sparse_rows],
@@ -186,11 +193,13 @@ def _run(cfg: DemoConfig, out: _Console, quiet: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     name = cfg.name or f"demo-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.runs_dir) / name
-    with out.progress.phase("reading Fashion-MNIST"):
-        train, test = fashion_mnist(cfg.batch_size, cfg.data_dir, cfg.seed, cfg.limit_train, cfg.limit_test)
-    model = build_model(cfg.model)
+    with out.progress.phase(f"reading {cfg.dataset}"):
+        examples = datasets.load(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
+                                 kind=datasets.Classification, what="the demo")
+        train, test = examples.loaders(cfg.batch_size, cfg.seed)
+    model = build(cfg.model)
     out.print(
-        f"sparseforge demo: {cfg.model} on Fashion-MNIST ({train.num_examples} train / {test.num_examples} test), "
+        f"sparseforge demo: {cfg.model} on {cfg.dataset} ({train.num_examples} train / {test.num_examples} test), "
         f"{cfg.dense_epochs} dense epochs, then {cfg.sparse_epochs} epochs of GMP to {cfg.sparsity:.0%} "
         f"against {cfg.sparse_epochs} more dense epochs, {threads.describe()} -> {run_dir}"
     )
@@ -239,7 +248,7 @@ def _run(cfg: DemoConfig, out: _Console, quiet: bool) -> dict[str, Any]:
     if not quiet:
         from rich.table import Table
 
-        t = Table(title=f"{cfg.model}: dense vs {cfg.sparsity:.0%} GMP on Fashion-MNIST")
+        t = Table(title=f"{cfg.model}: dense vs {cfg.sparsity:.0%} GMP on {cfg.dataset}")
         for col in ("model", "test accuracy", "sparsity", "nonzero params", "FLOPs / sample"):
             t.add_column(col, justify="left" if col == "model" else "right")
         for label, ev, rep in (("dense", dense_eval, dense_report), ("sparse (GMP)", sparse_eval, sparse_report)):

@@ -1,4 +1,5 @@
-"""The prune, quantize and export commands as recipes: :class:`PruneRecipe`, :class:`QuantizeRecipe`, :class:`ExportRecipe`.
+"""The commands as recipes: :class:`PruneRecipe`, :class:`QuantizeRecipe`, :class:`CompactRecipe`,
+:class:`ExportRecipe`, and :func:`inspect_file`.
 
 Each is a dataclass whose fields are the command's options (a YAML recipe
 maps one to one onto it, read with :func:`load_recipe`, as
@@ -6,11 +7,13 @@ maps one to one onto it, read with :func:`load_recipe`, as
 :class:`~sparseforge.distributed.train.TrainRecipe` are), with ``validate()``
 (options alone, no file opened) and ``run(progress=...)``, which does the
 whole job: check ``out`` before any work, load the model (a Hugging Face
-model folder or a sparseforge checkpoint), read calibration data, measure
-quality before and after (transformers models), prune or quantize, write the
-result in the format ``out`` names, and return the report. The ``sparseforge``
-command line maps its flags onto these and prints the report; the same runs
-from Python::
+model folder or a sparseforge checkpoint), read calibration data (a dataset
+of :data:`sparseforge.datasets.DATASETS` by name: ``dataset``), measure
+quality before and after (transformers models), prune, quantize or compact,
+write the result in the format ``out`` names, and return the report. The
+``sparseforge`` command line maps its flags onto these and prints the report
+(``sparseforge inspect`` prints :func:`inspect_file`'s :class:`Inspection`);
+the same runs from Python::
 
     PruneRecipe(model="./hf-model", out="pruned.sfz", method="sparsegpt", pattern="2:4").run(progress=True)
 
@@ -29,6 +32,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from sparseforge import datasets
 from sparseforge.errors import SparseforgeError
 from sparseforge.oneshot.calibrated import METHODS as ONESHOT_BY_NAME
 from sparseforge.io.sfz import VALUES
@@ -38,8 +42,8 @@ from sparseforge.recipes import from_mapping, read_yaml
 from sparseforge.report import PruneReport, SparsityReport, report
 
 __all__ = [
-    "ExportRecipe", "PruneRecipe", "QuantizeRecipe", "check_out", "export_formats", "load_any", "load_recipe",
-    "write_model",
+    "CompactRecipe", "ExportRecipe", "Inspection", "PruneRecipe", "QuantizeRecipe", "check_out", "export_formats",
+    "inspect_file", "load_any", "load_recipe", "write_model",
 ]
 
 R = TypeVar("R")
@@ -114,10 +118,12 @@ def write_model(model: nn.Module, out: str, meta: dict[str, Any], fmt: str | Non
 
 
 def text_calibration(meta: dict[str, Any], *, source: str, tokenizer: str | None, calibration: str | None,
-                     samples: int, seq_len: int, eval_texts: int, seed: int, why: str = "") -> tuple[Any, list, list]:
-    """(tokenizer, calibration batches, held-out texts) for a transformers model, from calibration text
-    (a file or folder; default Debian's fortunes). ``tokenizer`` (a folder) replaces the loaded one."""
-    from sparseforge.zoo.text import calibration_batches, read_texts, split_texts
+                     samples: int, seq_len: int, eval_texts: int, seed: int, why: str = "",
+                     dataset: str | None = None) -> tuple[Any, list, list]:
+    """(tokenizer, calibration batches, held-out texts) for a transformers model, from the text ``dataset``
+    of :data:`~sparseforge.datasets.DATASETS` (default ``fortunes``) read from ``calibration`` (a file or
+    folder; default the dataset's own). ``tokenizer`` (a folder) replaces the loaded one."""
+    from sparseforge.tokens import calibration_batches
 
     tok = meta.get("tokenizer")
     if tokenizer:
@@ -132,18 +138,49 @@ def text_calibration(meta: dict[str, Any], *, source: str, tokenizer: str | None
     for name, value in (("--samples", samples), ("--seq-len", seq_len), ("--eval-texts", eval_texts)):
         if int(value) < 1:
             raise SparseforgeError(f"{name} must be >= 1, got {value}")
-    split = split_texts(read_texts(calibration))
+    texts = datasets.load(dataset or datasets.TEXT, calibration, kind=datasets.Texts,
+                          what=f"calibrating the transformers model {source}")
+    split = datasets.split_texts(texts.texts)  # type: ignore[union-attr]
     batches = calibration_batches(tok, split.calibration, samples, seq_len, seed=seed)
     return tok, batches, split.evaluation[:eval_texts]
 
 
-def fashion_calibration(data_dir: str | None, seed: int, batches: int) -> list:
-    """``batches`` shuffled batches of 128 Fashion-MNIST training images with their labels."""
-    from sparseforge.zoo.data import fashion_mnist
+def image_calibration(data_dir: str | None, seed: int, batches: int, dataset: str | None = None) -> list:
+    """``batches`` shuffled batches of 128 training examples with their labels, from the classification
+    ``dataset`` of :data:`~sparseforge.datasets.DATASETS` (default ``fashion-mnist``) in ``data_dir``."""
+    if int(batches) < 1:
+        raise SparseforgeError(f"--calibration-batches must be >= 1, got {batches}")
+    examples = datasets.load(dataset or datasets.IMAGES, data_dir, limit_train=128 * int(batches), limit_test=1,
+                             kind=datasets.Classification, what="calibrating a sparseforge checkpoint")
+    return examples.calibration(batches, 128, seed)  # type: ignore[union-attr]
 
-    train, _ = fashion_mnist(batch_size=128, data_dir=data_dir, seed=seed, limit_train=128 * int(batches),
-                             limit_test=1)
-    return list(train)
+
+def _calibration(recipe: PruneRecipe | QuantizeRecipe, meta: dict[str, Any], source: str, shown: Progress,
+                 why: str = "") -> tuple[Any, list, list[str]]:
+    """(tokenizer, calibration batches, held-out texts) of a prune or quantize recipe: its text ``dataset``
+    tokenized for a transformers model, its classification ``dataset`` batched for any other (no
+    tokenizer, no held-out texts)."""
+    if meta["arch"] == "hf":
+        with shown.phase("reading and tokenizing the calibration text"):
+            return text_calibration(meta, source=source, tokenizer=recipe.tokenizer, calibration=recipe.calibration,
+                                    samples=recipe.samples, seq_len=recipe.seq_len, eval_texts=recipe.eval_texts,
+                                    seed=recipe.seed, why=why, dataset=recipe.dataset)
+    with shown.phase(f"reading {recipe.dataset or datasets.IMAGES} calibration batches"):
+        return None, image_calibration(recipe.data_dir, recipe.seed, recipe.calibration_batches, recipe.dataset), []
+
+
+def _quality(shown: Progress, label: str, model: nn.Module, tokenizer: Any, texts: list[str], seq_len: int,
+             reference: Any = None) -> Any:
+    """The :class:`~sparseforge.quality.Quality` of the ``label`` (dense, pruned, ...) model on held-out texts."""
+    from sparseforge.quality import quality
+
+    with shown.phase(f"quality of the {label} model on {len(texts)} held-out texts"):
+        return quality(model, tokenizer, texts, seq_len=seq_len, reference=reference)
+
+
+def _check_dataset(dataset: str | None) -> None:
+    if dataset is not None and dataset not in datasets.DATASETS:
+        raise SparseforgeError(f"dataset: {datasets.DATASETS.error(dataset)}")
 
 
 def _size(path: str) -> int:
@@ -164,10 +201,10 @@ class PruneRecipe:
     """One-shot pruning of a model file (``sparseforge prune``): keys one to one with the command's flags.
 
     With ``method`` (``magnitude``, ``wanda``, ``sparsegpt``, ``maskllm``), or when ``model`` is a Hugging
-    Face model folder (then Wanda by default), the layers are pruned layer by layer on calibration data:
-    ``calibration`` text for a transformers model (with quality on held-out text before and after),
-    Fashion-MNIST batches for a zoo model. Without, a sparseforge checkpoint is pruned by ``score``
-    (gradient scores average over Fashion-MNIST batches). Both go through :func:`sparseforge.prune`.
+    Face model folder (then Wanda by default), the layers are pruned layer by layer on calibration data
+    (the ``dataset``): text for a transformers model (with quality on held-out text before and after),
+    labelled batches (Fashion-MNIST) for a zoo model. Without, a sparseforge checkpoint is pruned by
+    ``score`` (gradient scores average over the dataset's batches). Both go through :func:`sparseforge.prune`.
 
     Args:
         model: a Hugging Face model folder (with config.json) or a sparseforge checkpoint. Required.
@@ -179,9 +216,13 @@ class PruneRecipe:
         allocation: ``uniform`` (default), ``owl`` (with a method), ``global``, ``erk``, ``er``, ``lamp``.
         include, exclude: module name globs (default: a method's layers inside the repeated blocks, or
             every Linear/Conv).
-        calibration, tokenizer, samples, seq_len, eval_texts: text calibration of a transformers model.
+        dataset: the calibration data, a name of :data:`sparseforge.datasets.DATASETS`. Default: ``fortunes``
+            (text) for a transformers model, ``fashion-mnist`` for any other.
+        calibration, tokenizer, samples, seq_len, eval_texts: text calibration of a transformers model
+            (``calibration``: the text file or folder the text dataset reads; default its own).
         maskllm_steps: MaskLLM training steps. Default 300.
-        calibration_batches, data_dir: Fashion-MNIST batches of 128 for a zoo model. Default 8.
+        calibration_batches, data_dir: batches of 128 labelled examples for a zoo model (8), and the folder
+            the dataset reads (default its own).
         seed: of random scores and calibration samples. Default 0.
     """
 
@@ -194,6 +235,7 @@ class PruneRecipe:
     allocation: str = "uniform"
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
+    dataset: str | None = None
     calibration: str | None = None
     tokenizer: str | None = None
     samples: int = 128
@@ -212,6 +254,7 @@ class PruneRecipe:
             raise SparseforgeError("out: give where to write the pruned model")
         if self.method is not None:
             _check_choice("method", self.method, PRUNE_METHODS)
+        _check_dataset(self.dataset)
         if self.method == "maskllm" and ":" not in str(self.pattern):
             raise SparseforgeError(f"--method maskllm learns N:M masks, not {self.pattern}: pass --pattern 2:4 "
                                    "(or 4:8)")
@@ -268,12 +311,7 @@ class PruneRecipe:
         if score.needs_stats:
             raise SparseforgeError(f"--score {score} reads the layers' inputs on calibration data: use --method "
                                    f"{score} (pruned layer by layer on calibration batches)")
-        calibration = None
-        if score.needs_grad:
-            if int(self.calibration_batches) < 1:
-                raise SparseforgeError("--calibration-batches must be >= 1 for gradient scores")
-            with shown.phase("reading Fashion-MNIST calibration batches"):
-                calibration = fashion_calibration(self.data_dir, self.seed, self.calibration_batches)
+        calibration = _calibration(self, meta, self.model, shown)[1] if score.needs_grad else None
         torch.manual_seed(self.seed)
         with shown.phase(f"pruning by {score}"):
             rep = prune(model, score, sparsity=self.sparsity, pattern=self.pattern, allocation=self.allocation,
@@ -288,28 +326,15 @@ class PruneRecipe:
 
     def _run_calibrated(self, shown: Progress) -> PruneReport:
         from sparseforge.io.hf import ARCH
-        from sparseforge.quality import quality
         from sparseforge.oneshot.prune import prune
 
         method = self.method or "wanda"
         with shown.phase(f"loading {self.model}"):
             model, meta = load_any(self.model)
         self._check_out(meta["arch"])
-        tokenizer = meta.get("tokenizer")
         hf = meta["arch"] == ARCH
-        if hf:
-            with shown.phase("reading and tokenizing the calibration text"):
-                tokenizer, batches, held_out = text_calibration(
-                    meta, source=self.model, tokenizer=self.tokenizer, calibration=self.calibration,
-                    samples=self.samples, seq_len=self.seq_len, eval_texts=self.eval_texts, seed=self.seed)
-        else:
-            with shown.phase("reading Fashion-MNIST calibration batches"):
-                batches = fashion_calibration(self.data_dir, self.seed, self.calibration_batches)
-            tokenizer, held_out = None, []
-        before = None
-        if hf:
-            with shown.phase(f"quality of the dense model on {len(held_out)} held-out texts"):
-                before = quality(model, tokenizer, held_out, seq_len=self.seq_len)
+        tokenizer, batches, held_out = _calibration(self, meta, self.model, shown)
+        before = _quality(shown, "dense", model, tokenizer, held_out, self.seq_len) if hf else None
         torch.manual_seed(self.seed)
         if method == "maskllm":
             from sparseforge.oneshot.maskllm import prune_maskllm
@@ -320,10 +345,10 @@ class PruneRecipe:
             rep = prune(model, method, 0.5 if self.sparsity is None and ":" not in self.pattern else self.sparsity,
                         self.pattern, self.allocation, self._target(False), calibration=batches, progress=shown)
         if hf:
-            with shown.phase(f"quality of the pruned model on {len(held_out)} held-out texts"):
-                after = quality(model, tokenizer, held_out, seq_len=self.seq_len, reference=before)
+            after = _quality(shown, "pruned", model, tokenizer, held_out, self.seq_len, reference=before)
             rep.quality = {"dense": before.to_dict(), "pruned": after.to_dict()}
-        rep.source = {"source": str(self.model), "calibration": str(self.calibration or "fortunes"),
+        dataset = datasets.DATASETS.canonical(self.dataset or (datasets.TEXT if hf else datasets.IMAGES))
+        rep.source = {"source": str(self.model), "dataset": dataset, "calibration": str(self.calibration or dataset),
                       "samples": self.samples, "seq_len": self.seq_len}
         result = rep.summary()
         extra = dict(meta.get("extra") or {}) | {"pruned": {k: v for k, v in result.items() if k != "layers"}}
@@ -352,9 +377,9 @@ class QuantizeRecipe:
     """Weight quantization of a model file that keeps zeros zero (``sparseforge quantize``).
 
     ``int8``/``int4`` round to nearest; ``gptq-int8``/``gptq-int4`` correct each column's rounding error
-    with the Hessian of the layer inputs on calibration data (text for a transformers model, Fashion-MNIST
-    images for a zoo model). A ``.sfz`` ``out`` stores the codes; a ``.safetensors`` one the dequantized
-    weights. A transformers model with a tokenizer gets its quality on held-out text before and after.
+    with the Hessian of the layer inputs on calibration data (the ``dataset``: text for a transformers
+    model, labelled images for a zoo model). A ``.sfz`` ``out`` stores the codes; a ``.safetensors`` one the
+    dequantized weights. A transformers model with a tokenizer gets its quality on held-out text before and after.
 
     Args:
         checkpoint: a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder. Required.
@@ -362,8 +387,12 @@ class QuantizeRecipe:
         scheme: ``int8`` (default), ``int4``, ``gptq-int8``, ``gptq-int4``.
         group_size: inputs per scale; None (default): one scale per output channel.
         act_order: GPTQ: quantize columns by decreasing Hessian diagonal.
-        calibration_batches, data_dir, seed: GPTQ on a zoo model: batches of 128 Fashion-MNIST images.
-        calibration, tokenizer, samples, seq_len, eval_texts: text calibration of a transformers model.
+        dataset: the calibration data, a name of :data:`sparseforge.datasets.DATASETS`. Default: ``fortunes``
+            (text) for a transformers model, ``fashion-mnist`` for any other.
+        calibration_batches, data_dir, seed: GPTQ on a zoo model: batches of 128 labelled examples (4), the
+            folder the dataset reads (default its own), which examples (0).
+        calibration, tokenizer, samples, seq_len, eval_texts: text calibration of a transformers model
+            (``calibration``: the text file or folder the text dataset reads).
     """
 
     checkpoint: str
@@ -371,6 +400,7 @@ class QuantizeRecipe:
     scheme: str = "int8"
     group_size: int | None = None
     act_order: bool = False
+    dataset: str | None = None
     calibration_batches: int = 4
     calibration: str | None = None
     tokenizer: str | None = None
@@ -387,6 +417,7 @@ class QuantizeRecipe:
         if not self.out:
             raise SparseforgeError("out: give the .sfz or .safetensors file to write")
         _check_choice("scheme", str(self.scheme).lower(), QUANT_SCHEMES)
+        _check_dataset(self.dataset)
 
     def run(self, progress: bool | Progress = False) -> dict[str, Any]:
         """Validate, check ``out``, load, quantize, write. Returns ``report`` (the model's
@@ -394,7 +425,6 @@ class QuantizeRecipe:
         became 0), ``format``, ``quality`` (``{"dense", "quantized"}``, or None when not measured) and
         ``hf`` (a transformers model)."""
         from sparseforge.io.hf import ARCH
-        from sparseforge.quality import quality
         from sparseforge.quant.rtn import quantize_, rounded_to_zero
 
         self.validate()
@@ -410,33 +440,23 @@ class QuantizeRecipe:
             # Text is needed for GPTQ's calibration and for the quality report; round-to-nearest itself needs
             # none, so a model without a tokenizer (an .sfz written by prune) is quantized without the report.
             measure = hf and (scheme.startswith("gptq") or meta.get("tokenizer") is not None or bool(self.tokenizer))
+            if measure or (scheme.startswith("gptq") and not hf):
+                tokenizer, batches, held_out = _calibration(
+                    self, meta, self.checkpoint, shown,
+                    why=" (GPTQ calibrates on text; int8/int4 round to nearest and need none)")
             if measure:
-                with shown.phase("reading and tokenizing the calibration text"):
-                    tokenizer, batches, held_out = text_calibration(
-                        meta, source=self.checkpoint, tokenizer=self.tokenizer, calibration=self.calibration,
-                        samples=self.samples, seq_len=self.seq_len, eval_texts=self.eval_texts, seed=self.seed,
-                        why=" (GPTQ calibrates on text; int8/int4 round to nearest and need none)")
-                with shown.phase(f"quality of the dense model on {len(held_out)} held-out texts"):
-                    before = quality(model, tokenizer, held_out, seq_len=self.seq_len)
+                before = _quality(shown, "dense", model, tokenizer, held_out, self.seq_len)
             if scheme.startswith("gptq"):
                 from sparseforge.quant.gptq import gptq_
 
-                if hf:
-                    calibration = batches
-                else:
-                    if int(self.calibration_batches) < 1:
-                        raise SparseforgeError("--calibration-batches must be >= 1")
-                    with shown.phase("reading Fashion-MNIST calibration batches"):
-                        calibration = fashion_calibration(self.data_dir, self.seed, self.calibration_batches)
-                gptq_(model, calibration, scheme, self.group_size, act_order=self.act_order, progress=shown)
+                gptq_(model, batches, scheme, self.group_size, act_order=self.act_order, progress=shown)
             else:
                 with shown.phase(f"quantizing to {scheme}"):
                     quantize_(model, scheme, group_size=self.group_size)
             zeroed = rounded_to_zero(model)
             measured = None
             if measure:
-                with shown.phase(f"quality of the quantized model on {len(held_out)} held-out texts"):
-                    after = quality(model, tokenizer, held_out, seq_len=self.seq_len, reference=before)
+                after = _quality(shown, "quantized", model, tokenizer, held_out, self.seq_len, reference=before)
                 measured = {"dense": before.to_dict(), "quantized": after.to_dict()}
                 meta["extra"] = dict(meta["extra"]) | {"quality": measured}
             extra = dict(meta["extra"]) | {"quantized": {"scheme": scheme, "group_size": self.group_size,
@@ -446,6 +466,54 @@ class QuantizeRecipe:
         rep: SparsityReport = report(model)
         return {"report": rep, "scheme": scheme, "rounded_to_zero": zeroed, "format": fmt, "quality": measured,
                 "hf": hf, "out": self.out}
+
+
+# -- compact -----------------------------------------------------------------------------------
+
+
+@dataclass
+class CompactRecipe:
+    """Physically remove pruned channels and attention heads (``sparseforge compact``): a smaller dense model.
+
+    Every channel (and head) that is pruned in all the slices tied to it is removed (see
+    :func:`sparseforge.compact.compact`), the outputs are checked unchanged, and a checkpoint is written
+    that stores the new layer sizes (``sparseforge inspect`` and :func:`sparseforge.load` rebuild them).
+
+    Args:
+        checkpoint: a sparseforge checkpoint (.safetensors or .sfz) or a Hugging Face model folder. Required.
+        out: the ``.safetensors`` checkpoint to write. Required.
+    """
+
+    checkpoint: str
+    out: str
+
+    def validate(self) -> None:
+        """Raise :class:`SparseforgeError` on options :meth:`run` would refuse (no file is opened)."""
+        if not self.checkpoint:
+            raise SparseforgeError("checkpoint: give the model folder or checkpoint to compact")
+        if not self.out:
+            raise SparseforgeError("out: give the .safetensors file to write")
+
+    def run(self, progress: bool | Progress = False) -> Any:
+        """Validate, check ``out``, load, compact, write. Returns the
+        :class:`~sparseforge.compact.CompactReport`; the checkpoint's metadata records the source and the
+        parameters before and after (``extra["compacted"]``)."""
+        from sparseforge.compact import compact
+
+        self.validate()
+        check_out(self.out, (".safetensors",), "compact writes a .safetensors checkpoint (the new layer sizes "
+                  "travel in its metadata)")
+        with using(progress) as shown:
+            with shown.phase(f"loading {self.checkpoint}"):
+                model, meta = load_any(self.checkpoint)
+            with shown.phase("compacting"):
+                rep = compact(model)
+            extra = dict(meta["extra"]) | {"compacted": {"source": str(self.checkpoint),
+                                                         "params_before": rep.params_before,
+                                                         "params_after": rep.params_after}}
+            with shown.phase(f"writing {self.out}"):
+                write_model(model, self.out, meta, "safetensors", "fp32", extra)
+        return rep
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -500,6 +568,84 @@ class ExportRecipe:
                 "source_bytes": _size(self.checkpoint)}
 
 
+# -- inspect -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Inspection:
+    """What :func:`inspect_file` finds in a model file (``sparseforge inspect``).
+
+    Attributes:
+        checkpoint: the path inspected.
+        arch: the architecture the file records (None: a model of no registered architecture).
+        arch_kwargs: the architecture's arguments.
+        extra: the file's free-form metadata (what pruning, quantization or compaction recorded).
+        report: the :class:`~sparseforge.report.SparsityReport` of the loaded model.
+        sfz: for a ``.sfz`` file, ``format_version``, ``file_bytes`` and ``tensors`` (per tensor: shape,
+            encoding, values, pattern, nonzeros, bytes); None for other files.
+    """
+
+    checkpoint: str
+    arch: str | None
+    arch_kwargs: dict[str, Any]
+    extra: dict[str, Any]
+    report: SparsityReport
+    sfz: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``sparseforge inspect --json``): the report's fields, the metadata, and the sfz layout."""
+        out = {"checkpoint": self.checkpoint, "arch": self.arch, "extra": self.extra} | self.report.to_dict()
+        if self.sfz is not None:
+            out |= {"format": "sfz"} | self.sfz
+        return out
+
+    def __str__(self) -> str:
+        arch = self.arch or "custom model"
+        if arch == "hf":
+            arch = f"transformers {self.arch_kwargs.get('class', 'model')}"
+        return f"{self.checkpoint}: {arch}\n{self.report}" + (_sfz_table(self.sfz) if self.sfz is not None else "")
+
+
+def inspect_file(path: str | os.PathLike[str]) -> Inspection:
+    """Load a sparseforge checkpoint, ``.sfz`` file or Hugging Face model folder and describe it: its
+    architecture, metadata, sparsity report and (``.sfz``) storage layout.
+
+    Raises:
+        SparseforgeError: the file does not exist or is not a model file (the readers' errors).
+    """
+    model, meta = load_any(str(path))
+    tensors = meta.get("tensors")
+    sfz = None
+    if tensors is not None:
+        sfz = {"format_version": meta["format_version"], "file_bytes": meta["file_bytes"],
+               "tensors": {k: {f: v for f, v in info.items() if f != "sha256"} for k, info in tensors.items()}}
+    return Inspection(checkpoint=str(path), arch=meta["arch"], arch_kwargs=dict(meta.get("arch_kwargs") or {}),
+                      extra=meta["extra"], report=report(model), sfz=sfz)
+
+
+def _sfz_table(sfz: dict[str, Any]) -> str:
+    """The storage of every tensor of an ``.sfz`` file, as a text table."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from sparseforge.report import table_width
+
+    t = Table(title=f"sfz format version {sfz['format_version']}: {sfz['file_bytes']:,} bytes on disk")
+    for col in ("tensor", "shape", "encoding", "values", "pattern", "nonzeros", "bytes"):
+        t.add_column(col, justify="right" if col in ("nonzeros", "bytes") else "left",
+                     overflow="fold" if col == "tensor" else "ellipsis")
+    for name, info in sfz["tensors"].items():
+        q = info.get("quant")
+        values = info.get("values", info["dtype"]) + (f" g{q['group_size']}" if q and q.get("group_size") else "")
+        t.add_row(name, "x".join(map(str, info["shape"])), info["encoding"], values, info.get("pattern", "-"),
+                  f"{info['nnz']:,}" if "nnz" in info else "-", f"{info['bytes']:,}")
+    buf = io.StringIO()
+    Console(file=buf, width=table_width(), force_terminal=False, color_system=None).print(t)
+    return buf.getvalue()
+
+
 # -- reading recipe files ----------------------------------------------------------------------
 
 _PATH_FIELDS = {"model", "checkpoint", "out", "calibration", "tokenizer", "data_dir"}
@@ -507,7 +653,7 @@ _PATH_FIELDS = {"model", "checkpoint", "out", "calibration", "tokenizer", "data_
 
 def load_recipe(cls: type[R], path: str | os.PathLike[str]) -> R:
     """Read a YAML recipe file into a validated ``cls`` (:class:`PruneRecipe`, :class:`QuantizeRecipe`,
-    :class:`ExportRecipe`); relative paths in it are relative to the recipe's folder.
+    :class:`CompactRecipe`, :class:`ExportRecipe`); relative paths in it are relative to the recipe's folder.
 
     Raises :class:`SparseforgeError` for a missing or invalid file, an unknown key (the closest known key
     suggested), a value of the wrong type or a missing required key, naming the key.

@@ -135,7 +135,12 @@ class Target:
         return layers
 
 
-def as_target(spec: Target | Sequence[str] | str | None) -> Target:
+TargetSpec = Target | Sequence[str] | str | None
+"""What a ``target`` argument accepts: a :class:`Target`, a module name glob, a list of them, or None (the
+default of the function it is given to); :func:`as_target` turns it into a Target."""
+
+
+def as_target(spec: TargetSpec) -> Target:
     """Turn ``None`` (every Linear/Conv), a glob or a list of globs into a :class:`Target`."""
     if spec is None:
         return Target()

@@ -223,7 +223,7 @@ def test_train_in_one_process(tmp_path, capsys, monkeypatch, plain):
     assert rows[1]["total_seconds"] >= rows[0]["total_seconds"] + rows[1]["epoch_seconds"] - 1e-6
     assert rows[1]["total_seconds"] <= metrics["seconds"]
     lines = progress_lines(captured.err)
-    for start in ("reading Fashion-MNIST", "train: steps:", "writing"):
+    for start in ("reading fashion-mnist", "train: steps:", "writing"):
         assert_phase(lines, start)
     assert "train: steps: 0/8 (0%), 0.0 s" in lines
     assert any(line.startswith("train: steps: 8/8 done in") and "epoch 2/2" in line for line in lines)

@@ -75,18 +75,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sparseforge import datasets
+from sparseforge.architectures import build
 from sparseforge.distributed import dgc
 from sparseforge.distributed.masks import check_masks_identical
 from sparseforge.errors import SparseforgeError
 from sparseforge.files import write_json_atomic
 from sparseforge.progress import Progress
+from sparseforge.quality import evaluate
 from sparseforge.recipes import from_mapping, read_yaml, to_mapping
 from sparseforge.report import report
 from sparseforge.sparsifier import Sparsifier
@@ -119,7 +121,6 @@ __all__ = [
     "DebugConfig",
     "DistributedConfig",
     "MethodConfig",
-    "TRAIN_EXAMPLES",
     "TrainConfig",
     "TrainRecipe",
     "default_out_dir",
@@ -130,10 +131,6 @@ __all__ = [
     "run",
 ]
 
-TRAIN_EXAMPLES = 60000
-"""Examples in the Fashion-MNIST training split (``data.limit_train`` keeps the first ones)."""
-
-
 DENSE = "none"
 """``method.name`` that trains dense; any other name is a preset of :data:`sparseforge.methods.METHODS`."""
 
@@ -143,16 +140,22 @@ DENSE = "none"
 
 @dataclass
 class DataConfig:
-    """Fashion-MNIST: ``dir`` (default: ``$SPARSEFORGE_DATA`` or the system copy), and the
-    first ``limit_train`` / ``limit_test`` examples of each split (default: all)."""
+    """The data: ``name``, a classification dataset of :data:`sparseforge.datasets.DATASETS` (default
+    ``fashion-mnist``, or a plug-in's); ``dir``, where its files are (Fashion-MNIST: default
+    ``$SPARSEFORGE_DATA`` or the system copy); and the first ``limit_train`` / ``limit_test`` examples of
+    each split (default: all)."""
 
+    name: str = "fashion-mnist"
     dir: str | None = None
     limit_train: int | None = None
     limit_test: int | None = None
 
     def num_train(self) -> int:
-        """Training examples the run sees."""
-        return min(self.limit_train or TRAIN_EXAMPLES, TRAIN_EXAMPLES)
+        """Training examples the run sees (the dataset's declared size, else counted by loading it)."""
+        from sparseforge.datasets import num_train
+
+        total = num_train(self.name, self.dir, what="sparseforge train")
+        return min(self.limit_train or total, total)
 
 
 @dataclass
@@ -327,9 +330,12 @@ class TrainRecipe:
     def validate(self) -> None:
         """Check everything that does not depend on the number of processes or the machine."""
         from sparseforge.architectures import ARCHITECTURES
+        from sparseforge.datasets import DATASETS
 
         if self.model not in ARCHITECTURES:
             raise SparseforgeError(f"model: {ARCHITECTURES.error(self.model)}")
+        if self.data.name not in DATASETS:
+            raise SparseforgeError(f"data.name: {DATASETS.error(self.data.name)}")
         for name, value in (("data.limit_train", self.data.limit_train), ("data.limit_test", self.data.limit_test)):
             if value is not None and value < 1:
                 raise SparseforgeError(f"{name} must be >= 1 (or null: the whole split), got {value}")
@@ -413,19 +419,6 @@ def default_out_dir(recipe: TrainRecipe, recipe_path: str | os.PathLike[str] | N
     if recipe.out:
         return Path(recipe.out)
     return Path("runs") / (Path(recipe_path).stem if recipe_path else "train")
-
-
-# -- plug-ins ---------------------------------------------------------------------------
-
-
-def _zoo() -> SimpleNamespace:
-    """The data ``sparseforge train`` trains on (the zoo's Fashion-MNIST and ``evaluate``, until datasets
-    register too); models come from :data:`sparseforge.architectures.ARCHITECTURES` by name."""
-    from sparseforge.architectures import build
-    from sparseforge.zoo.data import fashion_mnist
-    from sparseforge.zoo.training import evaluate
-
-    return SimpleNamespace(build_model=build, fashion_mnist=fashion_mnist, evaluate=evaluate)
 
 
 # -- the worker ------------------------------------------------------------------------
@@ -522,18 +515,20 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: Wor
     threads = set_threads(W)
     lead = world.lead
     progress_on = lead and not quiet
-    zoo = _zoo()
 
     # -- data: every rank holds the whole (small) training set and takes its piece of each global batch.
-    with shown.phase("reading Fashion-MNIST"):
-        train_loader, test_loader = zoo.fashion_mnist(t.batch_size, recipe.data.dir, t.seed, recipe.data.limit_train,
-                                                      recipe.data.limit_test)
-    data = ShardedPermutation(train_loader.x.to(device), train_loader.y.to(device), t.batch_size, t.seed, rank, W)
+    with shown.phase(f"reading {recipe.data.name}"):
+        examples = datasets.load(recipe.data.name, recipe.data.dir, limit_train=recipe.data.limit_train,
+                                 limit_test=recipe.data.limit_test, kind=datasets.Classification,
+                                 what="sparseforge train")
+    _, test_loader = examples.loaders(t.batch_size, t.seed)
+    data = ShardedPermutation(examples.train_inputs.to(device), examples.train_targets.to(device), t.batch_size,
+                              t.seed, rank, W)
     spe, total = recipe.steps_per_epoch(), recipe.total_steps()
 
     # -- the model, optimizer, schedule and Sparsifier (before the DDP wrapper).
     torch.manual_seed(t.seed)
-    model = zoo.build_model(recipe.model).to(device)
+    model = build(recipe.model).to(device)
     dgc_on = recipe.distributed.comm == "dgc"
     weight_decay = t.weight_decay
     if dgc_on and float(recipe.distributed.dgc.get("weight_decay", 0.0)) > 0:
@@ -577,7 +572,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, quiet: bool, world: Wor
     sparsifying = SparsifierCallback(sparsifier) if sparsifier is not None else None
     comm = _comm_callback(recipe, device) if world.distributed else None
     def test(m: torch.nn.Module) -> dict[str, float]:
-        ev = zoo.evaluate(m, test_loader)
+        ev = evaluate(m, test_loader)
         return {"test_loss": ev["loss"], "test_accuracy": ev["accuracy"]}
 
     history = History(test, extra=lambda state: {"sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0},

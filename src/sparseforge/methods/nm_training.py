@@ -18,10 +18,9 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.method import METHODS, Method
 from sparseforge.patterns import NM
 from sparseforge.schedules import Constant
-from sparseforge.targets import Target
+from sparseforge.targets import TargetSpec
 from sparseforge.updates import MaskDecay, SparseRefinedSTE, StructureDecay
 
-TargetSpec = Target | Sequence[str] | str | None
 
 #: The schemes of :func:`ProgressiveNM`.
 SCHEMES = ("mdgf-linear", "mdgf-exponential", "sdgf-stepwise", "sdgf-geometric")

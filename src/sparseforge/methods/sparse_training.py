@@ -6,17 +6,16 @@ the update (see :class:`~sparseforge.updates.PruneRegrow`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from sparseforge.allocation import Allocation
 from sparseforge.method import METHODS, Method
 from sparseforge.schedules import Constant, Cubic
 from sparseforge.scores import Random
-from sparseforge.targets import Target
+from sparseforge.targets import TargetSpec
 from sparseforge.updates import Chain, HardPrune, PruneRegrow
 
 AllocationSpec = Allocation | str | Mapping[str, float]
-TargetSpec = Target | Sequence[str] | str | None
 
 
 @METHODS.register("static", aliases=("static-random",))

@@ -60,6 +60,7 @@ dense model's 0.589 for the magnitude prior, 0.733 for one-shot Wanda,
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import math
 import time
@@ -73,11 +74,10 @@ from sparseforge.errors import SparseforgeError
 from sparseforge.patterns import NM, Pattern, as_pattern
 from sparseforge.progress import Progress, using
 from sparseforge.report import PruneReport
-from sparseforge.targets import Layer, Target
+from sparseforge.targets import Layer, TargetSpec
 
 __all__ = ["MaskLLM", "candidate_masks", "prune_maskllm", "train_maskllm"]
 
-TargetSpec = Target | Sequence[str] | str | None
 PriorSpec = str | dict[str, torch.Tensor]
 
 
@@ -579,17 +579,8 @@ def prune_maskllm(
     batches: Iterable[Any],
     pattern: str = "2:4",
     *,
-    steps: int = 300,
-    lr: float = 3e-4,
-    prior: PriorSpec = "magnitude",
-    prior_strength: float = 3.0,
-    tau: tuple[float, float] = (4.0, 0.05),
-    kappa: tuple[float, float] = (100.0, 500.0),
-    weight_reg: float = 0.0,
     loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None,
-    target: TargetSpec = None,
-    seed: int = 0,
-    progress: bool | Progress = False,
+    **options: Any,
 ) -> PruneReport:
     """MaskLLM on a transformers model with its default loss (:func:`train_maskllm` does the work).
 
@@ -597,10 +588,15 @@ def prune_maskllm(
     next-token cross-entropy on ``batch["input_ids"]`` (the paper's); for other models (e.g. a
     sentence encoder) the mean squared error of the last hidden states to the dense model's
     (computed once, before training, as ``teacher_output``), divided by their variance. Batches are
-    keyword dicts, as a tokenizer or :func:`sparseforge.zoo.text.calibration_batches` gives them.
-    ``prior`` may also be ``"wanda"`` or ``"sparsegpt"`` (their masks on these batches).
-    Other arguments and defaults as :func:`train_maskllm`.
+    keyword dicts, as a tokenizer or :func:`sparseforge.tokens.calibration_batches` gives them.
+    ``options`` are the keyword arguments of :func:`train_maskllm` (``steps``, ``lr``, ``prior``, ...),
+    with its defaults; ``prior`` may also be ``"wanda"`` or ``"sparsegpt"`` (their masks on these batches).
     """
+    takes = [name for name, p in inspect.signature(train_maskllm).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = [name for name in options if name not in takes]
+    if unknown:  # before the teacher pass, not after it
+        raise SparseforgeError(f"prune_maskllm takes no option {unknown[0]!r}; its options are train_maskllm's: "
+                               f"{', '.join(takes)}")
     batches = list(batches)
     teachers: list[Any] = [None] * len(batches)
     if loss_fn is None:
@@ -619,6 +615,4 @@ def prune_maskllm(
     def two(model: nn.Module, batch: Any) -> torch.Tensor:
         return three(model, batch, teachers[index[id(batch)]])
 
-    return train_maskllm(model, batches, two, pattern, steps=steps, lr=lr, prior=prior,
-                         prior_strength=prior_strength, tau=tau, kappa=kappa, weight_reg=weight_reg,
-                         target=target, seed=seed, progress=progress)
+    return train_maskllm(model, batches, two, pattern, **options)

@@ -29,7 +29,7 @@ pattern (:mod:`sparseforge.oneshot.channels`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,16 +46,13 @@ from sparseforge.patterns import NM, ChannelGroups, Pattern, Unstructured, as_pa
 from sparseforge.progress import Progress
 from sparseforge.report import PruneReport
 from sparseforge.scores import Score, Wanda, as_score, mean_gradients
-from sparseforge.targets import Layer, Target, as_target
+from sparseforge.targets import Layer, Target, TargetSpec, as_target
 from sparseforge.updates import HardPrune, Update, UpdateContext, check_compatible
 
 __all__ = ["ONESHOT_METHODS", "prune", "prune_channels"]
 
 ONESHOT_METHODS: dict[str, Callable[[], Method]] = {"sparsegpt": SparseGPT}
 """One-shot methods by name that are more than a score with hard pruning (every score name is one too)."""
-
-TargetSpec = Target | Sequence[str] | str | None
-
 
 @dataclass
 class _Parts:

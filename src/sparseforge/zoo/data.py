@@ -25,13 +25,14 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
+from sparseforge.datasets import Classification, TensorLoader
 from sparseforge.errors import DataError, SparseforgeError
 from sparseforge.files import atomic_path
 
@@ -45,6 +46,7 @@ __all__ = [
     "FASHION_MNIST_STD",
     "TensorLoader",
     "fashion_mnist",
+    "fashion_mnist_dataset",
     "load_fashion_mnist",
     "normalize_images",
     "resolve_data_dir",
@@ -354,121 +356,6 @@ def write_idx_gz(
     return out
 
 
-class TensorLoader:
-    """A small, fast batch iterator over in-memory tensors.
-
-    ``torch.utils.data.DataLoader`` spends most of its time on per-example
-    Python work for a dataset this small; slicing whole batches out of one
-    tensor is many times faster.
-
-    Shuffling is reproducible: epoch ``e`` uses a permutation drawn from a
-    generator seeded from ``(seed, e)``, so two loaders with the same seed yield
-    identical batches, and a loader restored with :meth:`load_state_dict`
-    continues with the same epochs as the original would have.
-
-    Args:
-        x: inputs, first dimension indexes examples.
-        y: targets, same first dimension as ``x``.
-        batch_size: examples per batch. Default 128.
-        shuffle: draw a new permutation every epoch. Default ``False``.
-        seed: seed of the shuffling. Default 0.
-        drop_last: skip the last batch if it is smaller than ``batch_size``.
-            Default ``False``.
-
-    >>> loader = TensorLoader(torch.arange(5), torch.arange(5), batch_size=2)
-    >>> [xb.tolist() for xb, _ in loader], len(loader)
-    ([[0, 1], [2, 3], [4]], 3)
-    """
-
-    def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        batch_size: int = 128,
-        shuffle: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        if x.shape[0] != y.shape[0]:
-            raise DataError(
-                f"TensorLoader needs as many targets as inputs, got {x.shape[0]} inputs "
-                f"and {y.shape[0]} targets"
-            )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise SparseforgeError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise SparseforgeError(f"seed must be an integer, got {seed!r}")
-        self.x = x
-        self.y = y
-        self.batch_size = batch_size
-        self.shuffle = bool(shuffle)
-        self.seed = seed
-        self.drop_last = bool(drop_last)
-        self._epoch = 0
-
-    @property
-    def epoch(self) -> int:
-        """Number of epochs started so far (the next ``iter()`` starts this one)."""
-        return self._epoch
-
-    @property
-    def num_examples(self) -> int:
-        """Number of examples held."""
-        return int(self.x.shape[0])
-
-    def __len__(self) -> int:
-        """Number of batches per epoch."""
-        n = self.num_examples
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        # SeedSequence mixes (seed, epoch) so that nearby seeds and epochs do
-        # not give correlated generator states.
-        state = np.random.SeedSequence([self.seed % 2**64, epoch]).generate_state(1, np.uint64)
-        gen = torch.Generator()
-        gen.manual_seed(int(state[0]) & (2**63 - 1))
-        return torch.randperm(self.num_examples, generator=gen).to(self.x.device)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Start an epoch: the permutation is fixed and the counter advanced now."""
-        order = self._permutation(self._epoch) if self.shuffle else None
-        self._epoch += 1
-        return self._batches(order)
-
-    def _batches(self, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        bs = self.batch_size
-        for i in range(len(self)):
-            if order is None:
-                yield self.x[i * bs : (i + 1) * bs], self.y[i * bs : (i + 1) * bs]
-            else:
-                idx = order[i * bs : (i + 1) * bs]
-                yield self.x[idx], self.y[idx]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return ``{"epoch": ..., "seed": ...}``, enough to resume the same batch order."""
-        return {"epoch": self._epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next epoch is the one the saved loader would run.
-
-        Args:
-            state: a dict from :meth:`state_dict`; ``"seed"`` is optional.
-        """
-        try:
-            epoch = state["epoch"]
-        except (KeyError, TypeError) as exc:
-            raise SparseforgeError(
-                f"TensorLoader state must be a dict with an 'epoch' entry, got {state!r}"
-            ) from exc
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise SparseforgeError(f"TensorLoader epoch must be an integer >= 0, got {epoch!r}")
-        seed = state.get("seed", self.seed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise SparseforgeError(f"TensorLoader seed must be an integer, got {seed!r}")
-        self._epoch = epoch
-        self.seed = seed
-
-
 def _check_limit(name: str, value: int | None) -> None:
     if value is None:
         return
@@ -482,6 +369,33 @@ def normalize_images(images: torch.Tensor, flatten: bool = False) -> torch.Tenso
     with ``flatten``."""
     x = images.to(torch.float32).div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
     return x.reshape(x.shape[0], -1) if flatten else x.unsqueeze(1)
+
+
+def fashion_mnist_dataset(
+    data_dir: str | os.PathLike[str] | None = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    flatten: bool = False,
+    verify_checksum: bool = True,
+) -> Classification:
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017): 28x28 grayscale images of clothing in 10 classes,
+    60,000 for training and 10,000 for testing, standardized.
+
+    Registered as ``fashion-mnist`` in :data:`sparseforge.datasets.DATASETS`. Pixels are scaled to
+    [0, 1] then standardized with the training-set statistics: ``(x / 255 - 0.2860) / 0.3530``
+    (:func:`normalize_images`); only the first ``limit_train`` / ``limit_test`` images are converted.
+    Other arguments as :func:`fashion_mnist`.
+    """
+    _check_limit("limit_train", limit_train)
+    _check_limit("limit_test", limit_test)
+    splits = []
+    for split, limit in (("train", limit_train), ("test", limit_test)):
+        images, labels = load_fashion_mnist(split, data_dir, verify_checksum=verify_checksum)
+        splits += [normalize_images(images[:limit], flatten), labels[:limit]]
+    return Classification(*splits)
+
+
+fashion_mnist_dataset.num_train = 60000  # type: ignore[attr-defined]  # known without reading the files
 
 
 def fashion_mnist(
@@ -514,20 +428,5 @@ def fashion_mnist(
         ``(train_loader, test_loader)``; the first shuffles every epoch, the
         second keeps file order.
     """
-    _check_limit("limit_train", limit_train)
-    _check_limit("limit_test", limit_test)
-    loaders = []
-    for split, limit, shuffle in (("train", limit_train, True), ("test", limit_test, False)):
-        images, labels = load_fashion_mnist(split, data_dir, verify_checksum=verify_checksum)
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        loaders.append(
-            TensorLoader(
-                normalize_images(images, flatten),
-                labels,
-                batch_size=batch_size,
-                shuffle=shuffle,
-                seed=seed,
-            )
-        )
-    return loaders[0], loaders[1]
+    data = fashion_mnist_dataset(data_dir, limit_train, limit_test, flatten, verify_checksum)
+    return data.loaders(batch_size, seed)

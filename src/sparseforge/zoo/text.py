@@ -16,19 +16,19 @@ turn texts into token windows for any Hugging Face tokenizer (byte-level BPE or 
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparseforge.datasets import Texts, TextSplit, split_texts
+from sparseforge.datasets import text_hash as _hash32
 from sparseforge.errors import DataError
 from sparseforge.tokens import calibration_batches, token_stream
 
 __all__ = [
     "DEFAULT_FORTUNES_DIR", "DEFAULT_TOPICS", "FORTUNES_ENV_VAR", "LABEL_TOPICS", "LabelledSplit", "TextSplit",
-    "calibration_batches", "fortunes", "labelled_fortunes", "read_fortune_file", "read_texts", "split_texts",
-    "token_stream",
+    "calibration_batches", "fortunes", "fortunes_dataset", "labelled_fortunes", "read_fortune_file", "read_texts",
+    "split_texts", "token_stream",
 ]
 
 DEFAULT_FORTUNES_DIR = "/usr/share/games/fortunes"
@@ -37,14 +37,6 @@ DEFAULT_TOPICS = ("science", "literature", "computers", "people", "wisdom", "pol
 # Six topics with over 200 entries of at least 40 characters each in Debian's
 # fortunes 1.99 (food, 178, and sports, 142, have too few).
 LABEL_TOPICS = ("computers", "politics", "science", "law", "songs-poems", "men-women")
-
-
-@dataclass(frozen=True)
-class TextSplit:
-    """Texts for calibration (``calibration``) and for measuring quality (``evaluation``), disjoint."""
-
-    calibration: list[str]
-    evaluation: list[str]
 
 
 def _fortunes_dir(data_dir: str | os.PathLike[str] | None) -> Path:
@@ -111,11 +103,6 @@ def fortunes(
     if not calibration or not evaluation:
         raise DataError(f"too few fortune entries in {root} for topics {list(topics)}")
     return TextSplit(calibration, evaluation)
-
-
-def _hash32(entry: str) -> int:
-    """The first four bytes of the SHA-256 of ``entry``, big-endian: where it falls in the split."""
-    return int.from_bytes(hashlib.sha256(entry.encode("utf-8")).digest()[:4], "big")
 
 
 @dataclass(frozen=True)
@@ -219,19 +206,11 @@ def read_texts(path: str | os.PathLike[str] | None = None) -> list[str]:
     return texts
 
 
-def split_texts(texts: Sequence[str], eval_fraction: float = 0.1) -> TextSplit:
-    """Split ``texts`` into calibration and evaluation by the hash rule of :func:`fortunes` (duplicates dropped).
+def fortunes_dataset(data_dir: str | os.PathLike[str] | None = None) -> Texts:
+    """English texts from Debian's ``fortunes`` package (every topic file), or from any text file or folder
+    given as ``data_dir`` (read by :func:`read_texts`).
 
-    Default ``eval_fraction`` 0.1. A text that lands in neither side cannot
-    happen; too few texts for both sides is a :class:`DataError`.
+    Registered as ``fortunes`` in :data:`sparseforge.datasets.DATASETS`: the default calibration text of
+    transformers models.
     """
-    if not 0.0 < eval_fraction < 1.0:
-        raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    threshold = int((1.0 - eval_fraction) * 2**32)
-    calibration: list[str] = []
-    evaluation: list[str] = []
-    for text in dict.fromkeys(texts):
-        (evaluation if _hash32(text) >= threshold else calibration).append(text)
-    if not calibration or not evaluation:
-        raise DataError(f"{len(texts)} texts are too few to hold out an evaluation split; pass more text")
-    return TextSplit(calibration, evaluation)
+    return Texts(read_texts(data_dir))
