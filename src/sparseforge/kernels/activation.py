@@ -35,7 +35,7 @@ from torch import nn
 
 from sparseforge.errors import SparseforgeError
 from sparseforge.kernels.native import native
-from sparseforge.kernels.packed import PackedLinear, pack
+from sparseforge.kernels.packed import PackedLinear, _huge_pages, pack
 
 __all__ = ["COLUMN_BLOCK", "ActivationSparseLinear", "ActivationSparsityReport", "activation_sparsity",
            "calibrate_thresholds"]
@@ -63,8 +63,8 @@ class ActivationSparseLinear(nn.Module):
                  out_features: int, bias: torch.Tensor | None, threshold: float = 0.0) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("cmask", cmask)
-        self.register_buffer("values", values)
+        self.register_buffer("cmask", _huge_pages(cmask))
+        self.register_buffer("values", _huge_pages(values))
         self.register_buffer("cptr", cptr)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.register_buffer("threshold", torch.tensor(float(threshold)))

