@@ -435,3 +435,18 @@ def test_minilm_runs_on_packed_layers_from_to_sparse_and_from_an_sfz_file(tmp_pa
     assert isinstance(loaded.encoder.layer[0].attention.self.query, PackedLinear)
     with torch.no_grad():
         torch.testing.assert_close(target.embed(texts), want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_weight_only_path_refuses_widths_pytorchs_kernel_cannot_take():
+    """torch 2.13's _weight_int8pack_mm crashes the process for in_features not a multiple of 16."""
+    from sparseforge.kernels.dense import Int8Linear, int8_weight_only_available
+
+    if not int8_weight_only_available():
+        pytest.skip("no _weight_int8pack_mm in this PyTorch")
+    assert int8_weight_only_available(nn.Linear(48, 3)) and not int8_weight_only_available(nn.Linear(100, 10))
+    with pytest.raises(sf.SparseforgeError, match="multiple of 16"):
+        Int8Linear(nn.Linear(100, 10))
+    model = nn.Sequential(nn.Linear(100, 10))
+    report = sf.to_sparse(model, precision="int8", formats=("packed-int8",), min_speedup=1e9, check_batch_sizes=(),
+                          rounds=1)
+    assert "dense-int8" not in report.layers[0].times_ms[1]

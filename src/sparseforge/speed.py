@@ -189,9 +189,16 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _swap_int8(path: nn.Module, source: nn.Module, names: Sequence[str]) -> None:
+def _swap_int8(path: nn.Module, source: nn.Module, names: Sequence[str]) -> list[str]:
+    """Swap the named Linear layers for Int8Linear; return those PyTorch's kernel cannot take (left bf16)."""
+    kept = []
     for n in names:
-        set_submodule(path, n, Int8Linear(source.get_submodule(n)))
+        layer = source.get_submodule(n)
+        if int8_weight_only_available(layer):
+            set_submodule(path, n, Int8Linear(layer))
+        else:
+            kept.append(n)
+    return kept
 
 
 def build_path(model: nn.Module, name: str, *, layers: Sequence[str] | None = None,
@@ -255,10 +262,14 @@ def build_path(model: nn.Module, name: str, *, layers: Sequence[str] | None = No
             what = (f"{len(packed)} Linear packed ({values} values); other Linear {head}; "
                     f"rest {'float32' if rest == 'dense' else 'bf16'}")
             if rest == "dense-int8":
-                _swap_int8(module, model, others)
+                left = _swap_int8(module, model, others)
+                if left:
+                    what += f"; {len(left)} Linear bf16 (in_features not a multiple of 16: {', '.join(left[:4])})"
         elif name == "dense-int8":
-            _swap_int8(module, model, linears)
-            what = f"{len(linears)} Linear int8 weight-only; rest bf16"
+            left = _swap_int8(module, model, linears)
+            what = f"{len(linears) - len(left)} Linear int8 weight-only; rest bf16"
+            if left:
+                what += f" (also {len(left)} Linear whose in_features is not a multiple of 16: {', '.join(left[:4])})"
         else:
             what = "the whole model in bf16"
     total, per_token = _bytes(module)

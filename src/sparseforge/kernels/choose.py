@@ -130,6 +130,9 @@ def _build(fmt: str, layer: nn.Linear, blocksize: int | None, notes: list[str]) 
         if w.is_cuda or not int8_weight_only_available():
             notes.append("dense-int8: needs PyTorch's CPU _weight_int8pack_mm")
             return None
+        if not int8_weight_only_available(layer):
+            notes.append("dense-int8: PyTorch's kernel needs in_features % 16 == 0")
+            return None
         return Int8Linear(layer)
     if fmt.startswith("packed-"):
         if w.device.type != "cpu":

@@ -37,9 +37,13 @@ class BF16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def int8_weight_only_available() -> bool:
-    """Whether this PyTorch has ``aten._weight_int8pack_mm`` (int8 weights, bf16 activations) on CPU."""
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+def int8_weight_only_available(layer: nn.Linear | None = None) -> bool:
+    """Whether this PyTorch has ``aten._weight_int8pack_mm`` (int8 weights, bf16 activations) on CPU,
+    and, given a ``layer``, whether the kernel takes its shape: ``in_features`` a multiple of 16 (torch
+    2.13's CPU kernel crashes the process on other widths, e.g. 100 or 300)."""
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return False
+    return layer is None or layer.in_features % 16 == 0
 
 
 class Int8Linear(nn.Module):
@@ -55,6 +59,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         if not int8_weight_only_available():
             raise SparseforgeError("this PyTorch has no aten._weight_int8pack_mm (int8 weight-only matmul)")
+        if not int8_weight_only_available(linear):
+            raise SparseforgeError(f"PyTorch's int8 weight-only kernel needs in_features to be a multiple of 16, "
+                                   f"got {linear.in_features}: keep this layer in bf16 or fp32")
         from sparseforge.quant.rtn import quantize_weight  # the one int8 rounding rule
 
         qt = quantize_weight(linear.weight.detach().to(torch.float32), bits=8, group_size=None)
