@@ -450,3 +450,21 @@ def test_int8_weight_only_path_refuses_widths_pytorchs_kernel_cannot_take():
     report = sf.to_sparse(model, precision="int8", formats=("packed-int8",), min_speedup=1e9, check_batch_sizes=(),
                           rounds=1)
     assert "dense-int8" not in report.layers[0].times_ms[1]
+
+
+def test_dense_bf16_and_int8_paths_of_to_sparse_save_to_sfz_exactly(tmp_path):
+    """A to_sparse model may hold BF16Linear / Int8Linear layers: the file stores what they run, exactly."""
+    from sparseforge.kernels.dense import BF16Linear, Int8Linear
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+    sf.prune(model, "magnitude", sparsity=0.6)
+    model[0], model[2] = BF16Linear(model[0]), Int8Linear(model[2])
+    model[4] = PackedLinear.from_dense(model[4], "int8")
+    sf.save(model, tmp_path / "m.sfz")
+    fresh = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+    plain = sf.load(tmp_path / "m.sfz", fresh)
+    assert torch.equal(plain[0].weight, model[0].weight.float())
+    assert torch.equal(plain[2].weight, model[2].codes.float() * model[2].scales.float().reshape(-1, 1))
+    assert torch.equal(plain[4].weight, model[4].weight)
+    assert torch.equal(plain[0].bias, model[0].bias.float())

@@ -96,3 +96,19 @@ def test_merging_example_streams_the_same_merge(tmp_path, monkeypatch, capsys):
     soup, states = namespace["soup"], namespace["states"]
     assert torch.allclose(soup["fc1.weight"], (states[0]["fc1.weight"] + states[1]["fc1.weight"]) / 2)
     assert "6 tensors" in capsys.readouterr().out
+
+
+def test_to_sparse_example_runs_packed_from_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    block = next(b for b in BLOCKS if "sf.to_sparse(" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md[to_sparse]", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "torch.Size([1, 10])" in out and "fc1" in out
+    from sparseforge.kernels.packed import PackedLinear
+
+    packed, model = namespace["packed"], namespace["model"]
+    assert all(isinstance(getattr(packed, n), PackedLinear) for n in ("fc1", "fc2", "fc3"))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():   # bf16 values; the two may differ by bf16 rounding of the activations
+        torch.testing.assert_close(packed(x), model(x), rtol=2e-2, atol=2e-2)

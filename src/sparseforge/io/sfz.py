@@ -71,6 +71,7 @@ from sparseforge.formats import (
     FORMATS, FileFormat, check_options, open_checked, safetensors_metadata, seal_metadata, tensor_digest,
 )
 from sparseforge.io.checkpoint import arch_metadata, model_for
+from sparseforge.kernels.dense import BF16Linear, Int8Linear
 from sparseforge.kernels.packed import PackedLinear, PackedWeight
 from sparseforge.targets import set_submodule
 from sparseforge.quant.rtn import (
@@ -183,6 +184,20 @@ def _encode_weight(
 _PACKED_BUFFERS = frozenset({"mask", "values", "row_ptr", "scales", "_extra_state"})
 
 
+def _stand_in(module: BF16Linear | Int8Linear) -> tuple[nn.Linear, str]:
+    """An nn.Linear holding what a dense bf16 / int8 path of :func:`sparseforge.to_sparse` runs, and the
+    value encoding that stores it exactly: bf16 values, or its int8 codes and (bf16) scales."""
+    stand_in = nn.Linear(module.in_features, module.out_features, bias=False)
+    if isinstance(module, BF16Linear):
+        stand_in.weight.data = module.weight.detach().to(torch.float32)
+        return stand_in, "bf16"
+    qt = QuantizedTensor(module.codes.detach(), module.scales.detach().to(torch.float32).reshape(-1, 1), 8, None,
+                         (module.out_features, module.in_features), "rtn")
+    stand_in.weight.data = qt.dequantize()
+    setattr(stand_in, QUANT_ATTR, qt)
+    return stand_in, "int8"
+
+
 def _encode_packed(name: str, module: PackedLinear) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Stored parts and metadata of a packed layer's weight: the bitmask encoding of its own buffers."""
     p = module.packed
@@ -231,6 +246,8 @@ def save(
     arch, arch_kwargs = arch_metadata(model, arch, arch_kwargs)
     layers = _layer_weights(model)
     packed = {f"{n}." if n else "": m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    dense_paths = {f"{n}." if n else "": _stand_in(m) for n, m in model.named_modules()
+                   if isinstance(m, (BF16Linear, Int8Linear))}
     stored: dict[str, torch.Tensor] = {}
     tensors: dict[str, dict[str, Any]] = {}
     for name, t in model.state_dict().items():
@@ -242,6 +259,12 @@ def save(
                 continue  # stored with the mask, as one weight
             name = f"{prefix}weight"
             parts, info = _encode_packed(name, packed[prefix])
+        elif prefix in dense_paths and key in ("weight", "codes", "scales"):
+            if key == "scales":
+                continue  # stored with the codes, as one weight
+            name = f"{prefix}weight"
+            stand_in, how = dense_paths[prefix]
+            parts, info = _encode_weight(name, stand_in.weight, stand_in, how)
         elif module is not None and t.is_floating_point() and t.dim() >= 2:
             parts, info = _encode_weight(name, t, module, values)
         else:
