@@ -368,7 +368,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {"benchmark": "decode", "quick": quick, "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "kernels": native_status(),
-                              "load_average_before": [round(v, 2) for v in os.getloadavg()]}
+                              "load_average_before": [round(v, 2) for v in os.getloadavg()],
+                              # PyTorch's 2 MiB pages for its own (dense) allocations; packed layers ask for them
+                              # regardless (kernels.packed._huge_pages)
+                              "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")}
     if "decode" in args.parts:
         result["decode"] = _decode(args, quick, rounds, log)
         d = result["decode"]
