@@ -15,6 +15,7 @@ the AVX512-VNNI kernel, each activation row is rounded to int16 steps of
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -468,3 +469,23 @@ def test_dense_bf16_and_int8_paths_of_to_sparse_save_to_sfz_exactly(tmp_path):
     assert torch.equal(plain[2].weight, model[2].codes.float() * model[2].scales.float().reshape(-1, 1))
     assert torch.equal(plain[4].weight, model[4].weight)
     assert torch.equal(plain[0].bias, model[0].bias.float())
+
+
+def test_to_sparse_on_a_bf16_model_compares_with_its_bf16_layers():
+    """The bf16 / int8 policies on a model already in bf16: the dense candidate is the bf16 layer itself,
+    CSR/BSR (float32 only in PyTorch's CPU kernels) are skipped with a note, outputs stay bf16."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    sf.prune(model, "magnitude", sparsity=0.8)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = model(x)
+    model = model.to(torch.bfloat16)
+    for precision in ("bf16", "int8"):
+        m = copy.deepcopy(model)
+        report = sf.to_sparse(m, precision=precision, min_speedup=1e-9, check_batch_sizes=(), rounds=1)
+        assert all(c.format not in ("csr", "bsr") and "csr" not in c.times_ms[1] for c in report.layers)
+        with torch.no_grad():
+            y = m(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), want, rtol=5e-2, atol=5e-2)

@@ -231,8 +231,14 @@ def build_path(model: nn.Module, name: str, *, layers: Sequence[str] | None = No
     if name == "dense":
         module, what = model, f"the model as it is ({str(_dtype_of(model)).removeprefix('torch.')})"
     elif name == TO_SPARSE:
-        module = copy.deepcopy(model)
         opts = dict(to_sparse_options or {})
+        with torch.no_grad():
+            module = copy.deepcopy(model)
+            if opts.get("precision", "exact") != "exact":
+                # the bf16 and int8 policies start from the model in bf16, as a user deploying in bf16 would:
+                # the layers to_sparse keeps dense and everything around them (attention, norms) then run as
+                # in the dense bf16 path, so the choice is measured against that path, not against fp32
+                module = module.to(torch.bfloat16)
         if choices is not None:
             apply_choices(module, choices)
             what = "to_sparse's choices, applied"
@@ -273,7 +279,7 @@ def build_path(model: nn.Module, name: str, *, layers: Sequence[str] | None = No
         else:
             what = "the whole model in bf16"
     total, per_token = _bytes(module)
-    input_dtype = torch.float32 if rest == "dense" else torch.bfloat16
+    input_dtype = torch.float32 if rest == "dense" and name != TO_SPARSE else _dtype_of(module)
     return BuiltPath(name, module.eval(), what, input_dtype, total, per_token, report)
 
 
@@ -517,7 +523,8 @@ def peak_rss_child(spec: Mapping[str, Any]) -> dict[str, Any]:
     w = Workload(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["workload"].items()})
     if not is_hf_model(model):
         w = replace(w, input_shape=_input_shape(model, w))
-    path = build_path(model, spec["path"], layers=spec.get("layers"), choices=spec.get("choices"))
+    path = build_path(model, spec["path"], layers=spec.get("layers"), choices=spec.get("choices"),
+                      to_sparse_options={"precision": spec.get("precision", "exact")})
     model = path.module  # the source is not part of the path's footprint: only the path keeps it alive
     gc.collect()
     _trim()
@@ -534,7 +541,8 @@ def peak_rss_child(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def measure_peak_rss(loader: str, path: str, workload: Workload, *, loader_kwargs: Mapping[str, Any] | None = None,
                      layers: Sequence[str] | None = None, choices: Sequence[Any] | None = None,
-                     threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+                     precision: str = "exact", threads: int | None = None,
+                     timeout: float | None = None) -> dict[str, Any]:
     """Peak resident memory of running ``path`` in a fresh process (Linux ``/proc``; bytes).
 
     The child imports ``loader`` (``"module:function"``, called with
@@ -549,7 +557,7 @@ def measure_peak_rss(loader: str, path: str, workload: Workload, *, loader_kwarg
     spec = {"loader": loader, "loader_kwargs": dict(loader_kwargs or {}), "path": path,
             "workload": asdict(workload), "layers": list(layers) if layers is not None else None,
             "choices": [c if isinstance(c, dict) else asdict(c) for c in choices] if choices is not None else None,
-            "threads": threads or torch.get_num_threads()}
+            "precision": precision, "threads": threads or torch.get_num_threads()}
     code = ("import json, sys\nfrom sparseforge.speed import peak_rss_child\n"
             "print('SPARSEFORGE-RSS ' + json.dumps(peak_rss_child(json.loads(sys.argv[1]))))")
     try:
@@ -735,7 +743,8 @@ def measure_speed(model: nn.Module, *, precision: str = "int8", workload: Worklo
             if log:
                 log(f"peak memory of {p} (a fresh process)")
             memory[p] = measure_peak_rss(loader[0], p, workload, loader_kwargs=loader[1], layers=layers,
-                                         choices=report.layers if p == TO_SPARSE and report else None)
+                                         choices=report.layers if p == TO_SPARSE and report else None,
+                                         precision=report.precision if p == TO_SPARSE and report else "exact")
     rows, best = report_rows(built, timings, model, workload, memory)
     from sparseforge.kernels.native import native_status
 

@@ -138,6 +138,9 @@ def _build(fmt: str, layer: nn.Linear, blocksize: int | None, notes: list[str]) 
         if w.device.type != "cpu":
             return None  # CPU kernels: not worth a note on every layer of a GPU model
         return PackedLinear.from_dense(layer, fmt.removeprefix("packed-"))
+    if fmt in ("csr", "bsr") and not w.is_cuda and w.dtype not in (torch.float32, torch.float64):
+        notes.append(f"{fmt}: PyTorch's CPU sparse matmul takes float32/float64, not {str(w.dtype)[6:]}")
+        return None
     if fmt == "csr":
         return SparseLinear.from_dense(layer, "csr")
     if fmt == "bsr":
