@@ -297,7 +297,11 @@ def to_sparse(
     makes a layer slower than the best dense path the policy allows, at any
     batch size measured: give ``check_batch_sizes`` the sizes your
     deployment runs (``(1,)``-``(8,)`` for token generation; prefill and
-    encoder batches favour the dense AMX path). Outputs: ``"exact"`` equals
+    encoder batches favour the dense AMX path). For the ``"bf16"`` and
+    ``"int8"`` policies, convert the model to bfloat16 first
+    (``model.to(torch.bfloat16)``): the layers kept dense, and attention and
+    norms around them, then run as the dense bf16 model does, and the
+    choice is measured against that. Outputs: ``"exact"`` equals
     the float32 layer up to summation order; bf16 and int8 paths differ by
     the rounding of the weights (bf16 paths also round the activations).
 
