@@ -252,6 +252,46 @@ def _measure(layer: nn.Linear, sizes: tuple[int, ...], dense: dict[str, nn.Modul
     return times, alive
 
 
+def _decide(choice: LayerChoice, layer: nn.Linear, dense_paths: Sequence[str], formats: Sequence[str],
+            bsize: int | None, sizes: tuple[int, ...], min_speedup: float, rounds: int,
+            notes: list[str]) -> nn.Module | None:
+    """Measure one layer's candidates and fill ``choice`` (steps 1-4 of :func:`to_sparse`'s rule).
+
+    Returns the module to swap in, or None where the layer stays as it is.
+    """
+    dense = {d: m for d in dense_paths if (m := _build(d, layer, None, notes)) is not None}
+    sparse = {} if choice.density == 1.0 else {
+        f: m for f in formats if (m := _build(f, layer, bsize, notes)) is not None}
+    times, alive = _measure(layer, sizes, dense, sparse, min_speedup, rounds, notes)
+    choice.times_ms = times
+    first = times[sizes[0]]
+    if alive:
+        def gain(f: str) -> float:
+            return _gmean([min(t[d] for d in dense) / t.get(f + "@dense", t[f]) for t in times.values()])
+
+        fmt = max(alive, key=gain)
+        module = alive[fmt]
+    else:
+        ok = [d for d in dense if d != "dense"
+              and first["dense"] / first[d] >= min_speedup
+              and all(t["dense"] / t[d] >= 1.0 for t in times.values())]
+        fmt = max(ok, key=lambda d: _gmean([t["dense"] / t[d] for t in times.values()])) if ok else "dense"
+        module = dense[fmt]
+    choice.format = fmt
+    choice.blocksize = getattr(module, "blocksize", None)
+    choice.dense_above = getattr(module, "dense_above", None)
+    choice.speedup = round(first["dense"] / first[fmt], 3)
+    choice.vs_best_dense = round(min(first[d] for d in dense) / first[fmt], 3)
+    at = ", ".join(f"{min(t[d] for d in dense) / t.get(fmt + '@dense', t[fmt]):.2f}x@{b}" for b, t in times.items())
+    if fmt in alive:
+        choice.reason = f"vs best dense: {at}"
+    elif fmt != "dense":
+        choice.reason = f"dense path faster than fp32; {'; '.join(notes)}" if notes else "dense path faster than fp32"
+    else:
+        choice.reason = "; ".join(notes) or "no candidate faster"
+    return None if fmt == "dense" else module
+
+
 def to_sparse(
     model: nn.Module,
     *,
@@ -410,39 +450,8 @@ def to_sparse(
                     replacements[name] = module  # type: ignore[assignment]
                 continue
             measured[key] = choice
-            dense = {d: m for d in dense_paths if (m := _build(d, layer, None, notes)) is not None}
-            sparse = {} if density == 1.0 else {
-                f: m for f in formats if (m := _build(f, layer, bsize, notes)) is not None}
-            times, alive = _measure(layer, sizes, dense, sparse, min_speedup, rounds, notes)
-            choice.times_ms = times
-            first = times[sizes[0]]
-            best_dense = min(first[d] for d in dense)
-            if alive:
-                def gain(f: str) -> float:
-                    return _gmean([min(t[d] for d in dense) / t.get(f + "@dense", t[f]) for t in times.values()])
-
-                fmt = max(alive, key=gain)
-                module = alive[fmt]
-            else:
-                ok = [d for d in dense if d != "dense"
-                      and first["dense"] / first[d] >= min_speedup
-                      and all(t["dense"] / t[d] >= 1.0 for t in times.values())]
-                fmt = max(ok, key=lambda d: _gmean([t["dense"] / t[d] for t in times.values()])) if ok else "dense"
-                module = dense[fmt]
-            choice.format = fmt
-            choice.blocksize = getattr(module, "blocksize", None)
-            choice.dense_above = getattr(module, "dense_above", None)
-            choice.speedup = round(first["dense"] / first[fmt], 3)
-            choice.vs_best_dense = round(best_dense / first[fmt], 3)
-            at = ", ".join(f"{min(t[d] for d in dense) / t.get(fmt + '@dense', t[fmt]):.2f}x@{b}"
-                           for b, t in times.items())
-            if fmt in alive:
-                choice.reason = f"vs best dense: {at}"
-            elif fmt != "dense":
-                choice.reason = f"dense path faster than fp32; {'; '.join(notes)}" if notes else "dense path faster than fp32"
-            else:
-                choice.reason = "; ".join(notes) or "no candidate faster"
-            if fmt != "dense":
+            module = _decide(choice, layer, dense_paths, formats, bsize, sizes, min_speedup, rounds, notes)
+            if module is not None:
                 replacements[name] = module
     for name, module in replacements.items():
         set_submodule(model, name, module)
