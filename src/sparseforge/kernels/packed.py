@@ -4,10 +4,11 @@ Batch-1 token generation reads every weight once per token, so its time
 follows the bytes read per weight. Dense bf16 reads 2; a weight packed as a
 1-bit mask plus its nonzero values reads ``1/8 + density * value_bytes``:
 at 50% density 1.125 bytes with bf16 values and 0.625 with int8, at 90%
-sparsity 0.325 and 0.225. This is the format of SparAMX (Sapphire Rapids,
-2025: a 1-bit mask plus compressed bf16 values) and DeepSparse, and the
-layout :mod:`sparseforge.io.sfz` stores (its mask bits and values are the
-same stream, so a file loads into packed layers without a dense copy).
+sparsity 0.325 and 0.225. This is the idea of SparAMX (Sapphire Rapids,
+2025: a 1-bit mask plus compressed bf16 values expanded in registers), and
+what :mod:`sparseforge.io.sfz` stores: the same mask bits (in bytes whose bit
+order is reversed) and the same value stream, so a file loads into packed
+layers without a dense copy (:meth:`PackedWeight.from_bitmask`).
 
 Layout of :class:`PackedWeight` for a weight ``W`` ``[N, K]``:
 
