@@ -489,3 +489,33 @@ def test_to_sparse_on_a_bf16_model_compares_with_its_bf16_layers():
             y = m(x.to(torch.bfloat16))
         assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y.float(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_csr_layers_of_to_sparse_save_to_sfz_as_their_weights(tmp_path):
+    from sparseforge.kernels.sparse_linear import SparseLinear
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))
+    sf.prune(model, "magnitude", sparsity=0.7)
+    want = [m.weight.detach().clone() for m in (model[0], model[2])]
+    model[0] = SparseLinear.from_dense(model[0], "csr")
+    sf.save(model, tmp_path / "m.sfz", values="fp32")
+    fresh = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))
+    loaded = sf.load(tmp_path / "m.sfz", fresh)
+    assert torch.equal(loaded[0].weight, want[0]) and torch.equal(loaded[2].weight, want[1])
+
+
+def test_sfz_names_a_state_entry_it_cannot_store(tmp_path):
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def get_extra_state(self):
+            return {"note": 1}
+
+        def set_extra_state(self, state):
+            pass
+
+    with pytest.raises(sf.SparseforgeError, match=r"cannot store '_extra_state' .*Odd"):
+        sf.save(Odd(), tmp_path / "m.sfz")

@@ -73,6 +73,7 @@ from sparseforge.formats import (
 from sparseforge.io.checkpoint import arch_metadata, model_for
 from sparseforge.kernels.dense import BF16Linear, Int8Linear
 from sparseforge.kernels.packed import PackedLinear, PackedWeight
+from sparseforge.kernels.sparse_linear import SparseLinear
 from sparseforge.targets import set_submodule
 from sparseforge.quant.rtn import (
     QUANT_ATTR, QuantizedTensor, dequantize, pack_int4, quantization_of, quantize_weight, unpack_int4,
@@ -184,9 +185,12 @@ def _encode_weight(
 _PACKED_BUFFERS = frozenset({"mask", "values", "row_ptr", "scales", "_extra_state"})
 
 
-def _stand_in(module: BF16Linear | Int8Linear) -> tuple[nn.Linear, str]:
-    """An nn.Linear holding what a dense bf16 / int8 path of :func:`sparseforge.to_sparse` runs, and the
-    value encoding that stores it exactly: bf16 values, or its int8 codes and (bf16) scales."""
+def _stand_in(module: nn.Module) -> tuple[nn.Linear, str | None]:
+    """An nn.Linear holding the weight a module of :func:`sparseforge.to_sparse` runs, and the value encoding
+    that stores it exactly: bf16 values (BF16Linear), its int8 codes and (bf16) scales (Int8Linear), or
+    None, the file's ``values`` (CSR/BSR modules, whose weights are the layer's own)."""
+    if isinstance(module, SparseLinear):
+        return module.to_dense(), None
     stand_in = nn.Linear(module.in_features, module.out_features, bias=False)
     if isinstance(module, BF16Linear):
         stand_in.weight.data = module.weight.detach().to(torch.float32)
@@ -247,7 +251,8 @@ def save(
     layers = _layer_weights(model)
     packed = {f"{n}." if n else "": m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     dense_paths = {f"{n}." if n else "": _stand_in(m) for n, m in model.named_modules()
-                   if isinstance(m, (BF16Linear, Int8Linear))}
+                   if isinstance(m, (BF16Linear, Int8Linear, SparseLinear))}
+    emitted: set[str] = set()
     stored: dict[str, torch.Tensor] = {}
     tensors: dict[str, dict[str, Any]] = {}
     for name, t in model.state_dict().items():
@@ -259,12 +264,17 @@ def save(
                 continue  # stored with the mask, as one weight
             name = f"{prefix}weight"
             parts, info = _encode_packed(name, packed[prefix])
-        elif prefix in dense_paths and key in ("weight", "codes", "scales"):
-            if key == "scales":
-                continue  # stored with the codes, as one weight
+        elif prefix in dense_paths and key != "bias":
+            if prefix in emitted:
+                continue  # the module's other parts (codes and scales, CSR arrays): stored as its one weight
+            emitted.add(prefix)
             name = f"{prefix}weight"
             stand_in, how = dense_paths[prefix]
-            parts, info = _encode_weight(name, stand_in.weight, stand_in, how)
+            parts, info = _encode_weight(name, stand_in.weight.detach(), stand_in, how or values)
+        elif not isinstance(t, torch.Tensor):
+            owner = type(model.get_submodule(prefix[:-1])).__name__ if prefix else type(model).__name__
+            raise SparseforgeError(f"sfz cannot store {name!r} (a {type(t).__name__} in the state of a {owner}): "
+                                   "convert that module back to nn.Linear first")
         elif module is not None and t.is_floating_point() and t.dim() >= 2:
             parts, info = _encode_weight(name, t, module, values)
         else:
