@@ -76,3 +76,29 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _kernel_isas() -> list[str]:
+    from sparseforge.kernels.native import native
+
+    m = native()
+    names = ["scalar", "avx2", "avx512", "avx512bf16"]
+    return names[: names.index(m.best_isa()) + 1] if m is not None else ["fallback"]
+
+
+@pytest.fixture(params=_kernel_isas())
+def isa(request):
+    """Each instruction set this CPU has, forced in turn (the native kernels dispatch at run time; forcing a
+    lower one runs its code here); ``"fallback"`` when the kernels are not built."""
+    from sparseforge.kernels.native import native
+
+    m = native()
+    if m is None:
+        yield "fallback"
+        return
+    before = m.isa()
+    m.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        m.set_isa(before)

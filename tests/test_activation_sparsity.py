@@ -15,21 +15,8 @@ from sparseforge.kernels.native import native
 from sparseforge.kernels.packed import PackedLinear
 
 NATIVE = native()
-ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
-SUPPORTED = ISAS[: ISAS.index(NATIVE.best_isa()) + 1] if NATIVE is not None else ["fallback"]
 
 
-@pytest.fixture(params=SUPPORTED)
-def isa(request):
-    if NATIVE is None:
-        yield "fallback"
-        return
-    before = NATIVE.isa()
-    NATIVE.set_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        NATIVE.set_isa(before)
 
 
 @pytest.mark.parametrize("values", ["fp32", "bf16"])

@@ -32,23 +32,9 @@ from sparseforge.kernels.packed import PackedLinear, PackedWeight, pack, packed_
 from sparseforge.quant.rtn import quantize_weight
 
 NATIVE = native()
-ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
-SUPPORTED = ISAS[: ISAS.index(NATIVE.best_isa()) + 1] if NATIVE is not None else []
 needs_native = pytest.mark.skipif(NATIVE is None, reason="native kernels not built (no compiler)")
 
 
-@pytest.fixture(params=SUPPORTED or ["fallback"])
-def isa(request):
-    """Each instruction set this CPU has (the kernels dispatch at run time; forcing a lower one tests its code)."""
-    if NATIVE is None:
-        yield "fallback"
-        return
-    before = NATIVE.isa()
-    NATIVE.set_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        NATIVE.set_isa(before)
 
 
 def sparse_weight(n: int, k: int, density: float, seed: int = 0) -> torch.Tensor:
